@@ -1,0 +1,199 @@
+"""`pod_exec_mcp`: serve MCP over streamable HTTP, or manage our containers and tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
+
+import uvicorn
+
+from pod_exec_mcp import __version__
+from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
+from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
+from pod_exec_mcp.instances import Instance, survey, sweep_orphans
+from pod_exec_mcp.podman import Podman, PodmanError
+from pod_exec_mcp.server import MCP_PATH, build_server, http_app
+
+log = logging.getLogger("pod_exec_mcp")
+
+# How long open HTTP streams get to close at shutdown before the sandboxes are removed.
+_GRACEFUL_SHUTDOWN_SECONDS = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pod_exec_mcp",
+        description=(
+            "MCP server (streamable HTTP at /mcp) that gives every client session its own "
+            "Podman sandbox and a shell_exec tool. Every setting can also be given by the "
+            "environment variable shown in its help."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    actions = parser.add_argument_group("actions (instead of serving)")
+    actions.add_argument(
+        "--list-containers",
+        action="store_true",
+        help="list every container of ours on this Podman, with its owner's state, and exit",
+    )
+    actions.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove every container of ours whose server is no longer running, and exit",
+    )
+    actions.add_argument(
+        "--cleanup-all",
+        action="store_true",
+        help="remove every container of ours, even those of running servers, and exit",
+    )
+    actions.add_argument(
+        "--generate-token",
+        action="store_true",
+        help="write a new random bearer token to the token file, print it, and exit",
+    )
+    settings = parser.add_argument_group("settings")
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) else default
+        help_text = (
+            f"{' '.join((field.description or '').split())} [env {env_var(name)}; default: {shown}]"
+        )
+        if field.annotation is bool:
+            settings.add_argument(
+                cli_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                default=None, help=help_text,
+            )  # fmt: skip
+        else:
+            settings.add_argument(cli_flag(name), dest=name, default=None, help=help_text)
+    return parser
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    print(f"pod_exec_mcp: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {name: getattr(args, name) for name in Settings.model_fields}
+    try:
+        settings = load_settings(overrides)
+    except SettingsError as exc:
+        die(str(exc), 2)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    if args.generate_token:
+        try:
+            token = generate_token_file(token_file(settings))
+        except (AuthConfigError, OSError) as exc:
+            die(str(exc))
+        print(token)
+        print(
+            f"written to {token_file(settings)}; clients send it as 'Authorization: Bearer "
+            "<token>'",
+            file=sys.stderr,
+        )
+        return 0
+
+    try:
+        podman = Podman(settings.podman)
+    except PodmanError as exc:
+        die(str(exc))
+
+    if args.list_containers or args.cleanup or args.cleanup_all:
+        return asyncio.run(_manage_containers(podman, args))
+
+    try:
+        auth = auth_provider(settings)
+    except (AuthConfigError, OSError) as exc:
+        die(str(exc))
+    return asyncio.run(serve(settings, podman, auth))
+
+
+async def _manage_containers(podman: Podman, args: argparse.Namespace) -> int:
+    try:
+        if args.cleanup_all:
+            found = await survey(podman)
+            await podman.remove(*[c.id for c in found])
+            print(f"removed {len(found)} container(s)")
+        elif args.cleanup:
+            removed = await sweep_orphans(podman)
+            print(f"removed {len(removed)} orphaned container(s)")
+        else:
+            states = {True: "server alive", False: "ORPHANED", None: "other host's server"}
+            for c in await survey(podman):
+                print(f"{c.id[:12]}  {c.name:48}  {c.state:8}  {states[c.owner_alive]}")
+    except PodmanError as exc:
+        die(str(exc))
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its habit of re-raising SIGTERM/SIGINT after shutdown: that would kill
+    the process before our own cleanup ran. We stop on either signal and exit normally."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
+    """Check the prerequisites, then serve until SIGINT or SIGTERM; always clean up."""
+    try:
+        if not await podman.image_exists(settings.image):
+            build = "pod_exec_mcp_build" + (
+                f" --tag {settings.image}" if settings.image != "pod_exec_mcp_base" else ""
+            )
+            die(
+                f"image {settings.image!r} is not present in local Podman storage. "
+                f"Build it with `{build}`, or set {env_var('image')}."
+            )
+        removed = await sweep_orphans(podman)
+    except PodmanError as exc:
+        die(str(exc))
+    if removed:
+        log.info("removed %d orphaned container(s) of dead servers", len(removed))
+
+    instance = Instance.acquire()
+    mcp, state = build_server(settings, podman, instance, auth)
+    config = uvicorn.Config(
+        http_app(mcp, settings),
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
+        log_level="info",
+    )
+    server = _Server(config)
+    log.info(
+        "serving MCP at http://%s:%d%s (instance %s, image %s, auth %s)",
+        settings.host, settings.port, MCP_PATH, instance.id, settings.image,
+        "on" if auth else "off",
+    )  # fmt: skip
+    try:
+        await server.serve()
+    finally:
+        # The lifespan normally did this already; this covers a failed start-up too.
+        await state.close()
+        instance.release()
+        log.info("stopped; every sandbox of this server was removed")
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Every setting of the server, in one model.
+
+Each field's docstring is its documentation: `--help`, the README's settings table and the
+error messages all read it from here. A field is set, in rising priority, by its default,
+its environment variable (`env_var()`), and its command-line flag (`--field-name`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "POD_EXEC_MCP_"
+
+# The two settings the MCP world already has names for keep those names.
+_ENV_OVERRIDES = {"host": "MCP_HOST", "port": "MCP_PORT"}
+
+
+class Settings(BaseModel):
+    """Configuration of one pod_exec_mcp server."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid", frozen=True)
+
+    # --- HTTP -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback requires an auth token."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port to listen on; MCP is served at /mcp."""
+
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Extra Host header values to accept (comma-separated), besides loopback names and the
+    bound address. Host/Origin protection against DNS rebinding is always on."""
+
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Extra browser Origins to accept (comma-separated), e.g. https://app.example.com."""
+
+    auth_token: str | None = None
+    """Bearer token clients must send. If unset, the token file is read when it exists.
+    Several tokens may be given, comma-separated; each is its own principal."""
+
+    auth_token_file: str | None = None
+    """File holding the bearer token(s), one per line. Default: auth_token in the user
+    config dir (see `pod_exec_mcp --generate-token`)."""
+
+    # --- Sandboxes ------------------------------------------------------------------------
+    image: str = "pod_exec_mcp_base"
+    """Image every sandbox is started from. Build the default with `pod_exec_mcp_build`."""
+
+    podman: str = "podman"
+    """The podman executable (a name looked up on PATH, or a path)."""
+
+    max_sandboxes: int = Field(default=50, ge=1)
+    """Most sandboxes alive at once. Past it, new sessions get an error; none is evicted."""
+
+    idle_timeout: float = Field(default=1800.0, gt=0)
+    """Seconds a sandbox may go unused before it is removed (its session then ends)."""
+
+    sandbox_lifetime: float = Field(default=86400.0, ge=0)
+    """Seconds after which a sandbox's own init exits even if this server died without
+    cleaning up: the last line of defence against leaks. 0 means no bound."""
+
+    memory: str = "2g"
+    """Memory limit of each sandbox (podman --memory); tmpfs mounts count against it."""
+
+    cpus: float = Field(default=1.0, gt=0)
+    """CPU limit of each sandbox (podman --cpus)."""
+
+    pids_limit: int = Field(default=1024, ge=16)
+    """Most processes in one sandbox (podman --pids-limit); contains fork bombs."""
+
+    nofile: int = Field(default=4096, ge=64)
+    """Open-file limit in each sandbox (soft = hard). Set explicitly because Podman fills
+    unset rlimits with values many hosts refuse."""
+
+    nproc: int = Field(default=4096, ge=16)
+    """Process rlimit in each sandbox (soft = hard), set for the same reason as nofile."""
+
+    network: bool = True
+    """Give sandboxes a network (agents clone and download). False means --network=none."""
+
+    strict: bool = False
+    """Strict profile: --cap-drop=ALL, read-only root with tmpfs /workspace and /tmp, and
+    no network, whatever `network` says."""
+
+    tmpfs_size: str = "512m"
+    """Size of each tmpfs in the strict profile."""
+
+    extra_run_args: list[str] = Field(default_factory=list)
+    """Extra `podman run` arguments for what we did not foresee, shell-quoted in one
+    string, e.g. "--cap-add=NET_RAW --env FOO=bar"."""
+
+    # --- Commands -------------------------------------------------------------------------
+    default_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a command may run when the call gives no timeout. Below the ~60 s after
+    which common MCP clients give up on a call."""
+
+    max_timeout: float = Field(default=600.0, gt=0)
+    """Largest timeout a call may ask for, in seconds."""
+
+    kill_grace: float = Field(default=3.0, ge=0)
+    """Seconds between SIGTERM and SIGKILL when a command is stopped."""
+
+    max_output_bytes: int = Field(default=65536, ge=1024, le=262144)
+    """Output kept per call; past it the head and tail are kept and the middle is cut.
+    Capped well below the 1 MiB SSE event size that fastmcp clients accept."""
+
+    max_command_bytes: int = Field(default=100_000, ge=1, le=120_000)
+    """Longest command accepted, in UTF-8 bytes (Linux caps one argument at 128 KiB)."""
+
+    max_concurrent_execs: int = Field(default=16, ge=1)
+    """Commands running at once across the whole server; more calls wait their turn."""
+
+    progress_interval: float = Field(default=5.0, gt=0)
+    """Seconds between progress notifications while a command runs."""
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("extra_run_args", mode="before")
+    @classmethod
+    def _split_shell_words(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return shlex.split(value)
+        return value
+
+    @property
+    def binds_loopback(self) -> bool:
+        """Whether `host` only accepts connections from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets a field."""
+    return _ENV_OVERRIDES.get(field_name, ENV_PREFIX + field_name.upper())
+
+
+def cli_flag(field_name: str) -> str:
+    """The command-line flag that sets a field."""
+    return "--" + field_name.replace("_", "-")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the variable or flag at fault."""
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from the environment, with `overrides` (from flags) taking precedence."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = environ.get(env_var(name))
+        if raw is not None and raw != "":
+            values[name] = raw
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            where = (
+                f"{cli_flag(field)} / {env_var(field)}" if field in Settings.model_fields else field
+            )
+            problems.append(f"{where}: {error['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,139 @@
+"""Which server owns which container, and how a server tells whether another is alive.
+
+Every container carries the labels of the server instance that started it:
+- `instance`: a random id minted when the server starts;
+- `owner`: a hash of this host's name and the directory where instance locks live.
+
+A live server holds an exclusive `flock` on `<lock dir>/<instance>.lock` for as long as its
+process lives; the kernel drops the lock when the process dies, however it dies (SIGKILL
+included). So a server can tell, for any container with its own `owner` label, whether the
+instance that started it is alive: if that lock can be taken, or no longer exists, the
+instance is dead and its containers are orphans. Containers of another owner (another host,
+or a server in another container with its own lock dir) are never judged; the
+sandbox_lifetime bound inside each container ends them eventually.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER, Podman
+
+APP_NAME = "pod_exec_mcp"
+
+
+def default_lock_dir() -> Path:
+    return platformdirs.user_state_path(APP_NAME) / "instances"
+
+
+def owner_key(lock_dir: Path) -> str:
+    """Names the place where our instance locks are visible: this host and this lock dir."""
+    material = f"{socket.gethostname()}\0{lock_dir.resolve()}"
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Instance:
+    """This server process's identity, proven alive by the lock it holds."""
+
+    id: str
+    lock_dir: Path
+    owner: str
+    _lock_fd: int | None = field(default=None, repr=False)
+
+    @classmethod
+    def acquire(cls, lock_dir: Path | None = None) -> Instance:
+        lock_dir = lock_dir or default_lock_dir()
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        instance = cls(id=secrets.token_hex(8), lock_dir=lock_dir, owner=owner_key(lock_dir))
+        fd = os.open(instance.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        instance._lock_fd = fd
+        return instance
+
+    @property
+    def lock_path(self) -> Path:
+        return self.lock_dir / f"{self.id}.lock"
+
+    def labels(self) -> dict[str, str]:
+        return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.id, LABEL_OWNER: self.owner}
+
+    async def containers(self, podman: Podman) -> list[dict[str, Any]]:
+        """Containers this instance started that podman still lists."""
+        return await podman.list_containers(f"{LABEL_INSTANCE}={self.id}")
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                self.lock_path.unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def instance_alive(lock_dir: Path, instance_id: str) -> bool:
+    """Whether the server instance `instance_id` (whose lock lives in `lock_dir`) is alive."""
+    if not instance_id.isalnum():
+        return False
+    path = lock_dir / f"{instance_id}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        # Nobody holds it: a dead instance's leftover. Remove it while we hold the lock.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """One container of ours, and what we know about its owner."""
+
+    id: str
+    name: str
+    instance: str
+    state: str
+    owner_alive: bool | None  # None: another owner's container, whose liveness we cannot see
+
+    @property
+    def orphaned(self) -> bool:
+        return self.owner_alive is False
+
+
+async def survey(podman: Podman, lock_dir: Path | None = None) -> list[ContainerStatus]:
+    """Every container that carries our label, with its owner's liveness where we can see it."""
+    lock_dir = lock_dir or default_lock_dir()
+    mine = owner_key(lock_dir)
+    found = []
+    for c in await podman.list_containers(f"{LABEL_MANAGED}=true"):
+        labels = c.get("Labels") or {}
+        instance = labels.get(LABEL_INSTANCE, "")
+        alive = instance_alive(lock_dir, instance) if labels.get(LABEL_OWNER) == mine else None
+        names = c.get("Names") or [""]
+        found.append(ContainerStatus(c["Id"], names[0], instance, c.get("State", "?"), alive))
+    return found
+
+
+async def sweep_orphans(podman: Podman, lock_dir: Path | None = None) -> list[ContainerStatus]:
+    """Remove the containers of dead instances of this owner; returns what was removed."""
+    orphans = [c for c in await survey(podman, lock_dir) if c.orphaned]
+    await podman.remove(*[c.id for c in orphans])
+    return orphans

@@ -1,0 +1,48 @@
+"""Bounded command output that keeps both the head and the tail."""
+
+from __future__ import annotations
+
+
+class BoundedOutput:
+    """Collects a byte stream, keeping at most `limit` bytes: the first half and the last half.
+
+    The tail matters most to agents (the error at the end of a build log), the head gives
+    context; what is cut from the middle is counted and said.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._head_limit = limit // 2
+        self._tail_limit = limit - self._head_limit
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self._head_limit - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if data:
+            self._tail += data
+            # Trim lazily so that many small chunks cost amortised O(1) each.
+            if len(self._tail) > 2 * self._tail_limit:
+                del self._tail[: len(self._tail) - self._tail_limit]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.limit
+
+    def text(self) -> str:
+        """The kept output as text; invalid UTF-8 becomes U+FFFD, never an exception."""
+        if not self.truncated:
+            return (bytes(self._head) + bytes(self._tail)).decode("utf-8", "replace")
+        tail = bytes(self._tail[-self._tail_limit :])
+        omitted = self.total - len(self._head) - len(tail)
+        marker = (
+            f"\n[pod_exec_mcp: {omitted} bytes of output omitted here; "
+            f"{self.total} bytes in all, first {len(self._head)} and last {len(tail)} kept]\n"
+        )
+        head = bytes(self._head).decode("utf-8", "replace")
+        return head + marker + tail.decode("utf-8", "replace")

@@ -1,0 +1,116 @@
+"""A thin async wrapper around the podman command line.
+
+Plain subprocesses, no API socket of our own: whatever podman the user has (rootless,
+rootful, remote through CONTAINER_HOST) works the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+# Labels that mark our containers, so that they can be found and cleaned.
+LABEL_MANAGED = "io.pod_exec_mcp.managed"
+LABEL_INSTANCE = "io.pod_exec_mcp.instance"
+LABEL_OWNER = "io.pod_exec_mcp.owner"
+LABEL_SESSION = "io.pod_exec_mcp.session"
+
+
+class PodmanError(RuntimeError):
+    """Podman itself failed (not a command inside a container)."""
+
+
+class PodmanNotFound(PodmanError):
+    """The podman executable is not on PATH."""
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A finished podman invocation."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def error_text(self) -> str:
+        """Podman's own complaint, on one line."""
+        text = (
+            self.stderr.decode("utf-8", "replace").strip()
+            or self.stdout.decode("utf-8", "replace").strip()
+        )
+        return " ".join(text.split()) or f"exit status {self.returncode}"
+
+
+def find_podman(executable: str) -> str:
+    """The full path of `executable`, or PodmanNotFound with a message a user can act on."""
+    path = shutil.which(executable)
+    if path is None:
+        raise PodmanNotFound(
+            f"podman not found: {executable!r} is not on PATH. Install Podman "
+            "(e.g. `apt-get install podman`) or point POD_EXEC_MCP_PODMAN at it."
+        )
+    return path
+
+
+class Podman:
+    """Runs podman commands without blocking the event loop."""
+
+    def __init__(self, executable: str = "podman") -> None:
+        self.path = find_podman(executable)
+
+    async def spawn(self, *args: str) -> asyncio.subprocess.Process:
+        """Start `podman ARGS` with stdin from /dev/null and stdout/stderr piped.
+
+        In a session of its own, so that a Ctrl-C meant for the server does not also kill
+        the podman clients it still needs for cleanup.
+        """
+        return await asyncio.create_subprocess_exec(
+            self.path,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    async def run(self, *args: str, check: bool = True) -> Completed:
+        """Run `podman ARGS` to completion; with `check`, a non-zero exit raises PodmanError."""
+        proc = await self.spawn(*args)
+        try:
+            stdout, stderr = await proc.communicate()
+        except asyncio.CancelledError:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+        done = Completed(proc.returncode or 0, stdout, stderr)
+        if check and done.returncode != 0:
+            raise PodmanError(f"podman {args[0]} failed: {done.error_text}")
+        return done
+
+    async def image_exists(self, image: str) -> bool:
+        return (await self.run("image", "exists", image, check=False)).returncode == 0
+
+    async def is_running(self, container: str) -> bool:
+        """Whether `container` exists and is running."""
+        done = await self.run(
+            "container", "inspect", "--format", "{{.State.Running}}", container, check=False
+        )
+        return done.returncode == 0 and done.stdout.strip() == b"true"
+
+    async def remove(self, *containers: str) -> None:
+        """Remove containers at once (no stop timeout); missing ones are not an error."""
+        if containers:
+            await self.run("rm", "--force", "--time", "0", "--ignore", *containers, check=False)
+
+    async def list_containers(self, *label_filters: str) -> list[dict[str, Any]]:
+        """Containers (running or not) that carry every `key=value` label given."""
+        args = ["ps", "--all", "--format", "json"]
+        for label in label_filters:
+            args += ["--filter", f"label={label}"]
+        done = await self.run(*args)
+        return json.loads(done.stdout or b"[]") or []

@@ -1,0 +1,234 @@
+"""Who owns which sandbox: sessions, their sandboxes, limits and reaping.
+
+A session is addressed by a key derived from (principal, kind, id). Raw ids never leave
+this module: container names and labels carry a hash, so that listing containers on the
+host reveals no id that would let someone drive another client's sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pod_exec_mcp.config import Settings, env_var
+from pod_exec_mcp.instances import Instance
+from pod_exec_mcp.podman import LABEL_SESSION, Podman
+from pod_exec_mcp.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+SessionKind = Literal["explicit", "legacy"]
+
+# How many ended session keys we remember, to tell "ended" from "never existed".
+_TOMBSTONES = 10_000
+
+
+class SessionError(Exception):
+    """A session cannot be used; the message says what the agent should do."""
+
+
+class UnknownSession(SessionError):
+    pass
+
+
+class SandboxLimitReached(SessionError):
+    pass
+
+
+@dataclass
+class SessionEntry:
+    """One live session and its sandbox."""
+
+    key: str
+    kind: SessionKind
+    sandbox: Sandbox | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0
+    ended: bool = False
+
+
+def session_key(principal: str | None, kind: SessionKind, session_id: str) -> str:
+    """The registry key (and container label) of a session: a hash, never the raw id."""
+    material = f"{principal or ''}\0{kind}\0{session_id}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+class SessionRegistry:
+    """Maps sessions to sandboxes; starts, replaces, reaps and removes them."""
+
+    def __init__(self, podman: Podman, settings: Settings, instance: Instance) -> None:
+        self.podman = podman
+        self.settings = settings
+        self.instance = instance
+        self._entries: dict[str, SessionEntry] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._closed = False
+
+    # --- looking sessions up ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peak_sandboxes(self) -> int:
+        return sum(1 for entry in self._entries.values() if entry.sandbox is not None)
+
+    async def create_explicit(self, principal: str | None) -> str:
+        """Mint an unguessable session id and start its sandbox now."""
+        session_id = secrets.token_urlsafe(24)
+        entry = self._add(session_key(principal, "explicit", session_id), "explicit")
+        try:
+            await self.sandbox_of(entry)
+        except BaseException:
+            self._entries.pop(entry.key, None)
+            raise
+        return session_id
+
+    def explicit(self, principal: str | None, session_id: str) -> SessionEntry:
+        """The live session `session_id` of `principal`, or UnknownSession."""
+        key = session_key(principal, "explicit", session_id)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        why = self._ended.get(key)
+        if why is not None:
+            raise UnknownSession(
+                f"session {session_id!r} has ended ({why}); its sandbox and files are gone. "
+                "Call create_session for a new one."
+            )
+        raise UnknownSession(
+            f"unknown session_id {session_id!r}: no such session exists for this client. "
+            "Call create_session and pass the id it returns."
+        )
+
+    def legacy(self, principal: str | None, mcp_session_id: str) -> tuple[SessionEntry, bool]:
+        """The session tied to an MCP (Mcp-Session-Id) session, and whether it is new."""
+        key = session_key(principal, "legacy", mcp_session_id)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry, False
+        if key in self._ended:
+            raise UnknownSession(
+                f"this MCP session's sandbox was removed ({self._ended[key]}); "
+                "reconnect to get a new MCP session and a fresh sandbox."
+            )
+        return self._add(key, "legacy"), True
+
+    def _add(self, key: str, kind: SessionKind) -> SessionEntry:
+        if self._closed:
+            raise SessionError("the server is shutting down")
+        if len(self._entries) >= self.settings.max_sandboxes:
+            raise SandboxLimitReached(
+                f"the server already holds its maximum of {self.settings.max_sandboxes} "
+                "sandboxes. End a session you no longer need (end_session), wait for idle "
+                f"ones to be reaped, or raise {env_var('max_sandboxes')}."
+            )
+        entry = SessionEntry(key=key, kind=kind)
+        self._entries[key] = entry
+        return entry
+
+    # --- sandboxes ----------------------------------------------------------------------
+
+    def _new_sandbox(self, entry: SessionEntry) -> Sandbox:
+        labels = {**self.instance.labels(), LABEL_SESSION: entry.key}
+        # A random suffix, so that a replacement never collides with its predecessor.
+        name = f"pod_exec_mcp-{self.instance.id[:8]}-{entry.key[:12]}-{secrets.token_hex(2)}"
+        return Sandbox(self.podman, self.settings, name, labels)
+
+    async def sandbox_of(self, entry: SessionEntry) -> Sandbox:
+        """The session's sandbox, started on first use (exactly once, however many ask)."""
+        if entry.sandbox is not None:
+            return entry.sandbox
+        async with entry.lock:
+            if entry.ended:
+                raise UnknownSession("this session has ended")
+            if entry.sandbox is None:
+                sandbox = self._new_sandbox(entry)
+                try:
+                    await sandbox.start()
+                except BaseException:
+                    # A failed or cancelled start may have left a container behind.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(sandbox.remove())
+                    raise
+                entry.sandbox = sandbox
+                log.info("started sandbox %s", sandbox.name)
+            return entry.sandbox
+
+    async def replace_sandbox(self, entry: SessionEntry, broken: Sandbox) -> Sandbox:
+        """Remove a broken sandbox and start a fresh one for the same session."""
+        async with entry.lock:
+            if entry.sandbox is broken:
+                entry.sandbox = None
+                await broken.remove()
+                log.warning("removed broken sandbox %s", broken.name)
+        return await self.sandbox_of(entry)
+
+    @contextlib.asynccontextmanager
+    async def in_use(self, entry: SessionEntry) -> AsyncIterator[None]:
+        """Marks a session busy, so the reaper leaves it alone while a command runs."""
+        entry.busy += 1
+        try:
+            yield
+        finally:
+            entry.busy -= 1
+            entry.last_used = time.monotonic()
+
+    # --- ending -------------------------------------------------------------------------
+
+    async def end(self, entry: SessionEntry, why: str) -> None:
+        """End a session and remove its sandbox. Idempotent."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        if entry.ended:
+            return
+        entry.ended = True
+        self._ended[entry.key] = why
+        while len(self._ended) > _TOMBSTONES:
+            self._ended.popitem(last=False)
+        async with entry.lock:
+            if entry.sandbox is not None:
+                await entry.sandbox.remove()
+                log.info("removed sandbox %s (%s)", entry.sandbox.name, why)
+                entry.sandbox = None
+
+    async def end_key(self, key: str, why: str) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            await self.end(entry, why)
+
+    async def reap_idle(self) -> int:
+        """End every session unused for longer than idle_timeout; returns how many."""
+        cutoff = time.monotonic() - self.settings.idle_timeout
+        idle = [e for e in self._entries.values() if e.busy == 0 and e.last_used < cutoff]
+        minutes = self.settings.idle_timeout / 60
+        await asyncio.gather(*(self.end(e, f"idle for over {minutes:g} min") for e in idle))
+        return len(idle)
+
+    async def reap_forever(self) -> None:
+        period = min(max(self.settings.idle_timeout / 4, 0.5), 30.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.reap_idle()
+            except Exception:
+                log.exception("reaping idle sandboxes failed")
+
+    async def close(self) -> None:
+        """End every session and remove every sandbox (shutdown)."""
+        self._closed = True
+        entries = list(self._entries.values())
+        await asyncio.gather(
+            *(self.end(e, "server shut down") for e in entries), return_exceptions=True
+        )
+        # Belt and braces: anything of this instance that podman still lists.
+        leftovers = await self.instance.containers(self.podman)
+        await self.podman.remove(*[c["Id"] for c in leftovers])
