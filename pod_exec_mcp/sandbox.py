@@ -27,29 +27,37 @@ EXEC_ID_ENV = "POD_EXEC_MCP_EXEC_ID"
 # `/bin/sh -lc COMMAND` (same PID), so COMMAND runs exactly as a login shell would run it.
 _EXEC_WRAPPER = 'echo "$$"; exec 2>&1; exec /bin/sh -lc "$1"'
 
-# Runs inside the container: signal the command's process group, then every process that
-# carries the command's EXEC_ID_ENV. With KILL it repeats until nothing is left, so that
-# processes forked while it worked are caught too. Needs only sh, tr and grep.
+# Runs inside the container, in one exec: SIGTERM to the command's process group and to
+# every process carrying its EXEC_ID_ENV; wait up to the grace period (in tenths of a second)
+# for them to go; SIGKILL whatever is left, repeating until nothing is, so that processes
+# forked meanwhile are caught too. Exits as soon as nothing is left. Needs only sh, tr, grep.
 _KILL_SCRIPT = f"""
-sig=$1 pgid=$2 id=$3
-for round in 1 2 3 4 5 6 7 8 9 10; do
-  found=
-  if [ -n "$pgid" ]; then kill -s "$sig" -- "-$pgid" 2>/dev/null && found=1; fi
+pgid=$1 id=$2 ticks=$3
+signal_all() {{
+  found=1
+  if [ -n "$pgid" ]; then kill -s "$1" -- "-$pgid" 2>/dev/null && found=0; fi
   for d in /proc/[0-9]*; do
     p=${{d#/proc/}}
     [ "$p" = "$$" ] && continue
     if tr '\\0' '\\n' < "$d/environ" 2>/dev/null | grep -qxF "{EXEC_ID_ENV}=$id"; then
-      kill -s "$sig" "$p" 2>/dev/null && found=1
+      kill -s "$1" "$p" 2>/dev/null && found=0
     fi
   done
-  [ -z "$found" ] && exit 0
-  [ "$sig" = KILL ] || exit 0
+  return $found
+}}
+signal_all TERM || exit 0
+while [ "$ticks" -gt 0 ]; do
   sleep 0.1
+  signal_all 0 || exit 0
+  ticks=$((ticks - 1))
 done
+rounds=0
+while signal_all KILL && [ "$rounds" -lt 50 ]; do sleep 0.1; rounds=$((rounds + 1)); done
+exit 0
 """
 
-# How long a stopped command's output may take to drain after SIGKILL before we give up on
-# the podman client, and how long one kill exec may take.
+# How long a stopped command's output may take to drain after the kill before we give up on
+# the podman client, and how long the kill exec may take beyond the grace period.
 _DRAIN_AFTER_KILL = 5.0
 _KILL_EXEC_TIMEOUT = 15.0
 
@@ -220,12 +228,8 @@ class Sandbox:
 
     async def _stop(self, run: _RunningExec, reader: asyncio.Task[None], exec_id: str) -> bool:
         """Kill a command's whole tree inside the container. False if that proved impossible."""
-        killed = await self._signal(run.pid, exec_id, "TERM")
-        if killed and self.settings.kill_grace > 0:
-            await asyncio.wait({reader}, timeout=self.settings.kill_grace)
-        if not reader.done():
-            killed = await self._signal(run.pid, exec_id, "KILL") and killed
-            await asyncio.wait({reader}, timeout=_DRAIN_AFTER_KILL)
+        killed = await self._kill_tree(run.pid, exec_id)
+        await asyncio.wait({reader}, timeout=_DRAIN_AFTER_KILL)
         if not reader.done():
             # Nothing left to read for, and the exec cannot be ended from inside: drop the
             # client so that nothing stays blocked on it.
@@ -237,16 +241,17 @@ class Sandbox:
                 await reader
         return killed
 
-    async def _signal(self, pid: int | None, exec_id: str, signal: str) -> bool:
-        """Send `signal` to a command's process group and its marked processes."""
+    async def _kill_tree(self, pid: int | None, exec_id: str) -> bool:
+        """SIGTERM, grace, SIGKILL: see _KILL_SCRIPT. False if it could not run."""
+        grace_ticks = round(self.settings.kill_grace * 10)
         try:
             done = await asyncio.wait_for(
                 self.podman.run(
                     "exec", self.name, "/bin/sh", "-c", _KILL_SCRIPT, "pod_exec_mcp",
-                    signal, str(pid) if pid is not None else "", exec_id,
+                    str(pid) if pid is not None else "", exec_id, str(grace_ticks),
                     check=False,
                 ),
-                _KILL_EXEC_TIMEOUT,
+                self.settings.kill_grace + _KILL_EXEC_TIMEOUT,
             )  # fmt: skip
         except TimeoutError:
             return False

@@ -1,0 +1,190 @@
+"""Commands under real agents: timeouts that kill, bounded output, cancel, progress (issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from conftest import ServerProcess, error_text, new_session, podman, sh, structured
+
+# `ps` lines of the processes a test started, identified by their arguments. The sandbox's
+# own init runs `sleep <lifetime>`, so tests use sleep durations nothing else uses.
+LEFTOVERS = "ps -eo args= | grep -E '^(sleep 3[0-9][0-9]|yes|sh -c trap)' || true"
+
+
+@pytest.fixture(scope="module")
+def server(launch: Any) -> ServerProcess:
+    # Progress every second keeps the progress test short; everything else is default.
+    return launch("--progress-interval", "1", "--kill-grace", "2")
+
+
+async def test_timeout_kills_the_whole_tree(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        result = await sh(
+            client,
+            "echo before; sleep 300 & sleep 301 & setsid sleep 302 & sleep 303; echo never",
+            timeout=2,
+        )
+        left = await sh(client, LEFTOVERS)
+    assert result["retval"] == 124
+    assert result["timed_out"] is True
+    assert result["output"].startswith("before\n")
+    assert "timed out after 2 s" in result["output"]
+    assert "never" not in result["output"]
+    assert left["output"] == ""
+
+
+async def test_sigterm_ignoring_command_is_killed(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        result = await sh(
+            client, "sh -c \"trap '' TERM; while :; do sleep 0.2; done\" & wait", timeout=2
+        )
+        left = await sh(client, "ps -eo args= | grep -c '^sh -c trap' || true")
+    assert result["retval"] == 124
+    assert left["output"].strip() == "0"
+
+
+async def test_default_timeout_and_timeout_validation(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        for bad in (-1, 0, 10**6, "soon"):
+            result = await client.call_tool(
+                "shell_exec", {"command": "true", "timeout": bad}, raise_on_error=False
+            )
+            assert "timeout" in error_text(result)
+        assert (await sh(client, "echo ok", timeout=1.5))["output"] == "ok\n"
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "modern"])
+async def test_cancel_kills_the_command(server: ServerProcess, legacy: bool) -> None:
+    async with server.client(legacy=legacy) as client:
+        args: dict[str, Any] = {} if legacy else {"session_id": await new_session(client)}
+        with pytest.raises(Exception, match="timed out"):
+            # The client gives up after 2 s and cancels the request.
+            await client.call_tool(
+                "shell_exec", {"command": "sleep 340 & sleep 341", **args}, timeout=2
+            )
+        for _ in range(40):
+            left = await sh(client, LEFTOVERS, **args)
+            if left["output"] == "":
+                break
+            await asyncio.sleep(0.5)
+        assert left["output"] == ""
+        if args:
+            await client.call_tool("end_session", args)
+
+
+async def test_50_mb_of_output_is_capped_with_head_and_tail(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        result = await sh(
+            client, "echo FIRST; head -c 50000000 /dev/zero | tr '\\0' x; echo; echo LAST"
+        )
+        after = await sh(client, "echo still fine")
+    out = result["output"]
+    assert result["retval"] == 0
+    assert result["truncated"] is True
+    assert out.startswith("FIRST\nxxx")
+    assert out.endswith("xxx\nLAST\n")
+    assert "bytes of output omitted" in out
+    assert len(out.encode()) < 65536 + 300
+    assert after["output"] == "still fine\n"
+
+
+async def test_endless_output_stops_at_the_timeout(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        result = await sh(client, "yes", timeout=3)
+        left = await sh(client, LEFTOVERS)
+    assert result["retval"] == 124 and result["truncated"] is True
+    assert result["output"].endswith(
+        "y\n" * 10 + "[pod_exec_mcp: timed out after 3 s; the "
+        "command and every process it started were killed]"
+    )
+    assert left["output"] == ""
+
+
+async def test_binary_output_comes_back_readable(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        bad = await sh(client, "printf 'ok \\377\\376 end\\n'")
+        noise = await sh(client, "head -c 20000 /dev/urandom")
+    assert bad["output"] == "ok \ufffd\ufffd end\n"
+    assert noise["retval"] == 0 and isinstance(noise["output"], str)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "modern"])
+async def test_progress_is_reported_on_long_commands(server: ServerProcess, legacy: bool) -> None:
+    seen: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, message))
+
+    async with server.client(legacy=legacy) as client:
+        args: dict[str, Any] = {} if legacy else {"session_id": await new_session(client)}
+        result = await client.call_tool(
+            "shell_exec", {"command": "sleep 3.5; echo done", **args}, progress_handler=on_progress
+        )
+        if args:
+            await client.call_tool("end_session", args)
+    assert structured(result)["output"] == "done\n"
+    assert len(seen) >= 2
+    assert seen[0][0] < seen[-1][0]
+    assert "running for" in (seen[-1][1] or "")
+
+
+async def test_commands_of_one_session_may_run_concurrently(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        first, second = await asyncio.gather(
+            sh(client, "sleep 1; echo a > /workspace/a; echo one"),
+            sh(client, "sleep 1; echo b > /workspace/b; echo two"),
+        )
+        both = await sh(client, "cat /workspace/a /workspace/b")
+    assert (first["output"], second["output"], both["output"]) == ("one\n", "two\n", "a\nb\n")
+
+
+async def test_container_killed_from_outside_is_reported_and_recovered(
+    server: ServerProcess,
+) -> None:
+    async with server.client() as client:
+        sid = await new_session(client)
+        await sh(client, "touch /workspace/old", session_id=sid)
+        (container,) = [c["Id"] for c in server.containers() if c["State"] == "running"][-1:]
+        podman("rm", "-f", "-t", "0", container)
+        broken = await client.call_tool(
+            "shell_exec", {"command": "echo hi", "session_id": sid}, raise_on_error=False
+        )
+        message = error_text(broken)
+        assert "fresh sandbox" in message and "lost" in message
+        fresh = await sh(client, "ls /workspace/old; echo hi", session_id=sid)
+        assert fresh["output"].endswith("hi\n") and "No such file" in fresh["output"]
+        await client.call_tool("end_session", {"session_id": sid})
+
+
+async def test_command_killed_with_its_container_is_not_a_retval(server: ServerProcess) -> None:
+    """A container that dies mid-command gives a tool error, never a made-up exit status."""
+    async with server.client() as client:
+        sid = await new_session(client)
+        await sh(client, "true", session_id=sid)
+        ids = {c["Id"] for c in server.containers()}
+        running = asyncio.create_task(
+            client.call_tool(
+                "shell_exec", {"command": "sleep 360", "session_id": sid}, raise_on_error=False
+            )
+        )
+        await asyncio.sleep(1.5)
+        newest = [c["Id"] for c in server.containers() if c["Id"] in ids]
+        podman("kill", *newest, check=False)
+        result = await running
+        assert "sandbox" in error_text(result)
+        await client.call_tool("end_session", {"session_id": sid})
+
+
+async def test_concurrency_limit_queues_calls(launch: Any) -> None:
+    limited = launch("--max-concurrent-execs", "1")
+    probe = "s=$(date +%s%N); sleep 1; echo $s $(date +%s%N)"
+    async with limited.client(legacy=True) as a, limited.client(legacy=True) as b:
+        await asyncio.gather(sh(a, "true"), sh(b, "true"))
+        results = await asyncio.gather(sh(a, probe), sh(b, probe), sh(a, probe))
+    windows = sorted(tuple(map(int, r["output"].split())) for r in results)
+    assert all(r["retval"] == 0 for r in results)
+    for (_, end), (start, _) in zip(windows, windows[1:], strict=False):
+        assert end <= start, f"commands overlapped despite a limit of 1: {windows}"
+    limited.stop()
