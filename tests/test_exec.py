@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import pytest
@@ -185,6 +186,6 @@ async def test_concurrency_limit_queues_calls(launch: Any) -> None:
         results = await asyncio.gather(sh(a, probe), sh(b, probe), sh(a, probe))
     windows = sorted(tuple(map(int, r["output"].split())) for r in results)
     assert all(r["retval"] == 0 for r in results)
-    for (_, end), (start, _) in zip(windows, windows[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(windows):
         assert end <= start, f"commands overlapped despite a limit of 1: {windows}"
     limited.stop()
