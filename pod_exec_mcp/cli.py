@@ -16,9 +16,10 @@ import uvicorn
 from pod_exec_mcp import __version__
 from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
+from pod_exec_mcp.http import MCP_PATH, http_app
 from pod_exec_mcp.instances import Instance, survey, sweep_orphans
 from pod_exec_mcp.podman import Podman, PodmanError
-from pod_exec_mcp.server import MCP_PATH, build_server, http_app
+from pod_exec_mcp.server import build_server
 
 log = logging.getLogger("pod_exec_mcp")
 
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument(
         "--cleanup-all",
         action="store_true",
-        help="remove every container of ours, even those of running servers, and exit",
+        help="remove every container of the servers of this host and state dir, running or "
+        "not, and exit",
     )
     actions.add_argument(
         "--generate-token",
@@ -121,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _manage_containers(podman: Podman, args: argparse.Namespace) -> int:
     try:
         if args.cleanup_all:
-            found = await survey(podman)
+            # Servers of other owners (other hosts, or servers in containers with their own
+            # state dir) are not ours to judge; their containers are listed, not removed.
+            found = [c for c in await survey(podman) if c.owner_alive is not None]
             await podman.remove(*[c.id for c in found])
             print(f"removed {len(found)} container(s)")
         elif args.cleanup:

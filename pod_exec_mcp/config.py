@@ -40,6 +40,9 @@ class Settings(BaseModel):
     allowed_origins: list[str] = Field(default_factory=list)
     """Extra browser Origins to accept (comma-separated), e.g. https://app.example.com."""
 
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=65536)
+    """Largest HTTP request body accepted; larger ones get 413 before they are parsed."""
+
     auth_token: str | None = None
     """Bearer token clients must send. If unset, the token file is read when it exists.
     Several tokens may be given, comma-separated; each is its own principal."""
@@ -180,3 +183,17 @@ def load_settings(
             )
             problems.append(f"{where}: {error['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, as the README shows it (a test keeps it in sync)."""
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default) or "(none)"
+        elif default is None:
+            default = "(none)"
+        meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{cli_flag(name)}` | `{env_var(name)}` | `{default}` | {meaning} |")
+    return "\n".join(rows)

@@ -24,7 +24,6 @@ from fastmcp.server.auth import AuthProvider
 from fastmcp.server.sessions import current_principal
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
-from starlette.applications import Starlette
 
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.instances import Instance
@@ -33,8 +32,6 @@ from pod_exec_mcp.registry import SessionEntry, SessionError, SessionRegistry
 from pod_exec_mcp.sandbox import Sandbox, SandboxBroken, wait_for_background
 
 log = logging.getLogger(__name__)
-
-MCP_PATH = "/mcp"
 
 # Session ids we mint are URL-safe base64; anything else is refused before it is used.
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -298,14 +295,3 @@ def _check_command(command: str, settings: Settings) -> None:
             "Write long content to a file in smaller pieces (e.g. several `cat >> file` "
             "calls) and run that file."
         )
-
-
-def http_app(mcp: FastMCP, settings: Settings) -> Starlette:
-    """The streamable-HTTP app, with Host/Origin (DNS rebinding) protection always on."""
-    return mcp.http_app(
-        path=MCP_PATH,
-        transport="http",
-        host_origin_protection=True,
-        allowed_hosts=settings.allowed_hosts or None,
-        allowed_origins=settings.allowed_origins or None,
-    )

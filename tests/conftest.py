@@ -27,6 +27,15 @@ from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED
 
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
 STARTED_INSTANCES: list[str] = []
+# Figures measured by tests (not asserted on), printed at the end of the run.
+FIGURES: dict[str, Any] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -202,6 +211,7 @@ async def new_session(client: Client) -> str:
 
 
 __all__ = [
+    "FIGURES",
     "LABEL_MANAGED",
     "ServerProcess",
     "containers_of",

@@ -1,0 +1,98 @@
+"""A sandbox cannot hurt the host or its neighbours: each default, proven (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from conftest import ServerProcess, podman, sh
+
+# CPU time the sandbox's cgroup has used, in nanoseconds, on cgroup v1 and v2 hosts.
+CGROUP_CPU_NS = (
+    "if [ -r /sys/fs/cgroup/cpuacct/cpuacct.usage ]; then cat /sys/fs/cgroup/cpuacct/cpuacct.usage;"
+    " else echo $(( $(awk '/^usage_usec/ {print $2}' /sys/fs/cgroup/cpu.stat) * 1000 )); fi"
+)
+
+
+def inspect(server: ServerProcess) -> list[dict[str, Any]]:
+    ids = [c["Id"] for c in server.containers()]
+    return json.loads(podman("inspect", *ids).stdout)
+
+
+async def test_default_limits_are_applied(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        inside = await sh(client, "grep NoNewPrivs /proc/self/status; ulimit -n; ls /sys/class/net")
+        (info,) = inspect(server)
+    host = info["HostConfig"]
+    assert host["Memory"] == 2 * 1024**3
+    assert host["PidsLimit"] == 1024
+    assert host["NanoCpus"] == 10**9 or host["CpuQuota"] == host["CpuPeriod"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
+    assert ulimits["RLIMIT_NOFILE"] == (4096, 4096)
+    assert ulimits["RLIMIT_NPROC"] == (4096, 4096)
+    # Networking is on by default: agents clone and download.
+    assert inside["output"].split() == ["NoNewPrivs:", "1", "4096", "eth0", "lo"]
+
+
+async def test_fork_bomb_is_contained(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as bombed, server.client(legacy=True) as neighbour:
+        await sh(bombed, "true")
+        bomb = asyncio.create_task(sh(bombed, "bomb() { bomb | bomb & }; bomb; sleep 5", timeout=8))
+        await asyncio.sleep(3)
+        # The neighbour is unaffected while the bomb rages.
+        assert (await sh(neighbour, "echo fine"))["output"] == "fine\n"
+        result = await bomb
+        # The bomb was killed, or, when no exec could get in, its sandbox was recreated.
+        assert result["retval"] in (124, 0) or "recreated" in result["output"]
+        after = await sh(bombed, "echo ok; ps -e --no-headers | wc -l")
+    lines = after["output"].split()
+    assert after["retval"] == 0 and lines[0] == "ok"
+    assert int(lines[1]) < 20, "bomb processes survived"
+
+
+async def test_memory_bomb_is_killed_not_the_host(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        # tail holds a whole "line" in memory: 3 GB of zeros against a 2 GB limit.
+        bomb = await sh(client, "head -c 3000m /dev/zero | tail > /dev/null")
+        after = await sh(client, "echo still here")
+    assert bomb["retval"] == 137  # SIGKILL from the OOM killer
+    assert after["output"] == "still here\n"
+
+
+async def test_cpu_hog_is_held_to_its_limit(server: ServerProcess) -> None:
+    hog = "for i in 1 2 3 4; do (while :; do :; done) & done; sleep 12"
+    measure = f"a=$({CGROUP_CPU_NS}); sleep 3; b=$({CGROUP_CPU_NS}); echo $(( (b - a) / 3000000 ))"
+    async with server.client(legacy=True) as hogging, server.client(legacy=True) as other:
+        await asyncio.gather(sh(hogging, "true"), sh(other, "true"))
+        running = asyncio.create_task(sh(hogging, hog, timeout=10))
+        await asyncio.sleep(2)
+        usage = await sh(hogging, measure)
+        others = await asyncio.gather(*(sh(other, f"echo {i}") for i in range(5)))
+        await running
+    # Four busy loops, yet the sandbox gets about one core (1000 permille), not two.
+    assert int(usage["output"]) < 1250, usage
+    assert [r["output"] for r in others] == [f"{i}\n" for i in range(5)]
+
+
+async def test_strict_profile(launch: Any) -> None:
+    strict = launch("--strict")
+    async with strict.client(legacy=True) as client:
+        result = await sh(
+            client,
+            "touch /etc/x 2>&1 | grep -o 'Read-only file system'; touch /workspace/y && echo ok; "
+            "grep CapEff /proc/self/status; ls /sys/class/net",
+        )
+    assert result["output"].split() == [
+        "Read-only", "file", "system", "ok", "CapEff:", "0000000000000000", "lo",
+    ]  # fmt: skip
+    strict.stop()
+
+
+async def test_network_off_and_extra_run_args(launch: Any) -> None:
+    server = launch("--no-network", "--extra-run-args", "--env AGENT_NAME=probe --hostname box")
+    async with server.client(legacy=True) as client:
+        result = await sh(client, "ls /sys/class/net; echo $AGENT_NAME; hostname")
+    assert result["output"].split() == ["lo", "probe", "box"]
+    server.stop()

@@ -1,0 +1,179 @@
+"""Nothing leaks: signals, fail-fast start-up, reaping, limits, sweeping (issues 2 and 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    ServerProcess,
+    containers_of,
+    error_text,
+    new_session,
+    sh,
+    start_server,
+    wait_until,
+)
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pod_exec_mcp", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_removes_every_container(launch: Any, sig: signal.Signals) -> None:
+    server = launch()
+    async with server.client(legacy=True) as legacy, server.client() as modern:
+        await sh(legacy, "true")
+        sid = await new_session(modern)
+        await sh(modern, "true", session_id=sid)
+        assert len(server.containers()) == 2
+        # Stop the server while both clients are still connected and a command runs.
+        running = asyncio.create_task(
+            legacy.call_tool("shell_exec", {"command": "sleep 370"}, raise_on_error=False)
+        )
+        await asyncio.sleep(1)
+        returncode = await asyncio.to_thread(server.stop, sig)
+        running.cancel()
+    assert returncode == 0, server.log()
+    assert server.containers() == []
+    assert "every sandbox of this server was removed" in server.log()
+
+
+def test_no_podman_on_path_fails_fast(server_env: dict[str, str], run_dir: Path) -> None:
+    server = start_server({**server_env, "PATH": "/nonexistent"}, run_dir, wait=False)
+    assert server.proc.wait(timeout=60) != 0
+    log = server.log().strip()
+    assert log.splitlines() == [log] and "podman not found" in log
+    assert "Uvicorn running" not in log
+
+
+def test_missing_image_fails_fast(server_env: dict[str, str], run_dir: Path) -> None:
+    server = start_server(server_env, run_dir, "--image", "no_such_image_xyz", wait=False)
+    assert server.proc.wait(timeout=60) != 0
+    log = server.log()
+    assert "no_such_image_xyz" in log and "pod_exec_mcp_build" in log
+    assert "Uvicorn running" not in log
+
+
+def test_bad_settings_fail_with_the_flag_named(server_env: dict[str, str]) -> None:
+    done = run_cli({**server_env, "POD_EXEC_MCP_MAX_SANDBOXES": "many"}, "--port", "0")
+    assert done.returncode == 2
+    assert "--max-sandboxes / POD_EXEC_MCP_MAX_SANDBOXES" in done.stderr
+    done = run_cli(server_env, "--port", "99999")
+    assert done.returncode == 2 and "--port" in done.stderr
+
+
+async def test_idle_sandboxes_are_reaped(launch: Any) -> None:
+    server = launch("--idle-timeout", "2")
+    async with server.client() as client:
+        sid = await new_session(client)
+        await sh(client, "true", session_id=sid)
+        # A command longer than the idle timeout is not reaped while it runs.
+        assert (await sh(client, "sleep 3; echo alive", session_id=sid))["output"] == "alive\n"
+        assert await asyncio.to_thread(wait_until, lambda: server.containers() == [], 20)
+        result = await client.call_tool(
+            "shell_exec", {"command": "true", "session_id": sid}, raise_on_error=False
+        )
+    assert "idle" in error_text(result) and "create_session" in error_text(result)
+    server.stop()
+
+
+async def test_sandbox_limit_gives_a_clear_error(launch: Any) -> None:
+    server = launch("--max-sandboxes", "2")
+    async with server.client() as client:
+        first, second = await new_session(client), await new_session(client)
+        third = await client.call_tool("create_session", {}, raise_on_error=False)
+        assert "maximum of 2 sandboxes" in error_text(third)
+        async with server.client(legacy=True) as legacy:
+            refused = await legacy.call_tool(
+                "shell_exec", {"command": "true"}, raise_on_error=False
+            )
+            assert "maximum of 2 sandboxes" in error_text(refused)
+        # Nothing was evicted to make room.
+        assert (await sh(client, "echo ok", session_id=first))["output"] == "ok\n"
+        await client.call_tool("end_session", {"session_id": second})
+        assert await new_session(client)
+    server.stop()
+
+
+async def test_sigkilled_servers_containers_are_swept_and_live_ones_kept(
+    launch: Any, server_env: dict[str, str]
+) -> None:
+    alive = launch()
+    doomed = launch()
+    async with alive.client() as a, doomed.client() as d:
+        await new_session(a)
+        await new_session(d)
+    doomed.stop(signal.SIGKILL)
+    assert len(doomed.containers()) == 1  # left behind by the killed server
+
+    listing = run_cli(server_env, "--list-containers").stdout
+    assert "ORPHANED" in listing and "server alive" in listing
+
+    # The next server's start-up sweep removes the orphan, and only the orphan.
+    launch()
+    assert doomed.containers() == []
+    assert len(alive.containers()) == 1
+    alive.stop()
+
+
+async def test_cleanup_command_removes_only_orphans(
+    launch: Any, server_env: dict[str, str]
+) -> None:
+    alive = launch()
+    doomed = launch()
+    async with alive.client() as a, doomed.client() as d:
+        await new_session(a)
+        await new_session(d)
+    doomed.stop(signal.SIGKILL)
+    done = run_cli(server_env, "--cleanup")
+    assert done.returncode == 0 and "removed 1 orphaned" in done.stdout
+    assert doomed.containers() == [] and len(alive.containers()) == 1
+    done = run_cli(server_env, "--cleanup-all")
+    assert done.returncode == 0
+    assert alive.containers() == []
+    alive.stop()
+
+
+async def test_sandbox_lifetime_bounds_a_container_of_a_dead_server(launch: Any) -> None:
+    server = launch("--sandbox-lifetime", "3")
+    async with server.client() as client:
+        await new_session(client)
+    instance = server.instance
+    server.stop(signal.SIGKILL)
+    assert len(containers_of(instance)) == 1
+    # No server is left to remove it: the container's own init ends it, and --rm removes it.
+    assert await asyncio.to_thread(wait_until, lambda: containers_of(instance) == [], 30)
+
+
+def test_help_explains_every_setting(server_env: dict[str, str]) -> None:
+    from pod_exec_mcp.config import Settings, cli_flag, env_var
+
+    done = run_cli(server_env, "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for name in Settings.model_fields:
+        assert cli_flag(name) in text and env_var(name) in text
+
+
+def test_server_env_defaults_are_used(server_env: dict[str, str], run_dir: Path) -> None:
+    server: ServerProcess = start_server(
+        {**server_env, "MCP_PORT": "1"}, run_dir, wait=False
+    )  # the --port flag from start_server wins over MCP_PORT
+    try:
+        assert wait_until(lambda: "Uvicorn running" in server.log(), 30)
+        assert f":{server.port}" in server.log()
+    finally:
+        server.stop()

@@ -1,0 +1,33 @@
+"""The code stays ruff-clean (lint and format), checked with the rest of the suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_check() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff_format() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "."],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_readme_settings_table_matches_the_model() -> None:
+    from pod_exec_mcp.config import settings_table
+
+    assert settings_table() in (ROOT / "README.md").read_text(), (
+        "README's settings table is stale: regenerate it with "
+        "`python -c 'from pod_exec_mcp.config import settings_table; print(settings_table())'`"
+    )

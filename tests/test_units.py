@@ -1,0 +1,126 @@
+"""Pure logic, tested without containers: settings, output bounding, tokens, run arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pod_exec_mcp.auth import AuthConfigError, StaticBearerTokens, auth_provider, principal_of
+from pod_exec_mcp.config import Settings, SettingsError, load_settings
+from pod_exec_mcp.output import BoundedOutput
+from pod_exec_mcp.registry import session_key
+from pod_exec_mcp.sandbox import run_arguments
+
+
+def test_settings_precedence_env_then_flags() -> None:
+    env = {"MCP_HOST": "127.0.0.2", "MCP_PORT": "9000", "POD_EXEC_MCP_IMAGE": "img"}
+    assert load_settings({}, env).port == 9000
+    settings = load_settings({"port": "9001"}, env)
+    assert (settings.host, settings.port, settings.image) == ("127.0.0.2", 9001, "img")
+    assert load_settings({}, {}).host == "127.0.0.1"
+
+
+def test_settings_lists_and_bools_from_strings() -> None:
+    env = {
+        "POD_EXEC_MCP_ALLOWED_HOSTS": "a.example, b.example",
+        "POD_EXEC_MCP_EXTRA_RUN_ARGS": "--env 'X=a b' --cap-add=NET_RAW",
+        "POD_EXEC_MCP_NETWORK": "false",
+    }
+    settings = load_settings({}, env)
+    assert settings.allowed_hosts == ["a.example", "b.example"]
+    assert settings.extra_run_args == ["--env", "X=a b", "--cap-add=NET_RAW"]
+    assert settings.network is False
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"POD_EXEC_MCP_MAX_OUTPUT_BYTES": "10"}, "POD_EXEC_MCP_MAX_OUTPUT_BYTES"),
+        ({"POD_EXEC_MCP_CPUS": "lots"}, "--cpus"),
+        ({"MCP_PORT": "70000"}, "MCP_PORT"),
+    ],
+)
+def test_bad_settings_name_their_source(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        load_settings({}, env)
+
+
+def test_loopback_detection() -> None:
+    for host in ("127.0.0.1", "localhost", "::1", "127.5.5.5"):
+        assert Settings(host=host).binds_loopback
+    for host in ("0.0.0.0", "::", "192.168.1.2", "example.com"):
+        assert not Settings(host=host).binds_loopback
+
+
+def test_bounded_output_small_is_untouched() -> None:
+    out = BoundedOutput(1024)
+    for chunk in (b"hello ", b"world\n"):
+        out.feed(chunk)
+    assert (out.text(), out.truncated, out.total) == ("hello world\n", False, 12)
+
+
+def test_bounded_output_keeps_head_and_tail_exactly() -> None:
+    out = BoundedOutput(1000)
+    data = b"".join(b"%06d\n" % i for i in range(10_000))
+    for i in range(0, len(data), 777):
+        out.feed(data[i : i + 777])
+    text = out.text()
+    assert out.truncated and out.total == len(data)
+    head, marker, tail = text.partition("\n[pod_exec_mcp: ")
+    assert head.encode() == data[:500]
+    assert marker and f"{len(data) - 1000} bytes of output omitted" in tail
+    assert tail.split("]\n", 1)[1].encode() == data[-500:]
+
+
+def test_bounded_output_invalid_utf8_is_replaced() -> None:
+    out = BoundedOutput(1024)
+    out.feed(b"ok \xff\xfe \xe2\x82")
+    assert out.text() == "ok \ufffd\ufffd \ufffd"
+
+
+async def test_token_verifier_accepts_only_known_tokens() -> None:
+    verifier = StaticBearerTokens(["a" * 20, "b" * 20])
+    ok = await verifier.verify_token("b" * 20)
+    assert ok is not None and ok.client_id == principal_of("b" * 20)
+    assert await verifier.verify_token("c" * 20) is None
+    assert await verifier.verify_token("") is None
+    assert principal_of("a" * 20) != principal_of("b" * 20)
+    assert "a" * 20 not in principal_of("a" * 20)
+
+
+def test_auth_is_required_off_loopback_and_tokens_must_be_long(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no default token file there
+    assert auth_provider(Settings(host="127.0.0.1")) is None
+    with pytest.raises(AuthConfigError, match="without authentication"):
+        auth_provider(Settings(host="0.0.0.0"))
+    with pytest.raises(AuthConfigError, match="does not exist"):
+        auth_provider(Settings(auth_token_file=str(tmp_path / "missing")))
+    with pytest.raises(AuthConfigError, match="at least 16"):
+        auth_provider(Settings(auth_token="short"))
+    assert auth_provider(Settings(host="0.0.0.0", auth_token="x" * 16)) is not None
+    (tmp_path / "tokens").write_text("# comment\n" + "t" * 16 + "\n")
+    assert auth_provider(Settings(host="::", auth_token_file=str(tmp_path / "tokens")))
+
+
+def test_session_keys_hash_ids_and_separate_principals() -> None:
+    key = session_key(None, "explicit", "abc")
+    assert "abc" not in key and len(key) == 32
+    assert key != session_key("someone", "explicit", "abc")
+    assert key != session_key(None, "legacy", "abc")
+
+
+def test_run_arguments_default_and_strict() -> None:
+    args = run_arguments(Settings(), "name", {"k": "v"})
+    assert args[:5] == ["run", "--detach", "--rm", "--init", "--name"]
+    assert "--label" in args and "k=v" in args
+    assert args[args.index("nofile=4096:4096") - 1 :][:2] == ["--ulimit", "nofile=4096:4096"]
+    assert "nproc=4096:4096" in args and "no-new-privileges" in args
+    assert args[-3:] == ["pod_exec_mcp_base", "sleep", "86400"]
+    assert "--network=none" not in args
+    strict = run_arguments(Settings(strict=True, sandbox_lifetime=0), "n", {})
+    assert {"--cap-drop=ALL", "--read-only", "--network=none"} <= set(strict)
+    assert strict[-1] == "infinity"
+    assert "--network=none" in run_arguments(Settings(network=False), "n", {})
