@@ -109,18 +109,21 @@ class SessionRegistry:
             "Call create_session and pass the id it returns."
         )
 
-    def legacy(self, principal: str | None, mcp_session_id: str) -> tuple[SessionEntry, bool]:
-        """The session tied to an MCP (Mcp-Session-Id) session, and whether it is new."""
+    def legacy(
+        self, principal: str | None, mcp_session_id: str
+    ) -> tuple[SessionEntry, bool, str | None]:
+        """The session tied to an MCP (Mcp-Session-Id) session.
+
+        Returns (entry, is_new, why): `why` says why an earlier sandbox of this MCP session
+        was removed (idle reaping) when a new one takes its place. A still-connected client
+        cannot reconnect on its own, so it gets a fresh sandbox rather than a dead end.
+        """
         key = session_key(principal, "legacy", mcp_session_id)
         entry = self._entries.get(key)
         if entry is not None:
-            return entry, False
-        if key in self._ended:
-            raise UnknownSession(
-                f"this MCP session's sandbox was removed ({self._ended[key]}); "
-                "reconnect to get a new MCP session and a fresh sandbox."
-            )
-        return self._add(key, "legacy"), True
+            return entry, False, None
+        why = self._ended.pop(key, None)
+        return self._add(key, "legacy"), True, why
 
     def _add(self, key: str, kind: SessionKind) -> SessionEntry:
         if self._closed:

@@ -129,7 +129,7 @@ def build_server(
                 "there is no implicit sandbox: call create_session once, then pass the "
                 "session_id it returns to every shell_exec call."
             )
-        entry, is_new = registry.legacy(principal, ctx.session_id)
+        entry, is_new, replaced_because = registry.legacy(principal, ctx.session_id)
         if is_new:
             key = entry.key
 
@@ -137,6 +137,11 @@ def build_server(
                 await registry.end_key(key, "its MCP session ended")
 
             _on_mcp_session_end(ctx, end_with_mcp_session)
+        if replaced_because is not None:
+            raise ToolError(
+                f"this session's sandbox was removed ({replaced_because}); its files are "
+                "gone. A fresh sandbox will be started: run the command again."
+            )
         return entry
 
     @mcp.tool(

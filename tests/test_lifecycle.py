@@ -77,16 +77,22 @@ def test_bad_settings_fail_with_the_flag_named(server_env: dict[str, str]) -> No
 
 async def test_idle_sandboxes_are_reaped(launch: Any) -> None:
     server = launch("--idle-timeout", "2")
-    async with server.client() as client:
+    async with server.client() as client, server.client(legacy=True) as legacy:
         sid = await new_session(client)
         await sh(client, "true", session_id=sid)
+        await sh(legacy, "touch /workspace/old")
         # A command longer than the idle timeout is not reaped while it runs.
         assert (await sh(client, "sleep 3; echo alive", session_id=sid))["output"] == "alive\n"
         assert await asyncio.to_thread(wait_until, lambda: server.containers() == [], 20)
         result = await client.call_tool(
             "shell_exec", {"command": "true", "session_id": sid}, raise_on_error=False
         )
-    assert "idle" in error_text(result) and "create_session" in error_text(result)
+        assert "idle" in error_text(result) and "create_session" in error_text(result)
+        # A legacy client cannot reconnect by itself: it is told once, then gets a fresh one.
+        told = await legacy.call_tool("shell_exec", {"command": "true"}, raise_on_error=False)
+        assert "idle" in error_text(told) and "fresh sandbox" in error_text(told)
+        fresh = await sh(legacy, "ls /workspace; echo fresh")
+        assert fresh["output"] == "fresh\n"
     server.stop()
 
 
