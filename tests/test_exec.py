@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, error_text, new_session, podman, sh, structured
+from conftest import FIGURES, ServerProcess, error_text, new_session, podman, sh, structured
 
 # `ps` lines of the processes a test started, identified by their arguments. The sandbox's
 # own init runs `sleep <lifetime>`, so tests use sleep durations nothing else uses.
@@ -77,9 +78,11 @@ async def test_cancel_kills_the_command(server: ServerProcess, legacy: bool) -> 
 
 async def test_50_mb_of_output_is_capped_with_head_and_tail(server: ServerProcess) -> None:
     async with server.client(legacy=True) as client:
+        started = time.monotonic()
         result = await sh(
             client, "echo FIRST; head -c 50000000 /dev/zero | tr '\\0' x; echo; echo LAST"
         )
+        FIGURES["50 MB of output, call round trip, s"] = round(time.monotonic() - started, 2)
         after = await sh(client, "echo still fine")
     out = result["output"]
     assert result["retval"] == 0
