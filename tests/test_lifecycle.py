@@ -114,15 +114,21 @@ async def test_sandbox_limit_gives_a_clear_error(launch: Any) -> None:
     server.stop()
 
 
-async def test_sigkilled_servers_containers_are_swept_and_live_ones_kept(
-    launch: Any, server_env: dict[str, str]
-) -> None:
-    alive = launch()
-    doomed = launch()
+async def live_and_killed_servers(launch: Any) -> tuple[ServerProcess, ServerProcess]:
+    """Two servers with a session each; the second then dies by SIGKILL, leaving its
+    container behind."""
+    alive, doomed = launch(), launch()
     async with alive.client() as a, doomed.client() as d:
         await new_session(a)
         await new_session(d)
     doomed.stop(signal.SIGKILL)
+    return alive, doomed
+
+
+async def test_sigkilled_servers_containers_are_swept_and_live_ones_kept(
+    launch: Any, server_env: dict[str, str]
+) -> None:
+    alive, doomed = await live_and_killed_servers(launch)
     assert len(doomed.containers()) == 1  # left behind by the killed server
 
     listing = run_cli(server_env, "--list-containers").stdout
@@ -138,12 +144,7 @@ async def test_sigkilled_servers_containers_are_swept_and_live_ones_kept(
 async def test_cleanup_command_removes_only_orphans(
     launch: Any, server_env: dict[str, str]
 ) -> None:
-    alive = launch()
-    doomed = launch()
-    async with alive.client() as a, doomed.client() as d:
-        await new_session(a)
-        await new_session(d)
-    doomed.stop(signal.SIGKILL)
+    alive, doomed = await live_and_killed_servers(launch)
     done = run_cli(server_env, "--cleanup")
     assert done.returncode == 0 and "removed 1 orphaned" in done.stdout
     assert doomed.containers() == [] and len(alive.containers()) == 1
