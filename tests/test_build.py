@@ -1,0 +1,63 @@
+"""`pod_exec_mcp_build`: its failures are one clear line and a non-zero exit (issue 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BUILD = [sys.executable, "-m", "pod_exec_mcp.build"]
+
+
+def run_build(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BUILD, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_missing_podman_is_one_line_and_non_zero() -> None:
+    done = run_build("--podman", "no-such-podman-xyz")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "pod_exec_mcp_build: error: podman not found: 'no-such-podman-xyz' is not on PATH. "
+        "Install Podman (e.g. `apt-get install podman`) or point POD_EXEC_MCP_PODMAN at it."
+    ]
+
+
+def test_failed_build_is_reported_with_a_non_zero_exit() -> None:
+    done = run_build(
+        "--tag", "pod_exec_mcp_test_never_built",
+        "--base-image", "localhost/pod_exec_mcp_no_such_base:none",
+        "--pull", "never",
+    )  # fmt: skip
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pod_exec_mcp_build: error: podman build failed (exit status")
+    exists = subprocess.run(["podman", "image", "exists", "pod_exec_mcp_test_never_built"])
+    assert exists.returncode != 0
+
+
+def test_print_containerfile_shows_the_packaged_file() -> None:
+    done = run_build("--print-containerfile")
+    assert done.returncode == 0
+    assert "ARG BASE_IMAGE=docker.io/library/debian:trixie-slim" in done.stdout
+    for tool in ("ripgrep", "jq", "git", "curl", "procps", "iproute2", "netcat-openbsd"):
+        assert tool in done.stdout
+
+
+def test_bad_option_is_refused() -> None:
+    done = run_build("--pull", "sometimes")
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_built_image_carries_the_promised_tools_and_defaults() -> None:
+    from conftest import IMAGE, podman
+
+    tools = "bash git curl rg jq ps sed grep find xargs tar zip unzip ip ping dig nc"
+    script = (
+        f"for t in {tools}; do command -v $t >/dev/null || echo missing $t; done; "
+        "test -s /etc/ssl/certs/ca-certificates.crt || echo missing ca-certificates; "
+        "ls /var/lib/apt/lists | grep -v -e '^lock$' -e '^partial$' || true; "
+        'echo "$LANG $PAGER $GIT_PAGER $GIT_TERMINAL_PROMPT $DEBIAN_FRONTEND $(pwd)"'
+    )
+    done = podman("run", "--rm", IMAGE, "/bin/sh", "-lc", script)
+    assert done.stdout == "C.UTF-8 cat cat 0 noninteractive /workspace\n", done.stdout
+    labels = podman("image", "inspect", "--format", "{{json .Labels}}", IMAGE).stdout
+    assert '"org.opencontainers.image.title":"pod_exec_mcp_base"' in labels
