@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument(
         "--cleanup-all",
         action="store_true",
-        help="remove every container of the servers of this host and state dir, running or "
+        help="remove every container of the servers that share this state dir, running or "
         "not, and exit",
     )
     actions.add_argument(
@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _manage_containers(podman: Podman, args: argparse.Namespace) -> int:
     try:
         if args.cleanup_all:
-            # Servers of other owners (other hosts, or servers in containers with their own
-            # state dir) are not ours to judge; their containers are listed, not removed.
+            # Servers of other owners (another state dir) are not ours to judge; their
+            # containers are listed, not removed.
             found = [c for c in await survey(podman) if c.owner_alive is not None]
             await podman.remove(*[c.id for c in found])
             print(f"removed {len(found)} container(s)")

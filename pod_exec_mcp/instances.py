@@ -2,25 +2,25 @@
 
 Every container carries the labels of the server instance that started it:
 - `instance`: a random id minted when the server starts;
-- `owner`: a hash of this host's name and the directory where instance locks live.
+- `owner`: the random id of the lock directory where instance locks live, minted once and
+  kept in `<lock dir>/owner`.
 
 A live server holds an exclusive `flock` on `<lock dir>/<instance>.lock` for as long as its
 process lives; the kernel drops the lock when the process dies, however it dies (SIGKILL
 included). So a server can tell, for any container with its own `owner` label, whether the
 instance that started it is alive: if that lock can be taken, or no longer exists, the
-instance is dead and its containers are orphans. Containers of another owner (another host,
-or a server in another container with its own lock dir) are never judged; the
-sandbox_lifetime bound inside each container ends them eventually.
+instance is dead and its containers are orphans. Containers of another owner (a server
+with another lock directory: another user, another host, or a server in a container
+without a persistent state volume) are never judged; the sandbox_lifetime bound inside
+each container ends them eventually.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import secrets
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,24 @@ def default_lock_dir() -> Path:
 
 
 def owner_key(lock_dir: Path) -> str:
-    """Names the place where our instance locks are visible: this host and this lock dir."""
-    material = f"{socket.gethostname()}\0{lock_dir.resolve()}"
-    return hashlib.sha256(material.encode()).hexdigest()[:16]
+    """The lock directory's owner id: whoever shares this directory can see our locks."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / "owner"
+    if not path.exists():
+        # Written aside, then linked into place: a server starting at the same moment sees
+        # either no file or a whole one, and the first link wins.
+        draft = lock_dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
+        draft.write_text(secrets.token_hex(8) + "\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    owner = path.read_text().strip()
+    if not owner.isalnum():
+        raise OSError(f"{path} is corrupt; remove it")
+    return owner
 
 
 @dataclass

@@ -93,7 +93,12 @@ class Podman:
         return done
 
     async def image_exists(self, image: str) -> bool:
-        return (await self.run("image", "exists", image, check=False)).returncode == 0
+        """Whether `image` is in local storage. Podman failing to answer (socket unreachable,
+        permission denied: exit 125) raises PodmanError instead of passing for "absent"."""
+        done = await self.run("image", "exists", image, check=False)
+        if done.returncode in (0, 1):
+            return done.returncode == 0
+        raise PodmanError(f"podman image exists failed: {done.error_text}")
 
     async def is_running(self, container: str) -> bool:
         """Whether `container` exists and is running."""

@@ -8,6 +8,7 @@ import pytest
 
 from pod_exec_mcp.auth import AuthConfigError, StaticBearerTokens, auth_provider, principal_of
 from pod_exec_mcp.config import Settings, SettingsError, load_settings
+from pod_exec_mcp.instances import instance_alive, owner_key
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.registry import session_key
 from pod_exec_mcp.sandbox import run_arguments
@@ -124,3 +125,21 @@ def test_run_arguments_default_and_strict() -> None:
     assert {"--cap-drop=ALL", "--read-only", "--network=none"} <= set(strict)
     assert strict[-1] == "infinity"
     assert "--network=none" in run_arguments(Settings(network=False), "n", {})
+
+
+def test_owner_id_is_minted_once_per_lock_dir(tmp_path: Path) -> None:
+    first = owner_key(tmp_path / "a")
+    assert first == owner_key(tmp_path / "a") and first.isalnum()
+    assert first != owner_key(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["owner"]
+
+
+def test_instance_liveness_follows_its_lock(tmp_path: Path) -> None:
+    from pod_exec_mcp.instances import Instance
+
+    instance = Instance.acquire(tmp_path)
+    assert instance_alive(tmp_path, instance.id)
+    assert not instance_alive(tmp_path, "0123456789abcdef")
+    assert not instance_alive(tmp_path, "../../etc/passwd")
+    instance.release()
+    assert not instance_alive(tmp_path, instance.id)
