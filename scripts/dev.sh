@@ -32,11 +32,15 @@ install_packages() {
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
     command -v python3 >/dev/null || missing+=(python3)
+    command -v nix-instantiate >/dev/null || missing+=(nix-bin)   # flake.nix checks
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         as_root apt-get update -q
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
     fi
+    # The devcontainers CLI, for the devcontainer check in tests/distribution (skipped without).
+    command -v devcontainer >/dev/null || as_root npm install -g -q @devcontainers/cli \
+        || say "could not install @devcontainers/cli; the devcontainer test will be skipped"
 }
 
 # Podman's defaults fail on some hosts; write a containers.conf only for what this host needs:

@@ -1,0 +1,109 @@
+"""The pip/pipx door: the wheel and sdist, installed into a fresh venv outside the checkout.
+
+pipx installs a wheel into a venv of its own and links its console scripts; this test does
+the same by hand (a fresh venv in a temporary directory, no access to the source tree), and
+then uses `pod_exec_mcp_build` from there to build a real image.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dist_helpers import BASE_IMAGE, ROOT, TEST_LABEL, podman, remove_image, run, timed, unique
+
+pytestmark = pytest.mark.slow
+
+CONTAINERFILE = (ROOT / "image" / "Containerfile").read_text()
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+SCRIPTS = ("pod_exec_mcp", "pod_exec_mcp_build")
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    with timed("wheel: python -m build (sdist, then the wheel from it)"):
+        run([sys.executable, "-m", "build", "--outdir", out, ROOT], timeout=600, cwd=out)
+    (wheel,) = out.glob("pod_exec_mcp-*.whl")
+    (sdist,) = out.glob("pod_exec_mcp-*.tar.gz")
+    return {"wheel": wheel, "sdist": sdist}
+
+
+def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
+    with zipfile.ZipFile(dists["wheel"]) as wheel:
+        names = wheel.namelist()
+        # The Containerfile ships inside the package, where pod_exec_mcp_build looks for it.
+        assert wheel.read("pod_exec_mcp/image/Containerfile").decode() == CONTAINERFILE
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = wheel.read(entry_points).decode()
+    assert "pod_exec_mcp = pod_exec_mcp.cli:main" in scripts
+    assert "pod_exec_mcp_build = pod_exec_mcp.build:main" in scripts
+    assert not [n for n in names if n.startswith("tests/")]
+
+    with tarfile.open(dists["sdist"]) as sdist:
+        members = {m.split("/", 1)[1] for m in sdist.getnames() if "/" in m}
+    assert {"pyproject.toml", "README.md", "image/Containerfile", "pod_exec_mcp/cli.py"} <= members
+
+
+@pytest.fixture(scope="module")
+def installed(dists: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv outside the checkout, with the wheel (and its dependencies from PyPI)."""
+    place = tmp_path_factory.mktemp("pipx-like")
+    venv = place / "venv"
+    with timed("wheel: fresh venv + pip install of the wheel and its dependencies"):
+        run([sys.executable, "-m", "venv", "--without-pip", venv], timeout=120, cwd=place)
+        # This interpreter's pip, installing into the new venv (as pipx's shared pip does).
+        pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
+        run([*pip, "install", "--quiet", dists["wheel"]], timeout=600, cwd=place)
+    return venv
+
+
+@pytest.fixture
+def outside(installed: Path, tmp_path: Path) -> dict[str, object]:
+    """subprocess arguments that run from a directory outside the checkout, with nothing of
+    it importable: no PYTHONPATH, and the venv's bin first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{installed / 'bin'}:{env.get('PATH', '')}"
+    return {"cwd": tmp_path, "env": env}
+
+
+def test_both_commands_installed(installed: Path, outside: dict[str, object]) -> None:
+    for script in SCRIPTS:
+        assert (installed / "bin" / script).is_file(), script
+    location = run(
+        [installed / "bin" / "python", "-c", "import pod_exec_mcp; print(pod_exec_mcp.__file__)"],
+        timeout=60, **outside,
+    ).stdout.strip()  # fmt: skip
+    assert location.startswith(str(installed)), location
+    version = run(["pod_exec_mcp", "--version"], timeout=60, **outside).stdout.strip()
+    assert version == f"pod_exec_mcp {VERSION}"
+
+
+@pytest.fixture
+def wheel_tag() -> Iterator[str]:
+    tag = f"localhost/{unique('pod_exec_mcp_wheel_test')}"
+    yield tag
+    remove_image(tag)
+
+
+def test_build_image_from_the_installed_wheel(
+    installed: Path, outside: dict[str, object], wheel_tag: str
+) -> None:
+    printed = run(["pod_exec_mcp_build", "--print-containerfile"], timeout=60, **outside).stdout
+    assert printed == CONTAINERFILE
+    with timed("wheel: pod_exec_mcp_build from the venv (layers cached by scripts/dev.sh)"):
+        run(
+            ["pod_exec_mcp_build", "--tag", wheel_tag, "--base-image", BASE_IMAGE],
+            timeout=900, **outside,
+        )  # fmt: skip
+    tools = podman(
+        "run", "--rm", "--label", f"{TEST_LABEL}=wheel", wheel_tag,
+        "sh", "-c", "for t in git jq rg curl; do command -v $t; done",
+    ).stdout  # fmt: skip
+    assert len(tools.split()) == 4, tools
