@@ -61,6 +61,11 @@ class Settings(BaseModel):
     max_sandboxes: int = Field(default=50, ge=1)
     """Most sandboxes alive at once. Past it, new sessions get an error; none is evicted."""
 
+    warm_pool: int = Field(default=0, ge=0, le=16)
+    """Sandboxes kept started ahead of need, so that a new session's first command skips
+    `podman run`. They come on top of max_sandboxes, and carry the session label `pool`
+    (labels cannot change once started). 0 turns the pool off."""
+
     idle_timeout: float = Field(default=1800.0, gt=0)
     """Seconds a sandbox may go unused before it is removed (its session then ends)."""
 

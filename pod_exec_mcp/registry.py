@@ -30,6 +30,10 @@ SessionKind = Literal["explicit", "legacy"]
 # How many ended session keys we remember, to tell "ended" from "never existed".
 _TOMBSTONES = 10_000
 
+# A pooled sandbox older than this is replaced rather than handed out: its init's lifetime
+# bound (sandbox_lifetime) started running when it was pooled, not when it was taken.
+_POOL_MAX_AGE = 600.0
+
 
 class SessionError(Exception):
     """A session cannot be used; the message says what the agent should do."""
@@ -72,6 +76,9 @@ class SessionRegistry:
         self._entries: dict[str, SessionEntry] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._closed = False
+        # Started sandboxes that no session owns yet, oldest first, with their start time.
+        self._pool: list[tuple[float, Sandbox]] = []
+        self._pool_filler: asyncio.Task[None] | None = None
 
     # --- looking sessions up ------------------------------------------------------------
 
@@ -140,11 +147,60 @@ class SessionRegistry:
 
     # --- sandboxes ----------------------------------------------------------------------
 
-    def _new_sandbox(self, entry: SessionEntry) -> Sandbox:
-        labels = {**self.instance.labels(), LABEL_SESSION: entry.key}
+    def _new_sandbox(self, entry: SessionEntry | None) -> Sandbox:
+        key = entry.key if entry is not None else "pool"
+        labels = {**self.instance.labels(), LABEL_SESSION: key}
         # A random suffix, so that a replacement never collides with its predecessor.
-        name = f"pod_exec_mcp-{self.instance.id[:8]}-{entry.key[:12]}-{secrets.token_hex(2)}"
+        name = f"pod_exec_mcp-{self.instance.id[:8]}-{key[:12]}-{secrets.token_hex(2)}"
         return Sandbox(self.podman, self.settings, name, labels)
+
+    # --- the warm pool ------------------------------------------------------------------
+
+    def fill_pool(self) -> None:
+        """Start pool sandboxes in the background until `warm_pool` are ready."""
+        if self._closed or self.settings.warm_pool <= 0:
+            return
+        if self._pool_filler is None or self._pool_filler.done():
+            self._pool_filler = asyncio.create_task(self._fill_pool())
+
+    async def _fill_pool(self) -> None:
+        while not self._closed and len(self._pool) < self.settings.warm_pool:
+            sandbox = self._new_sandbox(None)
+            try:
+                await sandbox.start()
+            except Exception:
+                log.exception("could not start a pool sandbox; the pool stays short")
+                with contextlib.suppress(Exception):
+                    await sandbox.remove()
+                return
+            if self._closed:
+                await sandbox.remove()
+                return
+            self._pool.append((time.monotonic(), sandbox))
+
+    async def _take_pooled(self) -> Sandbox | None:
+        """A ready pool sandbox (the pool then refills in the background), or None."""
+        stale = []
+        taken = None
+        while self._pool:
+            started, sandbox = self._pool.pop(0)
+            if time.monotonic() - started < _POOL_MAX_AGE:
+                taken = sandbox
+                break
+            stale.append(sandbox)
+        self.fill_pool()
+        if stale:
+            await self.podman.remove(*[s.name for s in stale])
+        return taken
+
+    async def refresh_pool(self) -> None:
+        """Replace pool sandboxes that got too old to hand out (run by the reaper)."""
+        cutoff = time.monotonic() - _POOL_MAX_AGE
+        stale = [s for started, s in self._pool if started < cutoff]
+        if stale:
+            self._pool = [(t, s) for t, s in self._pool if t >= cutoff]
+            await self.podman.remove(*[s.name for s in stale])
+        self.fill_pool()
 
     async def sandbox_of(self, entry: SessionEntry) -> Sandbox:
         """The session's sandbox, started on first use (exactly once, however many ask)."""
@@ -154,14 +210,16 @@ class SessionRegistry:
             if entry.ended:
                 raise UnknownSession("this session has ended")
             if entry.sandbox is None:
-                sandbox = self._new_sandbox(entry)
-                try:
-                    await sandbox.start()
-                except BaseException:
-                    # A failed or cancelled start may have left a container behind.
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(sandbox.remove())
-                    raise
+                sandbox = await self._take_pooled()
+                if sandbox is None:
+                    sandbox = self._new_sandbox(entry)
+                    try:
+                        await sandbox.start()
+                    except BaseException:
+                        # A failed or cancelled start may have left a container behind.
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(sandbox.remove())
+                        raise
                 entry.sandbox = sandbox
                 log.info("started sandbox %s", sandbox.name)
             return entry.sandbox
@@ -222,12 +280,19 @@ class SessionRegistry:
             await asyncio.sleep(period)
             try:
                 await self.reap_idle()
+                await self.refresh_pool()
             except Exception:
                 log.exception("reaping idle sandboxes failed")
 
     async def close(self) -> None:
         """End every session and remove every sandbox (shutdown)."""
         self._closed = True
+        if self._pool_filler is not None:
+            self._pool_filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pool_filler
+        pooled, self._pool = [s for _, s in self._pool], []
+        await self.podman.remove(*[s.name for s in pooled])
         entries = list(self._entries.values())
         await asyncio.gather(
             *(self.end(e, "server shut down") for e in entries), return_exceptions=True

@@ -102,6 +102,7 @@ def build_server(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastMCP) -> AsyncIterator[dict[str, Any]]:
         reaper = asyncio.create_task(registry.reap_forever())
+        registry.fill_pool()
         try:
             yield {}
         finally:

@@ -184,3 +184,19 @@ def test_server_env_defaults_are_used(server_env: dict[str, str], run_dir: Path)
         assert f":{server.port}" in server.log()
     finally:
         server.stop()
+
+
+async def test_warm_pool_serves_first_calls_and_leaves_nothing(launch: Any) -> None:
+    server = launch("--warm-pool", "2")
+    assert await asyncio.to_thread(wait_until, lambda: len(server.containers()) == 2, 30)
+    pooled = {c["Id"] for c in server.containers()}
+    async with server.client() as client, server.client(legacy=True) as legacy:
+        sid = await new_session(client)
+        assert (await sh(client, "echo from-pool", session_id=sid))["output"] == "from-pool\n"
+        await sh(legacy, "true")
+        in_use = {c["Id"] for c in server.containers()}
+        # Both sessions got pooled sandboxes, and the pool refills behind them.
+        assert pooled <= in_use
+        assert await asyncio.to_thread(wait_until, lambda: len(server.containers()) == 4, 30)
+    assert server.stop() == 0
+    assert server.containers() == []
