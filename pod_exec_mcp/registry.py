@@ -82,12 +82,6 @@ class SessionRegistry:
 
     # --- looking sessions up ------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def peak_sandboxes(self) -> int:
-        return sum(1 for entry in self._entries.values() if entry.sandbox is not None)
-
     async def create_explicit(self, principal: str | None) -> str:
         """Mint an unguessable session id and start its sandbox now."""
         session_id = secrets.token_urlsafe(24)

@@ -305,7 +305,7 @@ class _RunningExec:
 
 
 # Tasks that must finish even though whoever started them was cancelled.
-_background: set[asyncio.Task[object]] = set()
+_background: set[asyncio.Future[object]] = set()
 
 
 def _keep_running(coro: Awaitable[object]) -> asyncio.Future[object]:
