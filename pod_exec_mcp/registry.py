@@ -172,28 +172,24 @@ class SessionRegistry:
                 return
             self._pool.append((time.monotonic(), sandbox))
 
-    async def _take_pooled(self) -> Sandbox | None:
-        """A ready pool sandbox (the pool then refills in the background), or None."""
-        stale = []
-        taken = None
-        while self._pool:
-            started, sandbox = self._pool.pop(0)
-            if time.monotonic() - started < _POOL_MAX_AGE:
-                taken = sandbox
-                break
-            stale.append(sandbox)
-        self.fill_pool()
-        if stale:
-            await self.podman.remove(*[s.name for s in stale])
-        return taken
-
-    async def refresh_pool(self) -> None:
-        """Replace pool sandboxes that got too old to hand out (run by the reaper)."""
+    async def _drop_stale_pooled(self) -> None:
+        """Remove pooled sandboxes too old to hand out."""
         cutoff = time.monotonic() - _POOL_MAX_AGE
         stale = [s for started, s in self._pool if started < cutoff]
         if stale:
             self._pool = [(t, s) for t, s in self._pool if t >= cutoff]
             await self.podman.remove(*[s.name for s in stale])
+
+    async def _take_pooled(self) -> Sandbox | None:
+        """A ready pool sandbox (the pool then refills in the background), or None."""
+        await self._drop_stale_pooled()
+        taken = self._pool.pop(0)[1] if self._pool else None
+        self.fill_pool()
+        return taken
+
+    async def refresh_pool(self) -> None:
+        """Replace pool sandboxes that got too old to hand out (run by the reaper)."""
+        await self._drop_stale_pooled()
         self.fill_pool()
 
     async def sandbox_of(self, entry: SessionEntry) -> Sandbox:
@@ -205,7 +201,9 @@ class SessionRegistry:
                 raise UnknownSession("this session has ended")
             if entry.sandbox is None:
                 sandbox = await self._take_pooled()
-                if sandbox is None:
+                if sandbox is not None:
+                    log.info("took pooled sandbox %s", sandbox.name)
+                else:
                     sandbox = self._new_sandbox(entry)
                     try:
                         await sandbox.start()
@@ -214,8 +212,8 @@ class SessionRegistry:
                         with contextlib.suppress(Exception):
                             await asyncio.shield(sandbox.remove())
                         raise
+                    log.info("started sandbox %s", sandbox.name)
                 entry.sandbox = sandbox
-                log.info("started sandbox %s", sandbox.name)
             return entry.sandbox
 
     async def replace_sandbox(self, entry: SessionEntry, broken: Sandbox) -> Sandbox:
