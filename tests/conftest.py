@@ -49,6 +49,17 @@ def containers_of(instance: str) -> list[dict[str, Any]]:
     return json.loads(out.stdout or "[]") or []
 
 
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pod_exec_mcp ARGS` to completion (actions and start-up failures, not serving)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pod_exec_mcp", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,6 +229,7 @@ __all__ = [
     "error_text",
     "new_session",
     "podman",
+    "run_cli",
     "sh",
     "structured",
     "wait_until",

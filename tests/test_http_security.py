@@ -6,15 +6,22 @@ import asyncio
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import FIGURES, ServerProcess, error_text, new_session, sh, start_server, structured
+from conftest import (
+    FIGURES,
+    ServerProcess,
+    error_text,
+    new_session,
+    run_cli,
+    sh,
+    start_server,
+    structured,
+)
 
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -95,18 +102,13 @@ def test_generated_token_file_turns_auth_on(
     server_env: dict[str, str], run_dir: Path, launch: Any
 ) -> None:
     env = {**server_env, "XDG_CONFIG_HOME": str(run_dir / "token-config")}
-    made = subprocess.run(
-        [sys.executable, "-m", "pod_exec_mcp", "--generate-token"],
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    made = run_cli(env, "--generate-token")
+    assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     path = run_dir / "token-config" / "pod_exec_mcp" / "auth_token"
     assert path.read_text().strip() == token and len(token) >= 32
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    again = subprocess.run(
-        [sys.executable, "-m", "pod_exec_mcp", "--generate-token"],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    again = run_cli(env, "--generate-token")
     assert again.returncode != 0 and "already exists" in again.stderr
     server = launch(env={"XDG_CONFIG_HOME": env["XDG_CONFIG_HOME"]})
     assert post(server, INITIALIZE).status_code == 401
@@ -174,8 +176,5 @@ async def test_hundred_sessions_at_once(launch: Any) -> None:
 
 @pytest.mark.parametrize("bad", ["abc", "-1"])
 def test_bad_cli_values_exit_non_zero(server_env: dict[str, str], bad: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pod_exec_mcp", "--default-timeout", bad],
-        env=server_env, capture_output=True, text=True,
-    )  # fmt: skip
+    done = run_cli(server_env, "--default-timeout", bad)
     assert done.returncode == 2 and "--default-timeout" in done.stderr
