@@ -5,7 +5,8 @@
 #   scripts/dev.sh setup                           # only the set-up
 #
 # Set-up, each step skipped when already done:
-#   1. installs Podman (+ runc, mmdebstrap), Python venv support and Node.js from apt;
+#   1. installs Podman (+ runc, mmdebstrap), Python venv support, Node.js and nix-bin from
+#      apt, and the devcontainers CLI from npm (the last two for tests/distribution);
 #   2. writes a containers.conf for this host if it needs one (see configure_podman) and
 #      exports CONTAINERS_CONF so that every podman call of ours uses it;
 #   3. provides the Debian base image: pulled from the registry, or, where no registry is
