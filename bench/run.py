@@ -64,9 +64,10 @@ from typing import Any
 from fastmcp import Client
 
 from pod_exec_mcp.config import load_settings
+from pod_exec_mcp.engine import RunRequest, Sandbox, sandbox_spec
 from pod_exec_mcp.podman import LABEL_INSTANCE
 from pod_exec_mcp.podman import Podman as ProductPodman
-from pod_exec_mcp.sandbox import _EXEC_WRAPPER, EXEC_ID_ENV, Sandbox, run_arguments
+from pod_exec_mcp.podman_engine import _EXEC_WRAPPER, EXEC_ID_ENV, PodmanEngine, run_arguments
 
 HERE = Path(__file__).resolve().parent
 LARGE_BYTES = 10_000_000
@@ -394,14 +395,16 @@ class Bench:
             legacy_ctr = await self.container_of(legacy, {})
             modern, sid, modern_ctr = await self.new_modern(stack)
             # Our exec path without MCP: the product's own Sandbox, driven in this process.
-            direct = Sandbox(ProductPodman(self.settings.podman), self.settings, modern_ctr, {})
+            direct = PodmanEngine(ProductPodman(self.settings.podman))
+            direct_sandbox = Sandbox(modern_ctr, {})
+            request = RunRequest("true", 30.0, 3.0, 65536, 5.0)
             wrapper = [
                 "exec", "--env", f"{EXEC_ID_ENV}=0123456789abcdef01234567", modern_ctr,
                 "/bin/sh", "-c", _EXEC_WRAPPER, "pod_exec_mcp", "true",
             ]  # fmt: skip
 
             async def direct_true() -> None:
-                result = await direct.execute("true", 30.0)
+                result = await direct.run(direct_sandbox, request, None)
                 assert result.retval == 0, result
 
             variants: dict[str, Callable[[], Awaitable[Any]]] = {
@@ -527,7 +530,7 @@ class Bench:
         self._raw_seq += 1
         name = f"bench-raw-{self.run_id}-{self._raw_seq}"
         started = time.perf_counter()
-        await self.podman(*run_arguments(self.settings, name, self.raw_labels))
+        await self.podman(*run_arguments(sandbox_spec(self.settings, name, self.raw_labels)))
         await self.exec_raw(name)
         elapsed = time.perf_counter() - started
         await self.podman("rm", "--force", "--time", "0", name, check=False)
@@ -770,7 +773,7 @@ class Bench:
         reps = max(8, self.args.reps // 2)
         self.log(f"proto: {reps} interleaved repetitions, persistent channel PROTOTYPE")
         name = f"bench-raw-{self.run_id}-proto"
-        await self.podman(*run_arguments(self.settings, name, self.raw_labels))
+        await self.podman(*run_arguments(sandbox_spec(self.settings, name, self.raw_labels)))
         try:
             channel = await proto_channel.Channel.open(self.podman.path, name)
             try:

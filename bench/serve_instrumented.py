@@ -18,10 +18,10 @@ import sys
 import time
 
 import pod_exec_mcp.cli as cli
-import pod_exec_mcp.sandbox as sandbox
+import pod_exec_mcp.podman_engine as podman_engine
 
 _times: list[tuple[float, float]] = []
-_execute = sandbox.Sandbox.execute
+_execute = podman_engine.PodmanEngine.run
 
 
 async def _timed_execute(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -40,6 +40,6 @@ def _dump() -> None:
 
 
 if __name__ == "__main__":
-    sandbox.Sandbox.execute = _timed_execute  # type: ignore[method-assign]
+    podman_engine.PodmanEngine.run = _timed_execute  # type: ignore[method-assign]
     atexit.register(_dump)
     sys.exit(cli.main(sys.argv[1:]))

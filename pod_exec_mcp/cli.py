@@ -19,6 +19,7 @@ from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load
 from pod_exec_mcp.http import MCP_PATH, http_app
 from pod_exec_mcp.instances import Instance, survey, sweep_orphans
 from pod_exec_mcp.podman import Podman, PodmanError
+from pod_exec_mcp.podman_engine import PodmanEngine
 from pod_exec_mcp.server import build_server
 
 log = logging.getLogger("pod_exec_mcp")
@@ -174,7 +175,7 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
         log.info("removed %d orphaned container(s) of dead servers", len(removed))
 
     instance = Instance.acquire()
-    mcp, state = build_server(settings, podman, instance, auth)
+    mcp, _ = build_server(settings, PodmanEngine(podman), instance, auth)
     config = uvicorn.Config(
         http_app(mcp, settings),
         host=settings.host,
@@ -192,8 +193,8 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     try:
         await server.serve()
     finally:
-        # The lifespan normally did this already; this covers a failed start-up too.
-        await state.close()
+        # The lifespan's shutdown removed every sandbox (uvicorn runs it on a failed bind
+        # too); releasing the lock lets a later sweep judge anything left by a crash.
         instance.release()
         log.info("stopped; every sandbox of this server was removed")
     return 0 if server.started else 1

@@ -124,6 +124,15 @@ class Settings(BaseModel):
     max_concurrent_execs: int = Field(default=16, ge=1)
     """Commands running at once across the whole server; more calls wait their turn."""
 
+    max_execs_per_session: int = Field(default=4, ge=1)
+    """Commands of one session running at once; more wait their turn, so that one session
+    cannot take every slot of max_concurrent_execs."""
+
+    max_sandboxes_per_principal: int = Field(default=0, ge=0)
+    """Most sandboxes one authenticated principal (token) may hold, so that one token
+    cannot take all of max_sandboxes. 0: half of max_sandboxes (at least 1). Without auth
+    there is a single principal and only max_sandboxes applies."""
+
     progress_interval: float = Field(default=5.0, gt=0)
     """Seconds between progress notifications while a command runs."""
 

@@ -162,7 +162,9 @@ def start_server(
 
 
 @pytest.fixture(scope="session")
-def launch(server_env: dict[str, str], run_dir: Path) -> Iterator[Any]:
+def launch(
+    server_env: dict[str, str], run_dir: Path, no_container_left_behind: None
+) -> Iterator[Any]:
     """Start extra servers with given flags; all are stopped at the end of the run."""
     started: list[ServerProcess] = []
 
@@ -182,9 +184,11 @@ def server(launch: Any) -> ServerProcess:
     return launch()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def no_container_left_behind() -> Iterator[None]:
-    """Fails the run if any container of a server the tests started is still there."""
+    """Checks that Podman and the image are there, and fails the run if any container of a
+    server the tests started is still there at the end. Requested by every fixture that
+    starts servers, not autouse: the unit tests must run where there is no podman at all."""
     if subprocess.run(["podman", "--version"], capture_output=True).returncode != 0:
         pytest.exit("podman is not usable here; run the tests through scripts/dev.sh test", 2)
     if podman("image", "exists", IMAGE, check=False).returncode != 0:

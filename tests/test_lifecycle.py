@@ -189,3 +189,16 @@ async def test_warm_pool_serves_first_calls_and_leaves_nothing(launch: Any) -> N
         assert await asyncio.to_thread(wait_until, lambda: len(server.containers()) == 4, 30)
     assert server.stop() == 0
     assert server.containers() == []
+
+
+async def test_pool_never_hands_out_a_sandbox_past_its_lifetime(launch: Any) -> None:
+    """Regression: pooled sandboxes were judged by a fixed 600 s age while their init exits
+    after sandbox_lifetime, so a session could get a dead one ("The sandbox broke")."""
+    server = launch("--warm-pool", "1", "--sandbox-lifetime", "3")
+    assert await asyncio.to_thread(wait_until, lambda: len(server.containers()) >= 1, 30)
+    await asyncio.sleep(8)  # the first pooled sandbox's init has exited by now
+    async with server.client() as client:
+        sid = await new_session(client)
+        assert (await sh(client, "echo alive", session_id=sid))["output"] == "alive\n"
+    assert server.stop() == 0
+    assert server.containers() == []

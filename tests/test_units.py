@@ -8,10 +8,11 @@ import pytest
 
 from pod_exec_mcp.auth import AuthConfigError, StaticBearerTokens, auth_provider, principal_of
 from pod_exec_mcp.config import Settings, SettingsError, load_settings
+from pod_exec_mcp.engine import sandbox_spec
 from pod_exec_mcp.instances import instance_alive, owner_key
 from pod_exec_mcp.output import BoundedOutput
-from pod_exec_mcp.registry import session_key
-from pod_exec_mcp.sandbox import run_arguments
+from pod_exec_mcp.podman_engine import run_arguments
+from pod_exec_mcp.sessions import session_key
 
 
 def test_settings_precedence_env_then_flags() -> None:
@@ -114,17 +115,17 @@ def test_session_keys_hash_ids_and_separate_principals() -> None:
 
 
 def test_run_arguments_default_and_strict() -> None:
-    args = run_arguments(Settings(), "name", {"k": "v"})
+    args = run_arguments(sandbox_spec(Settings(), "name", {"k": "v"}))
     assert args[:5] == ["run", "--detach", "--rm", "--init", "--name"]
     assert "--label" in args and "k=v" in args
     assert args[args.index("nofile=4096:4096") - 1 :][:2] == ["--ulimit", "nofile=4096:4096"]
     assert "nproc=4096:4096" in args and "no-new-privileges" in args
     assert args[-3:] == ["pod_exec_mcp_base", "sleep", "86400"]
     assert "--network=none" not in args
-    strict = run_arguments(Settings(strict=True, sandbox_lifetime=0), "n", {})
+    strict = run_arguments(sandbox_spec(Settings(strict=True, sandbox_lifetime=0), "n", {}))
     assert {"--cap-drop=ALL", "--read-only", "--network=none"} <= set(strict)
     assert strict[-1] == "infinity"
-    assert "--network=none" in run_arguments(Settings(network=False), "n", {})
+    assert "--network=none" in run_arguments(sandbox_spec(Settings(network=False), "n", {}))
 
 
 def test_owner_id_is_minted_once_per_lock_dir(tmp_path: Path) -> None:

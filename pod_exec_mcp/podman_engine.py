@@ -1,7 +1,7 @@
-"""One sandbox: a long-lived Podman container, and the commands run in it.
+"""The Podman engine: sandboxes are long-lived Podman containers.
 
-How a sandbox is started (its `podman run` arguments) is kept apart from how a command
-runs in it (`Sandbox.execute`), so that either can change without the other.
+`run_arguments` turns a SandboxSpec into `podman run` arguments (how a sandbox starts);
+`PodmanEngine.run` runs one command in it through `podman exec` (how a command runs).
 """
 
 from __future__ import annotations
@@ -10,10 +10,19 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from typing import Any
 
-from pod_exec_mcp.config import Settings
+from pod_exec_mcp.engine import (
+    TIMEOUT_STATUS,
+    EngineError,
+    ProgressCallback,
+    RunRequest,
+    RunResult,
+    Sandbox,
+    SandboxBroken,
+    SandboxSpec,
+)
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import Podman, PodmanError
 
@@ -65,89 +74,86 @@ _KILL_EXEC_TIMEOUT = 15.0
 # error). Only for these do we spend an inspect to tell which it was.
 _AMBIGUOUS_STATUSES = frozenset({125, 137, 255})
 
-# GNU timeout's status for a command that ran out of time.
-TIMEOUT_STATUS = 124
 
-ProgressCallback = Callable[[float], Awaitable[None]]
-
-
-class SandboxBroken(Exception):
-    """The sandbox cannot run commands any more (container gone, exec impossible)."""
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """What a command did."""
-
-    output: str
-    retval: int
-    truncated: bool
-    timed_out: bool
-    duration: float
-    # The command could not be killed (e.g. every pid is taken, so no exec gets in):
-    # the caller must replace the sandbox.
-    unkillable: bool = False
-
-
-def run_arguments(settings: Settings, name: str, labels: dict[str, str]) -> list[str]:
+def run_arguments(spec: SandboxSpec) -> list[str]:
     """The `podman run` arguments that start one sandbox."""
-    args = ["run", "--detach", "--rm", "--init", "--name", name]
-    for key, value in labels.items():
+    args = ["run", "--detach", "--rm", "--init", "--name", spec.name]
+    for key, value in spec.labels.items():
         args += ["--label", f"{key}={value}"]
     args += [
-        "--memory", settings.memory,
-        "--cpus", f"{settings.cpus:g}",
-        "--pids-limit", str(settings.pids_limit),
+        "--memory", spec.memory,
+        "--cpus", f"{spec.cpus:g}",
+        "--pids-limit", str(spec.pids_limit),
         # Both rlimits, always: Podman 4.3 fills any unset one with 1048576, which hosts
         # without CAP_SYS_RESOURCE refuse.
-        "--ulimit", f"nofile={settings.nofile}:{settings.nofile}",
-        "--ulimit", f"nproc={settings.nproc}:{settings.nproc}",
+        "--ulimit", f"nofile={spec.nofile}:{spec.nofile}",
+        "--ulimit", f"nproc={spec.nproc}:{spec.nproc}",
         "--security-opt", "no-new-privileges",
     ]  # fmt: skip
-    if settings.strict:
+    if spec.strict:
         args += [
             "--cap-drop=ALL",
             "--read-only",
-            "--tmpfs", f"/workspace:rw,size={settings.tmpfs_size},mode=1777",
-            "--tmpfs", f"/tmp:rw,size={settings.tmpfs_size},mode=1777",
-            "--network=none",
+            "--tmpfs", f"/workspace:rw,size={spec.tmpfs_size},mode=1777",
+            "--tmpfs", f"/tmp:rw,size={spec.tmpfs_size},mode=1777",
         ]  # fmt: skip
-    elif not settings.network:
+    if not spec.network:
         args.append("--network=none")
-    args += settings.extra_run_args
+    args += spec.extra_run_args
     # The init's own lifetime bound: if this server dies without cleaning up, the
-    # container still exits (and --rm removes it) after sandbox_lifetime seconds.
-    lifetime = f"{settings.sandbox_lifetime:.0f}" if settings.sandbox_lifetime else "infinity"
-    args += [settings.image, "sleep", lifetime]
+    # container still exits (and --rm removes it) after `lifetime` seconds.
+    lifetime = f"{spec.lifetime:.0f}" if spec.lifetime else "infinity"
+    args += [spec.image, "sleep", lifetime]
     return args
 
 
-class Sandbox:
-    """One container: start it, run commands in it, kill them, remove it."""
+class PodmanEngine:
+    """Sandboxes as Podman containers; commands through `podman exec`."""
 
-    def __init__(
-        self, podman: Podman, settings: Settings, name: str, labels: dict[str, str]
-    ) -> None:
+    def __init__(self, podman: Podman) -> None:
         self.podman = podman
-        self.settings = settings
-        self.name = name
-        self.labels = labels
+        # Kills started for cancelled commands: they must finish even though whoever
+        # started them was cancelled, and shutdown waits for them.
+        self._background: set[asyncio.Future[object]] = set()
 
-    async def start(self) -> None:
-        await self.podman.run(*run_arguments(self.settings, self.name, self.labels))
+    async def start(self, spec: SandboxSpec) -> Sandbox:
+        sandbox = Sandbox(spec.name, spec.labels)
+        try:
+            await self.podman.run(*run_arguments(spec))
+        except BaseException as exc:
+            # A failed or cancelled start may have left a container behind.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.podman.remove(spec.name))
+            if isinstance(exc, PodmanError):
+                raise EngineError(str(exc)) from None
+            raise
+        return sandbox
 
-    async def remove(self) -> None:
-        await self.podman.remove(self.name)
+    async def remove(self, *sandboxes: Sandbox) -> None:
+        await self.podman.remove(*[s.name for s in sandboxes])
 
-    async def is_running(self) -> bool:
-        return await self.podman.is_running(self.name)
+    async def is_running(self, sandbox: Sandbox) -> bool:
+        return await self.podman.is_running(sandbox.name)
 
-    async def execute(
-        self,
-        command: str,
-        timeout: float,
-        on_progress: ProgressCallback | None = None,
-    ) -> ExecResult:
+    async def list_ours(self, *label_filters: str) -> list[dict[str, Any]]:
+        try:
+            return await self.podman.list_containers(*label_filters)
+        except PodmanError as exc:
+            raise EngineError(str(exc)) from None
+
+    async def close(self) -> None:
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _keep_running(self, coro: Awaitable[object]) -> asyncio.Future[object]:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def run(
+        self, sandbox: Sandbox, request: RunRequest, on_progress: ProgressCallback | None
+    ) -> RunResult:
         """Run `/bin/sh -lc COMMAND` and return its merged output and exit status.
 
         On timeout or cancellation the command's whole process tree is killed inside the
@@ -155,45 +161,50 @@ class Sandbox:
         """
         exec_id = secrets.token_hex(12)
         started = time.monotonic()
-        proc = await self.podman.spawn(
-            "exec", "--env", f"{EXEC_ID_ENV}={exec_id}", self.name,
-            "/bin/sh", "-c", _EXEC_WRAPPER, "pod_exec_mcp", command,
-        )  # fmt: skip
-        output = BoundedOutput(self.settings.max_output_bytes)
+        env_args = [f"--env={k}={v}" for k, v in request.env.items()]
+        try:
+            proc = await self.podman.spawn(
+                "exec", f"--env={EXEC_ID_ENV}={exec_id}", *env_args, sandbox.name,
+                "/bin/sh", "-c", _EXEC_WRAPPER, "pod_exec_mcp", request.command,
+            )  # fmt: skip
+        except OSError as exc:
+            raise EngineError(f"could not start podman: {exc}") from None
+        output = BoundedOutput(request.max_output_bytes)
         run = _RunningExec(proc, output)
         reader = asyncio.create_task(run.read_all())
         try:
-            finished = await self._wait(reader, started, timeout, on_progress)
+            finished = await _wait(reader, started, request, on_progress)
         except BaseException:
             # Cancelled by the client (or anything else): kill inside the container first.
             # The kill runs as its own task, so a repeated cancel cannot interrupt it.
-            stopping = _keep_running(self._stop(run, reader, exec_id))
+            stopping = self._keep_running(self._stop(sandbox, request, run, reader, exec_id))
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(stopping)
             raise
         unkillable = False
         if not finished:
-            unkillable = not await self._stop(run, reader, exec_id)
+            unkillable = not await self._stop(sandbox, request, run, reader, exec_id)
         duration = time.monotonic() - started
         if run.pid is None and finished:
             # The shell never started: this is podman's failure, not the command's.
-            raise await self._broken(f"podman exec failed: {run.podman_error()}")
+            raise await self._failure(sandbox, f"podman exec failed: {run.podman_error()}")
         retval = proc.returncode if proc.returncode is not None else -1
-        if finished and retval in _AMBIGUOUS_STATUSES and not await self.is_running():
+        if finished and retval in _AMBIGUOUS_STATUSES and not await self.is_running(sandbox):
             raise SandboxBroken(
-                f"the sandbox container {self.name} stopped while the command ran "
+                f"the sandbox container {sandbox.name} stopped while the command ran "
                 f"(out of memory, killed or removed from outside; podman said: "
                 f"{run.podman_error()})"
             )
         text = output.text()
         if not finished:
             retval = TIMEOUT_STATUS
-            text += _notice(
-                text,
-                f"timed out after {timeout:g} s; the command and every process it started "
-                "were killed",
+            killed = (
+                "the command could not be verifiably killed"
+                if unkillable
+                else "the command and every process it started were killed"
             )
-        return ExecResult(
+            text += _notice(text, f"timed out after {request.timeout:g} s; {killed}")
+        return RunResult(
             output=text,
             retval=retval,
             truncated=output.truncated,
@@ -202,33 +213,16 @@ class Sandbox:
             unkillable=unkillable,
         )
 
-    async def _wait(
+    async def _stop(
         self,
+        sandbox: Sandbox,
+        request: RunRequest,
+        run: _RunningExec,
         reader: asyncio.Task[None],
-        started: float,
-        timeout: float,
-        on_progress: ProgressCallback | None,
+        exec_id: str,
     ) -> bool:
-        """Wait for the command to end; False if `timeout` ran out first."""
-        deadline = started + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            done, _ = await asyncio.wait(
-                {reader}, timeout=min(remaining, self.settings.progress_interval)
-            )
-            if done:
-                reader.result()
-                return True
-            if on_progress is not None:
-                # Progress is a courtesy: a client that went away must not break the run.
-                with contextlib.suppress(Exception):
-                    await on_progress(time.monotonic() - started)
-
-    async def _stop(self, run: _RunningExec, reader: asyncio.Task[None], exec_id: str) -> bool:
         """Kill a command's whole tree inside the container. False if that proved impossible."""
-        killed = await self._kill_tree(run.pid, exec_id)
+        killed = await self._kill_tree(sandbox, request.kill_grace, run.pid, exec_id)
         await asyncio.wait({reader}, timeout=_DRAIN_AFTER_KILL)
         if not reader.done():
             # Nothing left to read for, and the exec cannot be ended from inside: drop the
@@ -241,26 +235,51 @@ class Sandbox:
                 await reader
         return killed
 
-    async def _kill_tree(self, pid: int | None, exec_id: str) -> bool:
+    async def _kill_tree(
+        self, sandbox: Sandbox, kill_grace: float, pid: int | None, exec_id: str
+    ) -> bool:
         """SIGTERM, grace, SIGKILL: see _KILL_SCRIPT. False if it could not run."""
-        grace_ticks = round(self.settings.kill_grace * 10)
+        grace_ticks = round(kill_grace * 10)
         try:
             done = await asyncio.wait_for(
                 self.podman.run(
-                    "exec", self.name, "/bin/sh", "-c", _KILL_SCRIPT, "pod_exec_mcp",
+                    "exec", sandbox.name, "/bin/sh", "-c", _KILL_SCRIPT, "pod_exec_mcp",
                     str(pid) if pid is not None else "", exec_id, str(grace_ticks),
                     check=False,
                 ),
-                self.settings.kill_grace + _KILL_EXEC_TIMEOUT,
+                kill_grace + _KILL_EXEC_TIMEOUT,
             )  # fmt: skip
         except TimeoutError:
             return False
         return done.returncode == 0
 
-    async def _broken(self, reason: str) -> SandboxBroken:
-        if not await self.is_running():
-            reason = f"the sandbox container {self.name} is gone ({reason})"
-        return SandboxBroken(reason)
+    async def _failure(self, sandbox: Sandbox, reason: str) -> Exception:
+        """SandboxBroken when the container is really gone; EngineError otherwise."""
+        if not await self.is_running(sandbox):
+            return SandboxBroken(f"the sandbox container {sandbox.name} is gone ({reason})")
+        return EngineError(reason)
+
+
+async def _wait(
+    reader: asyncio.Task[None],
+    started: float,
+    request: RunRequest,
+    on_progress: ProgressCallback | None,
+) -> bool:
+    """Wait for the command to end; False if its timeout ran out first."""
+    deadline = started + request.timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        done, _ = await asyncio.wait({reader}, timeout=min(remaining, request.progress_interval))
+        if done:
+            reader.result()
+            return True
+        if on_progress is not None:
+            # Progress is a courtesy: a client that went away must not break the run.
+            with contextlib.suppress(Exception):
+                await on_progress(time.monotonic() - started)
 
 
 def _notice(output: str, message: str) -> str:
@@ -302,31 +321,3 @@ class _RunningExec:
     def podman_error(self) -> str:
         text = " ".join(self._stderr.decode("utf-8", "replace").split())
         return text or f"exit status {self.proc.returncode}"
-
-
-# Tasks that must finish even though whoever started them was cancelled.
-_background: set[asyncio.Future[object]] = set()
-
-
-def _keep_running(coro: Awaitable[object]) -> asyncio.Future[object]:
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-    return task
-
-
-async def wait_for_background() -> None:
-    """Let kills started for cancelled commands finish (used at shutdown)."""
-    while _background:
-        await asyncio.gather(*list(_background), return_exceptions=True)
-
-
-__all__ = [
-    "TIMEOUT_STATUS",
-    "ExecResult",
-    "PodmanError",
-    "Sandbox",
-    "SandboxBroken",
-    "run_arguments",
-    "wait_for_background",
-]

@@ -1,0 +1,134 @@
+"""What the sessions layer needs from a sandbox engine, and nothing more.
+
+An engine starts a sandbox from a `SandboxSpec`, runs a command in it with a kill
+guarantee (`RunRequest` in, `RunResult` out), removes sandboxes and lists ours by label.
+Podman (`podman_engine.PodmanEngine`) is the one implementation; the unit tests use an
+in-memory fake; docs/scale-out.md maps the same four calls onto Kubernetes.
+
+How a sandbox is started (its spec) is kept apart from how a command runs in it (the
+request): either can change without the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pod_exec_mcp.config import Settings
+
+# GNU timeout's status for a command that ran out of time.
+TIMEOUT_STATUS = 124
+
+ProgressCallback = Callable[[float], Awaitable[None]]
+
+
+class EngineError(RuntimeError):
+    """The engine itself failed (not a command inside a sandbox); the sandbox may be fine."""
+
+
+class SandboxBroken(Exception):
+    """The sandbox cannot run commands any more: its container is gone, checked."""
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to start one sandbox. Built from Settings by `sandbox_spec`."""
+
+    name: str
+    labels: Mapping[str, str]
+    image: str
+    memory: str
+    cpus: float
+    pids_limit: int
+    nofile: int
+    nproc: int
+    network: bool
+    strict: bool
+    tmpfs_size: str
+    # Seconds after which the sandbox's own init exits, whoever is (not) watching. 0: never.
+    lifetime: float
+    extra_run_args: tuple[str, ...] = ()
+
+
+def sandbox_spec(settings: Settings, name: str, labels: Mapping[str, str]) -> SandboxSpec:
+    """The spec of a sandbox as the settings describe it."""
+    return SandboxSpec(
+        name=name,
+        labels=dict(labels),
+        image=settings.image,
+        memory=settings.memory,
+        cpus=settings.cpus,
+        pids_limit=settings.pids_limit,
+        nofile=settings.nofile,
+        nproc=settings.nproc,
+        network=settings.network and not settings.strict,
+        strict=settings.strict,
+        tmpfs_size=settings.tmpfs_size,
+        lifetime=settings.sandbox_lifetime,
+        extra_run_args=tuple(settings.extra_run_args),
+    )
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One command to run as `/bin/sh -lc COMMAND` in a sandbox."""
+
+    command: str
+    timeout: float
+    kill_grace: float
+    max_output_bytes: int
+    progress_interval: float
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a command did. `output` is already bounded (head and tail kept)."""
+
+    output: str
+    retval: int
+    truncated: bool
+    timed_out: bool
+    duration: float
+    # The command could not be killed (or not verifiably): the caller must replace the
+    # sandbox, and the result must not claim that everything was killed.
+    unkillable: bool = False
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A started sandbox, as the engine knows it."""
+
+    name: str
+    labels: Mapping[str, str]
+
+
+class SandboxEngine(Protocol):
+    """The seam between sessions and whatever runs sandboxes."""
+
+    async def start(self, spec: SandboxSpec) -> Sandbox:
+        """Start a sandbox; EngineError if it cannot be started (nothing is left behind)."""
+        ...
+
+    async def run(
+        self, sandbox: Sandbox, request: RunRequest, on_progress: ProgressCallback | None
+    ) -> RunResult:
+        """Run a command. On timeout or cancellation its whole tree is killed before this
+        returns (or re-raises). SandboxBroken if the sandbox is gone; EngineError if the
+        engine failed while the sandbox is still there."""
+        ...
+
+    async def is_running(self, sandbox: Sandbox) -> bool: ...
+
+    async def remove(self, *sandboxes: Sandbox) -> None:
+        """Remove sandboxes at once; missing ones are not an error."""
+        ...
+
+    async def list_ours(self, *label_filters: str) -> list[dict[str, Any]]:
+        """Sandboxes (running or not) carrying every `key=value` label given."""
+        ...
+
+    async def close(self) -> None:
+        """Let work started for cancelled commands finish (kills), then release resources."""
+        ...

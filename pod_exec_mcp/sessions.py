@@ -1,0 +1,372 @@
+"""The sessions service: who owns which sandbox, and the one path every command takes.
+
+`Sessions.run` is that path: it marks the session busy, gets (or starts, or takes from the
+warm pool) its sandbox, waits for an exec slot, asks the engine to run the command (the
+engine enforces the timeout and bounds the output), and replaces the sandbox only when the
+engine says it is gone. Every failure an agent can see is a `SessionError` whose message is
+written for the agent.
+
+A session is addressed by a key derived from (principal, kind, id). Raw ids never leave
+this module: container names and labels carry a hash, so that listing containers on the
+host reveals no id that would let someone drive another client's sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from pod_exec_mcp.config import Settings, env_var
+from pod_exec_mcp.engine import (
+    EngineError,
+    ProgressCallback,
+    RunRequest,
+    RunResult,
+    Sandbox,
+    SandboxBroken,
+    SandboxEngine,
+    SandboxSpec,
+    sandbox_spec,
+)
+from pod_exec_mcp.instances import Instance
+from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
+from pod_exec_mcp.pool import WarmPool
+
+log = logging.getLogger(__name__)
+
+SessionKind = Literal["explicit", "legacy"]
+
+# How many ended session keys we remember, to tell "ended" from "never existed".
+_TOMBSTONES = 10_000
+
+
+class SessionError(Exception):
+    """A session or its command cannot go on; the message says what the agent should do."""
+
+
+@dataclass
+class Session:
+    """One live session and its sandbox."""
+
+    key: str
+    kind: SessionKind
+    principal: str | None
+    sandbox: Sandbox | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0
+    ended: bool = False
+    # Commands of this session that may run at once (fairness between sessions).
+    exec_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
+
+
+@dataclass(frozen=True)
+class LegacyLookup:
+    """The session tied to an MCP (Mcp-Session-Id) session."""
+
+    session: Session
+    # First use by this MCP session: the caller ties the session's end to the MCP session's.
+    is_new: bool
+    # Why an earlier sandbox of this MCP session was removed (idle reaping), when a new
+    # session takes its place; None otherwise.
+    replaced_because: str | None
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command did, as the sessions layer reports it."""
+
+    output: str
+    retval: int
+    truncated: bool
+    timed_out: bool
+    duration: float
+    # Seconds the command waited for an exec slot before it started.
+    queue_wait: float
+
+
+def session_key(principal: str | None, kind: SessionKind, session_id: str) -> str:
+    """The session's key (and container label): a hash, never the raw id."""
+    material = f"{principal or ''}\0{kind}\0{session_id}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+def describe_seconds(seconds: float) -> str:
+    """A duration as people write it: "8 s", "90 s", "30 min", "2 h"."""
+    if seconds < 120 or seconds % 60:
+        return f"{seconds:g} s"
+    if seconds < 7200 or seconds % 3600:
+        return f"{seconds / 60:g} min"
+    return f"{seconds / 3600:g} h"
+
+
+class Sessions:
+    """Sessions and their sandboxes: start, run, replace, reap, remove."""
+
+    def __init__(self, engine: SandboxEngine, settings: Settings, instance: Instance) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.instance = instance
+        self._live: dict[str, Session] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._closed = False
+        self._exec_slots = asyncio.Semaphore(settings.max_concurrent_execs)
+        self.pool = WarmPool(
+            engine, lambda: self._spec("pool"), settings.warm_pool, settings.sandbox_lifetime
+        )
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- lifecycle of the service -------------------------------------------------------
+
+    def start_background(self) -> None:
+        """Start the reaper and fill the warm pool (needs a running event loop)."""
+        self._reaper = asyncio.create_task(self._reap_forever())
+        self.pool.fill()
+
+    async def close(self) -> None:
+        """End every session and remove every sandbox (shutdown). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await self.engine.close()
+        await self.pool.close()
+        await asyncio.gather(
+            *(self.end(s, "server shut down") for s in list(self._live.values())),
+            return_exceptions=True,
+        )
+        # Belt and braces: anything of this instance that the engine still lists.
+        try:
+            leftovers = await self.engine.list_ours(f"{LABEL_INSTANCE}={self.instance.id}")
+        except EngineError:
+            log.exception("could not list leftover sandboxes at shutdown")
+            return
+        await self.engine.remove(*[Sandbox(c["Id"], {}) for c in leftovers])
+
+    # --- looking sessions up ------------------------------------------------------------
+
+    async def create_explicit(self, principal: str | None) -> str:
+        """Mint an unguessable session id and start its sandbox now."""
+        session_id = secrets.token_urlsafe(24)
+        session = self._add(session_key(principal, "explicit", session_id), "explicit", principal)
+        await self._sandbox_of(session)
+        return session_id
+
+    def explicit(self, principal: str | None, session_id: str) -> Session:
+        """The live session `session_id` of `principal`."""
+        key = session_key(principal, "explicit", session_id)
+        session = self._live.get(key)
+        if session is not None:
+            return session
+        why = self._ended.get(key)
+        if why is not None:
+            raise SessionError(
+                f"session {session_id!r} has ended ({why}); its sandbox and files are gone. "
+                "Call create_session for a new one."
+            )
+        raise SessionError(
+            f"unknown session_id {session_id!r}: no such session exists for this client. "
+            "Call create_session and pass the id it returns."
+        )
+
+    def legacy(self, principal: str | None, mcp_session_id: str) -> LegacyLookup:
+        """The session of an MCP session, added on first use. A still-connected client whose
+        sandbox was reaped cannot reconnect on its own, so it gets a fresh one."""
+        key = session_key(principal, "legacy", mcp_session_id)
+        session = self._live.get(key)
+        if session is not None:
+            return LegacyLookup(session, is_new=False, replaced_because=None)
+        why = self._ended.pop(key, None)
+        return LegacyLookup(self._add(key, "legacy", principal), True, why)
+
+    def _add(self, key: str, kind: SessionKind, principal: str | None) -> Session:
+        if self._closed:
+            raise SessionError("the server is shutting down; try again later.")
+        if len(self._live) >= self.settings.max_sandboxes:
+            raise SessionError(
+                f"the server already holds its maximum of {self.settings.max_sandboxes} "
+                "sandboxes. End a session you no longer need (end_session), wait for idle "
+                f"ones to be reaped, or raise {env_var('max_sandboxes')}."
+            )
+        if principal is not None:
+            cap = self.settings.max_sandboxes_per_principal or max(
+                1, self.settings.max_sandboxes // 2
+            )
+            held = sum(1 for s in self._live.values() if s.principal == principal)
+            if held >= cap:
+                raise SessionError(
+                    f"this client already holds its maximum of {cap} sandboxes. End a "
+                    "session you no longer need (end_session) or wait for idle ones to be "
+                    f"reaped; the operator sets the cap with "
+                    f"{env_var('max_sandboxes_per_principal')}."
+                )
+        session = Session(
+            key=key,
+            kind=kind,
+            principal=principal,
+            exec_slots=asyncio.Semaphore(self.settings.max_execs_per_session),
+        )
+        self._live[key] = session
+        return session
+
+    # --- the one path of a command ------------------------------------------------------
+
+    async def run(
+        self,
+        session: Session,
+        command: str,
+        timeout: float,
+        on_progress: ProgressCallback | None = None,
+    ) -> CommandResult:
+        """Run `command` in the session's sandbox (started on first use).
+
+        The engine enforces `timeout` (killing the command's whole tree) and bounds the
+        output. A sandbox the engine reports gone is replaced, and the agent told so.
+        """
+        request = RunRequest(
+            command=command,
+            timeout=timeout,
+            kill_grace=self.settings.kill_grace,
+            max_output_bytes=self.settings.max_output_bytes,
+            progress_interval=self.settings.progress_interval,
+        )
+        session.busy += 1
+        try:
+            sandbox = await self._sandbox_of(session)
+            queued = time.monotonic()
+            async with session.exec_slots, self._exec_slots:
+                queue_wait = time.monotonic() - queued
+                try:
+                    result = await self.engine.run(sandbox, request, on_progress)
+                except SandboxBroken as exc:
+                    raise SessionError(await self._recover(session, sandbox, str(exc))) from None
+                except EngineError as exc:
+                    raise SessionError(
+                        f"podman failed to run the command ({exc}). The sandbox and its files "
+                        "are intact: run the command again."
+                    ) from None
+            if result.unkillable:
+                reason = "the command could not be killed inside it"
+                note = await self._recover(session, sandbox, reason)
+                result = replace(result, output=result.output + f"\n[pod_exec_mcp: {note}]")
+        finally:
+            session.busy -= 1
+            session.last_used = time.monotonic()
+        return _command_result(result, queue_wait)
+
+    # --- sandboxes ----------------------------------------------------------------------
+
+    def _spec(self, key: str) -> SandboxSpec:
+        labels = {**self.instance.labels(), LABEL_SESSION: key}
+        # A random suffix, so that a replacement never collides with its predecessor.
+        name = f"pod_exec_mcp-{self.instance.id[:8]}-{key[:12]}-{secrets.token_hex(2)}"
+        return sandbox_spec(self.settings, name, labels)
+
+    async def _sandbox_of(self, session: Session) -> Sandbox:
+        """The session's sandbox, started on first use (exactly once, however many ask).
+        A sandbox that cannot be started ends the session: it must not hold a slot."""
+        if session.sandbox is not None:
+            return session.sandbox
+        async with session.lock:
+            if session.ended:
+                raise SessionError("this session has ended; call create_session for a new one.")
+            if session.sandbox is None:
+                sandbox = await self.pool.take()
+                if sandbox is not None:
+                    log.info("took pooled sandbox %s", sandbox.name)
+                else:
+                    try:
+                        sandbox = await self.engine.start(self._spec(session.key))
+                    except EngineError as exc:
+                        self._forget(session, "its sandbox failed to start")
+                        raise SessionError(f"could not start a sandbox: {exc}") from None
+                    except BaseException:
+                        self._forget(session, "its sandbox failed to start")
+                        raise
+                    log.info("started sandbox %s", sandbox.name)
+                session.sandbox = sandbox
+            return session.sandbox
+
+    async def _recover(self, session: Session, broken: Sandbox, reason: str) -> str:
+        """Replace a broken sandbox; returns the sentence that tells the agent what happened."""
+        async with session.lock:
+            if session.sandbox is broken:
+                session.sandbox = None
+                await self.engine.remove(broken)
+                log.warning("removed broken sandbox %s", broken.name)
+        try:
+            await self._sandbox_of(session)
+        except SessionError as exc:
+            await self.end(session, "its sandbox broke and could not be replaced")
+            return (
+                f"The sandbox broke ({reason}) and a new one could not be started ({exc}). "
+                "This session has ended; start a new one."
+            )
+        return (
+            f"The sandbox broke ({reason}). A fresh sandbox was started for this session; "
+            "files and processes from before are lost. Run the command again if needed."
+        )
+
+    # --- ending -------------------------------------------------------------------------
+
+    def _forget(self, session: Session, why: str) -> None:
+        if self._live.get(session.key) is session:
+            del self._live[session.key]
+        if session.ended:
+            return
+        session.ended = True
+        self._ended[session.key] = why
+        while len(self._ended) > _TOMBSTONES:
+            self._ended.popitem(last=False)
+
+    async def end(self, session: Session, why: str) -> None:
+        """End a session and remove its sandbox. Idempotent."""
+        if session.ended:
+            return
+        self._forget(session, why)
+        async with session.lock:
+            if session.sandbox is not None:
+                await self.engine.remove(session.sandbox)
+                log.info("removed sandbox %s (%s)", session.sandbox.name, why)
+                session.sandbox = None
+
+    async def end_key(self, key: str, why: str) -> None:
+        session = self._live.get(key)
+        if session is not None:
+            await self.end(session, why)
+
+    async def reap_idle(self) -> int:
+        """End every session unused for longer than idle_timeout; returns how many."""
+        cutoff = time.monotonic() - self.settings.idle_timeout
+        idle = [s for s in self._live.values() if s.busy == 0 and s.last_used < cutoff]
+        why = f"idle for over {describe_seconds(self.settings.idle_timeout)}"
+        await asyncio.gather(*(self.end(s, why) for s in idle))
+        return len(idle)
+
+    async def _reap_forever(self) -> None:
+        period = min(max(self.settings.idle_timeout / 4, 0.5), 30.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.reap_idle()
+                await self.pool.drop_stale()
+            except Exception:
+                log.exception("reaping idle sandboxes failed")
+
+
+def _command_result(result: RunResult, queue_wait: float) -> CommandResult:
+    return CommandResult(
+        output=result.output,
+        retval=result.retval,
+        truncated=result.truncated,
+        timed_out=result.timed_out,
+        duration=result.duration,
+        queue_wait=queue_wait,
+    )

@@ -1,0 +1,81 @@
+"""An in-memory SandboxEngine, for the pure logic of the sessions layer only.
+
+Everything that touches containers is tested against real Podman elsewhere; this fake
+only lets the tests drive sessions, the pool, limits and recovery in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pod_exec_mcp.engine import (
+    EngineError,
+    ProgressCallback,
+    RunRequest,
+    RunResult,
+    Sandbox,
+    SandboxBroken,
+    SandboxSpec,
+)
+
+
+@dataclass
+class FakeEngine:
+    """Sandboxes are names in a dict; a command's behaviour is set by `behaviour`."""
+
+    running: dict[str, SandboxSpec] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    fail_start: str | None = None
+    # command -> what run() does with it; default: echo the command back, exit 0.
+    behaviour: dict[str, Callable[[Sandbox], Any]] = field(default_factory=dict)
+    active_runs: int = 0
+    most_active_runs: int = 0
+
+    async def start(self, spec: SandboxSpec) -> Sandbox:
+        if self.fail_start is not None:
+            raise EngineError(self.fail_start)
+        self.running[spec.name] = spec
+        self.started.append(spec.name)
+        return Sandbox(spec.name, spec.labels)
+
+    async def run(
+        self, sandbox: Sandbox, request: RunRequest, on_progress: ProgressCallback | None
+    ) -> RunResult:
+        if sandbox.name not in self.running:
+            raise SandboxBroken(f"the sandbox container {sandbox.name} is gone")
+        self.active_runs += 1
+        self.most_active_runs = max(self.most_active_runs, self.active_runs)
+        try:
+            act = self.behaviour.get(request.command)
+            if act is not None:
+                outcome = act(sandbox)
+                if asyncio.iscoroutine(outcome):
+                    outcome = await outcome
+                if isinstance(outcome, RunResult):
+                    return outcome
+            return RunResult(request.command, 0, False, False, 0.0)
+        finally:
+            self.active_runs -= 1
+
+    async def is_running(self, sandbox: Sandbox) -> bool:
+        return sandbox.name in self.running
+
+    async def remove(self, *sandboxes: Sandbox) -> None:
+        for sandbox in sandboxes:
+            self.running.pop(sandbox.name, None)
+            self.removed.append(sandbox.name)
+
+    async def list_ours(self, *label_filters: str) -> list[dict[str, Any]]:
+        wanted = dict(f.split("=", 1) for f in label_filters)
+        return [
+            {"Id": name, "Labels": dict(spec.labels)}
+            for name, spec in self.running.items()
+            if all(spec.labels.get(k) == v for k, v in wanted.items())
+        ]
+
+    async def close(self) -> None:
+        return None

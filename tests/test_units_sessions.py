@@ -1,0 +1,222 @@
+"""The sessions layer's pure logic against an in-memory engine: no podman needed.
+
+Limits, error texts, the warm pool, reaping, recovery and fairness. What touches real
+containers is tested end to end in the other files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from fake_engine import FakeEngine
+
+from pod_exec_mcp.config import Settings
+from pod_exec_mcp.engine import EngineError, RunResult, Sandbox
+from pod_exec_mcp.instances import Instance
+from pod_exec_mcp.pool import max_pooled_age
+from pod_exec_mcp.sessions import SessionError, Sessions, describe_seconds
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Instance:
+    found = Instance.acquire(tmp_path)
+    yield found
+    found.release()
+
+
+def make(instance: Instance, **settings: object) -> tuple[Sessions, FakeEngine]:
+    engine = FakeEngine()
+    return Sessions(engine, Settings(**settings), instance), engine
+
+
+async def test_explicit_session_runs_and_ends(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    sid = await sessions.create_explicit(None)
+    assert len(engine.running) == 1
+    session = sessions.explicit(None, sid)
+    result = await sessions.run(session, "echo hi", 5)
+    assert (result.output, result.retval) == ("echo hi", 0)
+    await sessions.end(session, "ended by end_session")
+    assert engine.running == {}
+    with pytest.raises(SessionError, match=r"has ended .ended by end_session."):
+        sessions.explicit(None, sid)
+    with pytest.raises(SessionError, match=r"unknown session_id 'nope'.*create_session"):
+        sessions.explicit(None, "nope")
+
+
+async def test_another_principal_cannot_see_a_session(instance: Instance) -> None:
+    sessions, _ = make(instance)
+    sid = await sessions.create_explicit("alice")
+    with pytest.raises(SessionError, match="unknown session_id"):
+        sessions.explicit("mallory", sid)
+
+
+async def test_sandbox_limit_and_per_principal_cap(instance: Instance) -> None:
+    sessions, _ = make(instance, max_sandboxes=4)
+    await sessions.create_explicit("a")
+    await sessions.create_explicit("a")
+    with pytest.raises(SessionError, match="this client already holds its maximum of 2"):
+        await sessions.create_explicit("a")
+    await sessions.create_explicit("b")
+    await sessions.create_explicit(None)  # no auth: only the server-wide limit applies
+    with pytest.raises(SessionError, match=r"maximum of 4 sandboxes.*MAX_SANDBOXES"):
+        await sessions.create_explicit("c")
+
+
+async def test_failed_start_frees_the_slot(instance: Instance) -> None:
+    sessions, engine = make(instance, max_sandboxes=1)
+    engine.fail_start = "podman run failed: invalid size"
+    with pytest.raises(SessionError, match="could not start a sandbox: podman run failed"):
+        await sessions.create_explicit(None)
+    engine.fail_start = None
+    await sessions.create_explicit(None)
+
+
+async def test_legacy_lookup_is_named_and_started_once(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    first = sessions.legacy(None, "mcp-1")
+    assert first.is_new and first.replaced_because is None
+    again = sessions.legacy(None, "mcp-1")
+    assert not again.is_new and again.session is first.session
+    await asyncio.gather(*(sessions.run(first.session, "true", 5) for _ in range(5)))
+    assert len(engine.started) == 1
+
+
+async def test_reaped_legacy_session_says_why_once(instance: Instance) -> None:
+    sessions, engine = make(instance, idle_timeout=8)
+    found = sessions.legacy(None, "mcp-1")
+    await sessions.run(found.session, "true", 5)
+    found.session.last_used -= 10
+    assert await sessions.reap_idle() == 1
+    assert engine.running == {}
+    told = sessions.legacy(None, "mcp-1")
+    assert told.is_new and told.replaced_because == "idle for over 8 s"
+    assert sessions.legacy(None, "mcp-1").replaced_because is None
+
+
+async def test_busy_session_is_not_reaped(instance: Instance) -> None:
+    sessions, engine = make(instance, idle_timeout=1)
+    sid = await sessions.create_explicit(None)
+    session = sessions.explicit(None, sid)
+    release = asyncio.Event()
+
+    async def slow(_: Sandbox) -> None:
+        await release.wait()
+
+    engine.behaviour["slow"] = slow
+    running = asyncio.create_task(sessions.run(session, "slow", 60))
+    await asyncio.sleep(0)
+    session.last_used -= 100
+    assert await sessions.reap_idle() == 0
+    release.set()
+    await running
+
+
+async def test_gone_sandbox_is_replaced_and_the_agent_told(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    sid = await sessions.create_explicit(None)
+    session = sessions.explicit(None, sid)
+    engine.running.clear()  # removed from outside
+    with pytest.raises(SessionError, match=r"broke .*fresh sandbox was started.*lost"):
+        await sessions.run(session, "true", 5)
+    assert len(engine.running) == 1
+    assert (await sessions.run(session, "true", 5)).retval == 0
+
+
+async def test_engine_failure_keeps_the_sandbox(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    sid = await sessions.create_explicit(None)
+    session = sessions.explicit(None, sid)
+
+    def flaky(_: Sandbox) -> None:
+        raise EngineError("podman exec failed: exit status 125")
+
+    engine.behaviour["flaky"] = flaky
+    with pytest.raises(SessionError, match=r"podman failed .*intact: run the command again"):
+        await sessions.run(session, "flaky", 5)
+    assert engine.removed == [] and len(engine.running) == 1
+
+
+async def test_unkillable_command_replaces_the_sandbox_and_says_so(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    sid = await sessions.create_explicit(None)
+    session = sessions.explicit(None, sid)
+    engine.behaviour["bomb"] = lambda _: RunResult("x", 124, False, True, 1.0, unkillable=True)
+    result = await sessions.run(session, "bomb", 1)
+    assert result.timed_out and "could not be killed" in result.output
+    assert "fresh sandbox was started" in result.output
+    assert len(engine.removed) == 1 and len(engine.running) == 1
+
+
+async def test_replacement_that_cannot_start_ends_the_session(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    sid = await sessions.create_explicit(None)
+    session = sessions.explicit(None, sid)
+    engine.running.clear()
+    engine.fail_start = "out of space"
+    with pytest.raises(SessionError, match=r"could not be started.*This session has ended"):
+        await sessions.run(session, "true", 5)
+    with pytest.raises(SessionError, match="has ended"):
+        sessions.explicit(None, sid)
+
+
+async def test_one_session_cannot_take_every_exec_slot(instance: Instance) -> None:
+    sessions, engine = make(instance, max_concurrent_execs=4, max_execs_per_session=2)
+    hog = sessions.explicit(None, await sessions.create_explicit(None))
+    other = sessions.explicit(None, await sessions.create_explicit(None))
+    release = asyncio.Event()
+
+    async def slow(_: Sandbox) -> None:
+        await release.wait()
+
+    engine.behaviour["sleep"] = slow
+    hogging = [asyncio.create_task(sessions.run(hog, "sleep", 60)) for _ in range(6)]
+    await asyncio.sleep(0.01)
+    assert engine.active_runs == 2  # the hog holds only its own share of slots
+    result = await asyncio.wait_for(sessions.run(other, "echo", 5), 5)
+    assert result.output == "echo" and result.queue_wait < 1
+    release.set()
+    await asyncio.gather(*hogging)
+    assert engine.most_active_runs == 3
+
+
+async def test_pool_hands_out_only_live_sandboxes_and_refills(instance: Instance) -> None:
+    sessions, engine = make(instance, warm_pool=1)
+    sessions.pool.fill()
+    await sessions.pool.filled()
+    pooled = next(iter(engine.running))
+    engine.running.clear()  # the pooled sandbox died (its lifetime bound, say)
+    sid = await sessions.create_explicit(None)
+    session = sessions.explicit(None, sid)
+    assert session.sandbox is not None and session.sandbox.name != pooled
+    await sessions.pool.filled()
+    assert len(sessions.pool) == 1  # refilled after the dead entry
+    await sessions.close()
+    assert engine.running == {}
+
+
+async def test_pool_age_bound_follows_the_lifetime() -> None:
+    assert max_pooled_age(3) == 1.5
+    assert max_pooled_age(86400) == 600
+    assert max_pooled_age(0) == 600
+
+
+async def test_close_removes_everything_and_refuses_new_sessions(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    await sessions.create_explicit(None)
+    sessions.legacy(None, "m")
+    await sessions.close()
+    await sessions.close()  # idempotent
+    assert engine.running == {}
+    with pytest.raises(SessionError, match="shutting down"):
+        await sessions.create_explicit(None)
+
+
+def test_durations_read_as_people_write_them() -> None:
+    assert describe_seconds(8) == "8 s"
+    assert describe_seconds(90) == "90 s"
+    assert describe_seconds(1800) == "30 min"
+    assert describe_seconds(86400) == "24 h"
+    assert describe_seconds(7260) == "121 min"
