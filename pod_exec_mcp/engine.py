@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from pod_exec_mcp.config import Settings
 
@@ -104,6 +104,19 @@ class Sandbox:
     labels: Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox as listed by the engine, whoever started it."""
+
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    state: str
+
+    def as_sandbox(self) -> Sandbox:
+        return Sandbox(self.id, self.labels)
+
+
 class SandboxEngine(Protocol):
     """The seam between sessions and whatever runs sandboxes."""
 
@@ -125,7 +138,7 @@ class SandboxEngine(Protocol):
         """Remove sandboxes at once; missing ones are not an error."""
         ...
 
-    async def list_ours(self, *label_filters: str) -> list[dict[str, Any]]:
+    async def list_ours(self, *label_filters: str) -> list[SandboxInfo]:
         """Sandboxes (running or not) carrying every `key=value` label given."""
         ...
 

@@ -11,7 +11,6 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import Any
 
 from pod_exec_mcp.engine import (
     TIMEOUT_STATUS,
@@ -21,6 +20,7 @@ from pod_exec_mcp.engine import (
     RunResult,
     Sandbox,
     SandboxBroken,
+    SandboxInfo,
     SandboxSpec,
 )
 from pod_exec_mcp.output import BoundedOutput
@@ -135,11 +135,20 @@ class PodmanEngine:
     async def is_running(self, sandbox: Sandbox) -> bool:
         return await self.podman.is_running(sandbox.name)
 
-    async def list_ours(self, *label_filters: str) -> list[dict[str, Any]]:
+    async def list_ours(self, *label_filters: str) -> list[SandboxInfo]:
         try:
-            return await self.podman.list_containers(*label_filters)
+            found = await self.podman.list_containers(*label_filters)
         except PodmanError as exc:
             raise EngineError(str(exc)) from None
+        return [
+            SandboxInfo(
+                id=c["Id"],
+                name=(c.get("Names") or [""])[0],
+                labels=c.get("Labels") or {},
+                state=c.get("State", "?"),
+            )
+            for c in found
+        ]
 
     async def close(self) -> None:
         while self._background:

@@ -148,7 +148,7 @@ class Sessions:
         except EngineError:
             log.exception("could not list leftover sandboxes at shutdown")
             return
-        await self.engine.remove(*[Sandbox(c["Id"], {}) for c in leftovers])
+        await self.engine.remove(*[info.as_sandbox() for info in leftovers])
 
     # --- looking sessions up ------------------------------------------------------------
 

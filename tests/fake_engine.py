@@ -18,6 +18,7 @@ from pod_exec_mcp.engine import (
     RunResult,
     Sandbox,
     SandboxBroken,
+    SandboxInfo,
     SandboxSpec,
 )
 
@@ -69,10 +70,10 @@ class FakeEngine:
             self.running.pop(sandbox.name, None)
             self.removed.append(sandbox.name)
 
-    async def list_ours(self, *label_filters: str) -> list[dict[str, Any]]:
+    async def list_ours(self, *label_filters: str) -> list[SandboxInfo]:
         wanted = dict(f.split("=", 1) for f in label_filters)
         return [
-            {"Id": name, "Labels": dict(spec.labels)}
+            SandboxInfo(name, name, dict(spec.labels), "running")
             for name, spec in self.running.items()
             if all(spec.labels.get(k) == v for k, v in wanted.items())
         ]
