@@ -11,14 +11,16 @@ Sessions in the two MCP eras:
 Explicit sessions work in both eras.
 """
 
+import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import AuthProvider
+from fastmcp.server.dependencies import get_http_request
 from fastmcp.server.sessions import current_principal
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
@@ -27,6 +29,8 @@ from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.engine import SandboxEngine
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.sessions import Session, SessionError, Sessions, describe_seconds
+
+T = TypeVar("T")
 
 # Session ids we mint are URL-safe base64; anything else is refused before it is used.
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -78,6 +82,43 @@ def _on_mcp_session_end(ctx: Context, callback: Callable[[], Awaitable[None]]) -
     """
     connection = ctx.session._connection  # private: the only such hook in fastmcp 4.x
     connection.exit_stack.push_async_callback(callback)
+
+
+# How often a legacy call checks whether its client is still connected.
+_DISCONNECT_POLL_SECONDS = 1.0
+
+
+async def _until_disconnected(ctx: Context, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it (and so killing its command) if the client disconnects.
+
+    The MCP transport spec says a disconnect is a cancellation. A modern (stateless) call
+    is cancelled by the transport itself; a legacy call lives in the MCP session, which
+    outlives the connection, so we watch the HTTP request ourselves (uvicorn answers
+    `http.disconnect` to every receive once the client is gone)."""
+    try:
+        request = None if _is_modern(ctx) else get_http_request()
+    except RuntimeError:
+        request = None
+    if request is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise SessionError(
+                    "the client disconnected, which cancels the call: the command was stopped."
+                )
+    except asyncio.CancelledError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise
 
 
 def _session_of(ctx: Context, session_id: str | None) -> Session:
@@ -132,7 +173,9 @@ async def shell_exec(
 
     try:
         session = _session_of(ctx, session_id)
-        result = await _sessions(ctx).run(session, command, limit, progress)
+        result = await _until_disconnected(
+            ctx, _sessions(ctx).run(session, command, limit, progress)
+        )
     except SessionError as exc:
         raise ToolError(str(exc)) from None
     return ShellExecResult(

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from typing import Any
 
 import pytest
-from conftest import FIGURES, ServerProcess, error_text, new_session, podman, sh, structured
+from conftest import (
+    FIGURES,
+    ServerProcess,
+    error_text,
+    new_session,
+    podman,
+    sh,
+    structured,
+    wait_until,
+)
 
 # `ps` lines of the processes a test started, identified by their arguments. The sandbox's
 # own init runs `sleep <lifetime>`, so tests use sleep durations nothing else uses.
@@ -192,3 +202,43 @@ async def test_concurrency_limit_queues_calls(launch: Any) -> None:
     for (_, end), (start, _) in itertools.pairwise(windows):
         assert end <= start, f"commands overlapped despite a limit of 1: {windows}"
     limited.stop()
+
+
+_KILLED_CLIENT = """
+import asyncio, sys
+from fastmcp import Client
+
+async def main() -> None:
+    async with Client(sys.argv[1], mode="legacy") as client:
+        print("calling", flush=True)
+        await client.call_tool("shell_exec", {"command": "sleep 355 & sleep 356", "timeout": 120})
+
+asyncio.run(main())
+"""
+
+
+async def test_legacy_client_killed_mid_command_leaves_no_process(server: ServerProcess) -> None:
+    """A disconnect is a cancellation (MCP transport spec); a legacy session outlives its
+    connection, so the server must notice the dropped request itself."""
+    before = {c["Id"] for c in server.containers()}
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_CLIENT, server.url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert client.stdout is not None
+        assert (await asyncio.wait_for(client.stdout.readline(), 60)) == b"calling\n"
+
+        def sandbox_of_client() -> list[str]:
+            return [c["Id"] for c in server.containers() if c["Id"] not in before]
+
+        assert await asyncio.to_thread(wait_until, lambda: len(sandbox_of_client()) == 1, 60)
+        (sandbox,) = sandbox_of_client()
+
+        def sleeps() -> str:
+            return podman("exec", sandbox, "/bin/sh", "-c", LEFTOVERS, check=False).stdout
+
+        assert await asyncio.to_thread(wait_until, lambda: "sleep 356" in sleeps(), 30)
+    finally:
+        client.kill()
+        await client.wait()
+    assert await asyncio.to_thread(wait_until, lambda: sleeps() == "", 30), sleeps()
