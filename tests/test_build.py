@@ -50,14 +50,22 @@ def test_bad_option_is_refused() -> None:
 def test_built_image_carries_the_promised_tools_and_defaults() -> None:
     from conftest import IMAGE, podman
 
-    tools = "bash git curl rg jq ps sed grep find xargs tar zip unzip ip ping dig nc"
+    tools = (
+        "bash git curl rg jq ps sed grep find xargs tar zip unzip xz file diff patch make ssh "
+        "python3 pip3 ip ping dig nc"
+    )
     script = (
         f"for t in {tools}; do command -v $t >/dev/null || echo missing $t; done; "
         "test -s /etc/ssl/certs/ca-certificates.crt || echo missing ca-certificates; "
         "ls /var/lib/apt/lists | grep -v -e '^lock$' -e '^partial$' || true; "
-        'echo "$LANG $PAGER $GIT_PAGER $GIT_TERMINAL_PROMPT $DEBIAN_FRONTEND $(pwd)"'
+        "python3 -m venv /tmp/v >/dev/null || echo no venv; "
+        "git config user.name >/dev/null || echo no git identity; "
+        'echo "$LANG $PAGER $GIT_PAGER $GIT_TERMINAL_PROMPT $DEBIAN_FRONTEND $(pwd)"; '
+        'echo "$GIT_EDITOR $EDITOR $(git config init.defaultBranch)"'
     )
     done = podman("run", "--rm", IMAGE, "/bin/sh", "-lc", script)
-    assert done.stdout == "C.UTF-8 cat cat 0 noninteractive /workspace\n", done.stdout
+    assert done.stdout == "C.UTF-8 cat cat 0 noninteractive /workspace\ntrue true main\n", (
+        done.stdout
+    )
     labels = podman("image", "inspect", "--format", "{{json .Labels}}", IMAGE).stdout
     assert '"org.opencontainers.image.title":"pod_exec_mcp_base"' in labels
