@@ -21,6 +21,7 @@ from pod_exec_mcp.config import Settings
 TIMEOUT_STATUS = 124
 
 ProgressCallback = Callable[[float], Awaitable[None]]
+OutputCallback = Callable[[bytes], None]
 
 
 class EngineError(RuntimeError):
@@ -75,11 +76,17 @@ class RunRequest:
     """One command to run as `/bin/sh -lc COMMAND` in a sandbox."""
 
     command: str
-    timeout: float
+    # Seconds before the command's tree is killed; None: never (background jobs).
+    timeout: float | None
     kill_grace: float
     max_output_bytes: int
     progress_interval: float
     env: Mapping[str, str] = field(default_factory=dict)
+    # Bytes for the command's stdin; None: stdin is empty (/dev/null).
+    stdin: bytes | None = None
+    # Where the whole output is kept, inside the sandbox, when it is over max_output_bytes
+    # (engines that cannot do this leave RunResult.output_file None).
+    spill_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,8 @@ class RunResult:
     # The command could not be killed (or not verifiably): the caller must replace the
     # sandbox, and the result must not claim that everything was killed.
     unkillable: bool = False
+    # The file in the sandbox holding the whole output, when it was cut (see spill_path).
+    output_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,10 +134,15 @@ class SandboxEngine(Protocol):
         ...
 
     async def run(
-        self, sandbox: Sandbox, request: RunRequest, on_progress: ProgressCallback | None
+        self,
+        sandbox: Sandbox,
+        request: RunRequest,
+        on_progress: ProgressCallback | None = None,
+        on_output: OutputCallback | None = None,
     ) -> RunResult:
         """Run a command. On timeout or cancellation its whole tree is killed before this
-        returns (or re-raises). SandboxBroken if the sandbox is gone; EngineError if the
+        returns (or re-raises). `on_output` sees every byte as it comes (the result keeps
+        only a bounded part). SandboxBroken if the sandbox is gone; EngineError if the
         engine failed while the sandbox is still there."""
         ...
 

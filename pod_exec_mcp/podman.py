@@ -61,21 +61,28 @@ class Podman:
 
     def __init__(self, executable: str = "podman") -> None:
         self.path = find_podman(executable)
+        # Tasks writing stdin to podman clients (kept referenced until done).
+        self._feeders: set[asyncio.Task[None]] = set()
 
-    async def spawn(self, *args: str) -> asyncio.subprocess.Process:
-        """Start `podman ARGS` with stdin from /dev/null and stdout/stderr piped.
+    async def spawn(self, *args: str, stdin: bytes | None = None) -> asyncio.subprocess.Process:
+        """Start `podman ARGS` with stdout/stderr piped and stdin from /dev/null, or fed
+        `stdin` (written in the background, then closed).
 
         In a session of its own, so that a Ctrl-C meant for the server does not also kill
         the podman clients it still needs for cleanup.
         """
-        return await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             self.path,
             *args,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        if stdin is not None:
+            self._feeders.add(asyncio.create_task(_feed(proc, stdin)))
+            self._feeders = {t for t in self._feeders if not t.done()}
+        return proc
 
     async def run(self, *args: str, check: bool = True) -> Completed:
         """Run `podman ARGS` to completion; with `check`, a non-zero exit raises PodmanError."""
@@ -119,3 +126,16 @@ class Podman:
             args += ["--filter", f"label={label}"]
         done = await self.run(*args)
         return json.loads(done.stdout or b"[]") or []
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    """Write `data` to a process's stdin and close it; a process that stopped reading
+    (it exited, or was killed) is not an error."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        proc.stdin.close()
+        await proc.stdin.wait_closed()
+    except (BrokenPipeError, ConnectionResetError):
+        pass

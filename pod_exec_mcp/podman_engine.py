@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import Awaitable
@@ -15,6 +16,7 @@ from collections.abc import Awaitable
 from pod_exec_mcp.engine import (
     TIMEOUT_STATUS,
     EngineError,
+    OutputCallback,
     ProgressCallback,
     RunRequest,
     RunResult,
@@ -161,7 +163,11 @@ class PodmanEngine:
         return task
 
     async def run(
-        self, sandbox: Sandbox, request: RunRequest, on_progress: ProgressCallback | None
+        self,
+        sandbox: Sandbox,
+        request: RunRequest,
+        on_progress: ProgressCallback | None = None,
+        on_output: OutputCallback | None = None,
     ) -> RunResult:
         """Run `/bin/sh -lc COMMAND` and return its merged output and exit status.
 
@@ -173,13 +179,15 @@ class PodmanEngine:
         env_args = [f"--env={k}={v}" for k, v in request.env.items()]
         try:
             proc = await self.podman.spawn(
-                "exec", f"--env={EXEC_ID_ENV}={exec_id}", *env_args, sandbox.name,
+                "exec", *(["--interactive"] if request.stdin is not None else []),
+                f"--env={EXEC_ID_ENV}={exec_id}", *env_args, sandbox.name,
                 "/bin/sh", "-c", _EXEC_WRAPPER, "pod_exec_mcp", request.command,
+                stdin=request.stdin,
             )  # fmt: skip
         except OSError as exc:
             raise EngineError(f"could not start podman: {exc}") from None
         output = BoundedOutput(request.max_output_bytes)
-        run = _RunningExec(proc, output)
+        run = _RunningExec(proc, output, on_output)
         reader = asyncio.create_task(run.read_all())
         try:
             finished = await _wait(reader, started, request, on_progress)
@@ -212,7 +220,7 @@ class PodmanEngine:
                 if unkillable
                 else "the command and every process it started were killed"
             )
-            text += _notice(text, f"timed out after {request.timeout:g} s; {killed}")
+            text += _notice(text, f"timed out after {request.timeout or 0:g} s; {killed}")
         return RunResult(
             output=text,
             retval=retval,
@@ -276,7 +284,7 @@ async def _wait(
     on_progress: ProgressCallback | None,
 ) -> bool:
     """Wait for the command to end; False if its timeout ran out first."""
-    deadline = started + request.timeout
+    deadline = started + request.timeout if request.timeout is not None else math.inf
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -300,9 +308,15 @@ def _notice(output: str, message: str) -> str:
 class _RunningExec:
     """The podman exec client of one command, and what it has said so far."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, output: BoundedOutput) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        output: BoundedOutput,
+        on_output: OutputCallback | None,
+    ) -> None:
         self.proc = proc
         self.output = output
+        self.on_output = on_output
         self.pid: int | None = None
         self._stderr = b""
 
@@ -315,9 +329,9 @@ class _RunningExec:
             if first.endswith(b"\n") and first[:-1].isdigit():
                 self.pid = int(first)
             else:
-                self.output.feed(first)
+                self.feed(first)
             while chunk := await self.proc.stdout.read(65536):
-                self.output.feed(chunk)
+                self.feed(chunk)
             await self.proc.wait()
         finally:
             # podman's stderr closes when it exits; never wait on it for long.
@@ -326,6 +340,11 @@ class _RunningExec:
                 self._stderr = stderr_task.result()
             else:
                 stderr_task.cancel()
+
+    def feed(self, chunk: bytes) -> None:
+        self.output.feed(chunk)
+        if self.on_output is not None:
+            self.on_output(chunk)
 
     def podman_error(self) -> str:
         text = " ".join(self._stderr.decode("utf-8", "replace").split())

@@ -1,0 +1,72 @@
+"""A shell that behaves like one terminal per session, and the paths we keep in a sandbox.
+
+Each call still runs `/bin/sh -lc SCRIPT` in a fresh process (one broken call cannot wedge
+the session), but SCRIPT restores the working directory and exported variables that the
+previous call of the session left, runs the agent's command in the same shell, and saves
+them again when that shell exits. The command travels in an environment variable, so no
+quoting is involved, and is unset before it runs.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+
+# Everything of ours inside a sandbox lives under here (on /tmp, which is writable in
+# every profile, including the strict one's read-only root).
+STATE_DIR = "/tmp/.pod_exec_mcp"
+SHELL_DIR = f"{STATE_DIR}/shell"
+OUTPUT_DIR = f"{STATE_DIR}/output"
+JOBS_DIR = f"{STATE_DIR}/jobs"
+# How many whole outputs of cut calls are kept; older ones are pruned.
+KEPT_OUTPUT_FILES = 20
+
+COMMAND_ENV = "POD_EXEC_MCP_COMMAND"
+
+# Restore, run, save. `export -p` prints re-sourceable `export NAME='value'` lines in dash
+# and bash alike. The EXIT trap also runs after `exit N` in the command (and keeps N).
+# A command killed by a signal (a timeout) saves nothing, and the previous state stays.
+_PERSISTENT = f"""
+__pem_dir={SHELL_DIR}
+if [ -r "$__pem_dir/env" ]; then . "$__pem_dir/env"; fi
+if [ -r "$__pem_dir/cwd" ]; then cd "$(cat "$__pem_dir/cwd")" 2>/dev/null || true; fi
+__pem_save() {{
+  unset POD_EXEC_MCP_EXEC_ID {COMMAND_ENV}
+  mkdir -p "$__pem_dir" 2>/dev/null \\
+    && export -p > "$__pem_dir/env.$$" && mv -f "$__pem_dir/env.$$" "$__pem_dir/env" \\
+    && pwd > "$__pem_dir/cwd"
+}}
+trap __pem_save EXIT
+__pem_command=${COMMAND_ENV}
+unset {COMMAND_ENV}
+eval "$__pem_command"
+"""
+
+# Only the working directory, for file tools: a relative path means what it would mean
+# to the agent's next shell_exec.
+_IN_CWD = f"""
+if [ -r {SHELL_DIR}/cwd ]; then cd "$(cat {SHELL_DIR}/cwd)" 2>/dev/null || true; fi
+"""
+
+
+def persistent_command(command: str) -> tuple[str, dict[str, str]]:
+    """The script and environment that run `command` with the session's shell state."""
+    return _PERSISTENT, {COMMAND_ENV: command}
+
+
+def in_session_cwd(script: str) -> str:
+    """`script`, run from the session's current directory."""
+    return _IN_CWD + script
+
+
+def new_output_file() -> str:
+    """A fresh path for the whole output of one call."""
+    return f"{OUTPUT_DIR}/{secrets.token_hex(6)}.log"
+
+
+def prune_output_files() -> str:
+    """A command that keeps only the newest KEPT_OUTPUT_FILES whole outputs."""
+    return (
+        f"cd {shlex.quote(OUTPUT_DIR)} 2>/dev/null && "
+        f"ls -1t | tail -n +{KEPT_OUTPUT_FILES + 1} | xargs -r rm -f --"
+    )
