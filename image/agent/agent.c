@@ -961,7 +961,11 @@ static int next_timeout(void) {
 }
 
 static int serve_main(void) {
-    signal(SIGPIPE, SIG_IGN);
+    /* A command's `kill -TERM -1` or `pkill -f agent` must not take its own agent and
+     * supervisors down (SIGKILL still can: the host then re-attaches). The shell resets
+     * every disposition before exec. */
+    int ignored[] = {SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGQUIT};
+    for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++) signal(ignored[i], SIG_IGN);
     prctl(PR_SET_NAME, "pem-agent");
     for (int i = 0; i < MAX_JOBS; i++) { /* -1: no descriptor (0 is the host's stdin) */
         struct job *j = &jobs[i];

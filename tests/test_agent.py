@@ -1,0 +1,413 @@
+"""The in-sandbox exec agent (image/agent/agent.c) and its client (pod_exec_mcp.agent_channel).
+
+Against real Podman and the real images: pod_exec_mcp_base (POD_EXEC_MCP_IMAGE) and
+pod_exec_mcp_agent (POD_EXEC_MCP_AGENT_IMAGE), both built by `pod_exec_mcp_build`.
+Sandboxes are started here directly with podman, the way the server is to start them:
+the agent image mounted read-only, `agent init` as PID 1, no `--init`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import statistics
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from conftest import FIGURES, IMAGE, podman, wait_until
+
+from pod_exec_mcp.agent_channel import (
+    HEADER,
+    T_ERROR,
+    T_HELLO_OK,
+    T_PONG,
+    AgentChannel,
+    AgentCommandError,
+    AgentError,
+    AgentRun,
+)
+
+AGENT_IMAGE = os.environ.get("POD_EXEC_MCP_AGENT_IMAGE", "pod_exec_mcp_agent")
+AGENT = "/.pod_exec_mcp/agent"
+LABEL = "io.pod_exec_mcp.test.agent"
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def run_arguments(name: str, pids_limit: int, lifetime: int = 3600) -> list[str]:
+    """`podman run` arguments for a sandbox with the agent (as the server is to use them)."""
+    return [
+        "run", "--detach", "--rm", "--name", name, "--label", f"{LABEL}={RUN_ID}",
+        "--pids-limit", str(pids_limit), "--memory", "1g",
+        "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
+        "--security-opt", "no-new-privileges",
+        "--mount", f"type=image,source={AGENT_IMAGE},destination=/.pod_exec_mcp",
+        IMAGE, AGENT, "init", str(lifetime),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def new_sandbox() -> Iterator[Callable[..., str]]:
+    """Start sandboxes on demand; every one is removed at teardown."""
+    names: list[str] = []
+
+    def start(pids_limit: int = 512, lifetime: int = 3600) -> str:
+        name = f"pem-agent-test-{RUN_ID}-{len(names)}"
+        names.append(name)
+        podman(*run_arguments(name, pids_limit, lifetime))
+        return name
+
+    yield start
+    if names:
+        podman("rm", "--force", "--ignore", "--time", "0", *names, check=False)
+    left = podman("ps", "-aq", "--filter", f"label={LABEL}={RUN_ID}").stdout.split()
+    assert not left, f"containers left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def sandbox(new_sandbox: Callable[..., str]) -> str:
+    return new_sandbox()
+
+
+def attach_argv(name: str) -> list[str]:
+    return ["podman", "exec", "-i", name, AGENT, "serve"]
+
+
+@contextlib.asynccontextmanager
+async def channel(name: str, **kwargs: float) -> AsyncIterator[AgentChannel]:
+    chan = await AgentChannel.attach(attach_argv(name), **kwargs)
+    try:
+        yield chan
+    finally:
+        await chan.close()
+
+
+async def run(
+    chan: AgentChannel, command: str, timeout: float = 30, **kwargs: object
+) -> tuple[AgentRun, bytes]:
+    out = bytearray()
+    result = await chan.run(
+        command, timeout=timeout, kill_grace=kwargs.pop("kill_grace", 1.0),  # type: ignore[arg-type]
+        on_output=out.extend, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return result, bytes(out)
+
+
+def processes(name: str) -> str:
+    """`ps` inside the sandbox, through podman exec (independent of the agent)."""
+    return podman("exec", name, "ps", "-eo", "pid,ppid,user,stat,args", check=False).stdout
+
+
+def running(name: str) -> bool:
+    done = podman("inspect", "--format", "{{.State.Running}}", name, check=False)
+    return done.stdout.strip() == "true"
+
+
+async def test_output_status_order_stdin_env_cwd(sandbox: str) -> None:
+    async with channel(sandbox) as chan:
+        assert chan.alive and chan.agent_pid > 1
+        result, out = await run(chan, "echo one; echo two >&2; echo three; pwd; exit 7")
+        assert out == b"one\ntwo\nthree\n/workspace\n"
+        assert (result.status, result.stopped, result.output_bytes) == (7, False, len(out))
+        result, _ = await run(chan, "kill -TERM $$")
+        assert result.status == 128 + signal.SIGTERM
+        # Login shell, own session: the shell's pid is its session and group id.
+        _, out = await run(chan, "ps -o sid=,pgid= -p $$; echo $$; echo $0; test -t 0 || echo no-tty")
+        sid, pgid, pid, arg0, tty = out.decode().split()
+        assert sid == pgid == pid and arg0 == "/bin/sh" and tty == "no-tty"
+        # stdin: empty by default, bytes when given (2.5 MiB, more than one frame).
+        _, out = await run(chan, "wc -c")
+        assert out.strip() == b"0"
+        data = os.urandom(2 * 1024 * 1024 + 512 * 1024)
+        _, out = await run(chan, "sha256sum", stdin=data)
+        assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+        # Extra env on top of podman exec's; cwd when given.
+        _, out = await run(chan, 'echo "$EXTRA|$HOME|$PATH"', env={"EXTRA": "a b=c"})
+        extra, home, path = out.decode().strip().split("|")
+        assert extra == "a b=c" and home == "/root" and "/usr/bin" in path
+        _, out = await run(chan, "pwd", cwd="/tmp")
+        assert out == b"/tmp\n"
+        result, out = await run(chan, "pwd", cwd="/no/such/dir")
+        assert result.status == 127 and b"/no/such/dir" in out
+        # Signal dispositions are reset even though the agent ignores SIGPIPE.
+        _, out = await run(chan, "grep -E 'SigIgn|SigBlk' /proc/self/status")
+        assert sorted(out.split()) == sorted([b"SigIgn:", b"0" * 16, b"SigBlk:", b"0" * 16]), out
+
+
+async def test_eight_concurrent_runs(sandbox: str) -> None:
+    async with channel(sandbox) as chan:
+        commands = [f"sleep 0.$((RANDOM % 5)); echo run {i}; exit {i}" for i in range(8)]
+        results = await asyncio.gather(*(run(chan, c) for c in commands))
+        for i, (result, out) in enumerate(results):
+            assert result.status == i and out == f"run {i}\n".encode()
+
+
+ESCAPES = {
+    "env-scrubbed-setsid": "env -u SOMEVAR setsid sh -c 'trap \"\" TERM; "
+    "while :; do sleep 1; done' escape_{m} &",
+    "setpriv-uid-change": "setsid setpriv --reuid=65534 --regid=65534 --clear-groups "
+    "sh -c 'trap \"\" TERM; while :; do sleep 1; done' escape_{m} &",
+    "non-dumpable": "setsid perl -e '$| = 1; $0 = \"escape_{m}\"; $SIG{{TERM}} = \"IGNORE\"; "
+    "syscall(157, 4, 0, 0, 0, 0); print \"dumpable=\", syscall(157, 3, 0, 0, 0, 0), \"\\n\"; "
+    "sleep 1 while 1' &",
+}
+
+
+@pytest.mark.parametrize("escape", sorted(ESCAPES))
+async def test_timeout_kills_escapes(new_sandbox: Callable[..., str], escape: str) -> None:
+    name = new_sandbox()
+    marker = uuid.uuid4().hex[:8]
+    command = ESCAPES[escape].format(m=marker) + " sleep 0.5; echo started; sleep 300"
+    async with channel(name) as chan:
+        result, out = await run(chan, command, timeout=2, kill_grace=0.5)
+        assert b"started" in out
+        if escape == "non-dumpable":
+            assert b"dumpable=0" in out
+        assert result.stopped and result.all_killed and result.survivors == 0
+        assert result.status == 128 + signal.SIGTERM
+        ps = processes(name)
+        assert marker not in ps and "sleep" not in ps, ps
+        FIGURES.setdefault("agent: timeout kills verified empty", []).append(escape)
+
+
+async def test_deadline_to_result_and_cancel(sandbox: str) -> None:
+    async with channel(sandbox) as chan:
+        samples = []
+        for _ in range(5):
+            start = time.monotonic()
+            result, _ = await run(chan, "sleep 100", timeout=0.5, kill_grace=1)
+            samples.append(time.monotonic() - start - 0.5)
+            assert result.stopped and result.all_killed
+        FIGURES["agent: deadline to result, sleep (ms, median of 5)"] = round(
+            statistics.median(samples) * 1000, 1
+        )
+        # A cancelled run stops its tree before CancelledError reaches the caller.
+        marker = uuid.uuid4().hex[:8]
+        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' cancel_{marker} & wait"))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert marker not in processes(sandbox)
+        assert (await run(chan, "echo ok"))[1] == b"ok\n"
+
+
+async def test_background_job_outlives_the_call(sandbox: str) -> None:
+    async with channel(sandbox) as chan:
+        # The & child writes 2000 lines after the call returned: if the pipe were closed it
+        # would die of SIGPIPE before touching the file.
+        command = (
+            "rm -f /tmp/after; (sleep 1; echo tick; i=0; while [ $i -lt 2000 ]; do "
+            "echo line $i; i=$((i+1)); done; touch /tmp/after) & echo returned"
+        )
+        result, out = await run(chan, command)
+        assert (result.status, out) == (0, b"returned\n")
+        assert (await run(chan, "test -e /tmp/after"))[0].status != 0
+
+        async def appeared() -> bool:
+            for _ in range(100):
+                if (await run(chan, "test -e /tmp/after"))[0].status == 0:
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
+        assert await appeared()
+
+
+async def test_zombie_storm_is_stopped_and_the_agent_stays(
+    new_sandbox: Callable[..., str],
+) -> None:
+    name = new_sandbox(pids_limit=128)
+    storm = "perl -e 'for (1..1100){my $p=fork(); last unless defined $p; exit 0 if $p==0} sleep 100'"
+    async with channel(name) as chan:
+        await run(chan, "echo keep > /workspace/keep")
+        result, _ = await run(chan, storm, timeout=3, kill_grace=0.5)
+        assert result.stopped and result.all_killed
+        assert chan.alive
+        result, out = await run(chan, "cat /workspace/keep; ps -e --no-headers | wc -l")
+        keep, count = out.split()
+        assert keep == b"keep" and int(count) < 10, out
+        assert "perl" not in processes(name)
+
+
+async def test_fork_failure_is_an_error_and_the_agent_stays(
+    new_sandbox: Callable[..., str],
+) -> None:
+    name = new_sandbox(pids_limit=64)
+    hog = "perl -e 'for (1..1000){my $p=fork(); last unless defined $p; if(!$p){sleep 1000; exit}} sleep 1000'"
+    async with channel(name) as chan:
+        hog_task = asyncio.create_task(run(chan, hog, timeout=120, kill_grace=0.2))
+        refused: AgentCommandError | None = None
+        for _ in range(100):
+            try:
+                await run(chan, "true")
+            except AgentCommandError as exc:
+                refused = exc
+                break
+            await asyncio.sleep(0.1)
+        assert refused is not None and "cannot start the command" in str(refused)
+        assert chan.alive
+        hog_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hog_task
+        result, out = await run(chan, "echo back")
+        assert (result.status, out) == (0, b"back\n")
+
+
+async def test_killing_everything_inside_leaves_the_sandbox(
+    new_sandbox: Callable[..., str],
+) -> None:
+    name = new_sandbox()
+    async with channel(name) as chan:
+        await run(chan, "echo kept > /workspace/kept")
+        # The old design's lifetime bound was a plain `sleep` as PID 1; init now ignores all
+        # of these, and the agent and its supervisors ignore TERM, so this call returns.
+        result, out = await run(chan, "pkill sleep; kill 1; kill -9 1; kill -TERM -1; echo $?")
+        assert (result.status, out) == (0, b"0\n")
+        assert chan.alive
+    assert running(name)
+    with pytest.raises(AgentError):
+        async with channel(name) as chan:
+            await run(chan, "kill -9 -1; sleep 5")
+    assert running(name)
+    async with channel(name) as chan:
+        result, out = await run(chan, "cat /workspace/kept")
+        assert (result.status, out) == (0, b"kept\n")
+
+
+async def test_host_gone_stops_commands(sandbox: str) -> None:
+    # The podman exec client dies: the agent's stdin reaches EOF (or the heartbeat lapses).
+    marker = uuid.uuid4().hex[:8]
+    chan = await AgentChannel.attach(attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=5)
+    try:
+        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' gone_{marker} & wait"))
+        assert await asyncio.to_thread(wait_until, lambda: marker in processes(sandbox), 20)
+        os.kill(chan._proc.pid, signal.SIGKILL)
+        with pytest.raises(AgentError):
+            await task
+        assert await asyncio.to_thread(wait_until, lambda: marker not in processes(sandbox), 30)
+    finally:
+        await chan.close()
+    # A hung host (client stopped, no heartbeat): the agent stops its commands by itself.
+    marker = uuid.uuid4().hex[:8]
+    chan = await AgentChannel.attach(attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=3)
+    try:
+        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' hung_{marker} & wait"))
+        assert await asyncio.to_thread(wait_until, lambda: marker in processes(sandbox), 20)
+        os.kill(chan._proc.pid, signal.SIGSTOP)
+        assert await asyncio.to_thread(wait_until, lambda: marker not in processes(sandbox), 30)
+        os.kill(chan._proc.pid, signal.SIGKILL)
+        with pytest.raises(AgentError):
+            await task
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(chan._proc.pid, signal.SIGKILL)
+        await chan.close()
+
+
+async def test_spill_holds_every_byte(sandbox: str) -> None:
+    async with channel(sandbox) as chan:
+        path = f"/tmp/spill-{uuid.uuid4().hex[:6]}/deep/out.txt"
+        command = "i=0; while [ $i -lt 30000 ]; do echo line $i; i=$((i+1)); done"
+        result, out = await run(chan, command, spill_path=path, spill_after=100_000)
+        assert result.spilled_to == path and result.output_bytes == len(out) > 100_000
+        _, digest = await run(chan, f"sha256sum {path}")
+        assert digest.split()[0].decode() == hashlib.sha256(out).hexdigest()
+        result, _ = await run(chan, "echo small", spill_path=path + "2", spill_after=100_000)
+        assert result.spilled_to is None
+        assert (await run(chan, f"test -e {path}2"))[0].status != 0
+
+
+async def test_ten_megabytes_arrive_intact(sandbox: str) -> None:
+    async with channel(sandbox) as chan:
+        size = 10 * 1024 * 1024
+        start = time.monotonic()
+        result, out = await run(chan, f"yes 0123456789abcdef | head -c {size}")
+        FIGURES["agent: 10 MB output (ms)"] = round((time.monotonic() - start) * 1000, 1)
+        expected = (b"0123456789abcdef\n" * (size // 17 + 1))[:size]
+        assert result.status == 0 and result.output_bytes == size and out == expected
+
+
+def test_malformed_input_gets_errors_not_a_crash(sandbox: str) -> None:
+    hello = HEADER.pack(1, 0, 0, 0, 8) + struct.pack(">HHI", 1, 1, 0)
+    bad_run = HEADER.pack(2, 0, 0, 5, 3) + b"abc"
+    unknown = HEADER.pack(0x42, 0, 0, 6, 0)
+    ping = HEADER.pack(6, 0, 0, 9, 2) + b"hi"
+    garbage = b"\xff" * 12
+    done = subprocess.run(
+        attach_argv(sandbox),
+        input=hello + bad_run + unknown + ping + garbage,
+        capture_output=True,
+        timeout=60,
+    )
+    frames, data = [], done.stdout
+    while data:
+        ftype, _, _, fid, length = HEADER.unpack(data[:12])
+        frames.append((ftype, fid, data[12 : 12 + length]))
+        data = data[12 + length :]
+    assert [(t, i) for t, i, _ in frames] == [
+        (T_HELLO_OK, 0), (T_ERROR, 5), (T_ERROR, 6), (T_PONG, 9), (T_ERROR, 0),
+    ]  # fmt: skip
+    assert frames[3][2] == b"hi"
+    assert b"malformed frame header" in frames[4][2]
+    # A version the agent does not speak is refused, and the agent exits.
+    done = subprocess.run(
+        attach_argv(sandbox),
+        input=HEADER.pack(1, 0, 0, 0, 8) + struct.pack(">HHI", 7, 9, 0),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.stdout[0] == T_ERROR and b"protocol version 1" in done.stdout
+
+
+def test_init_ends_the_container_after_its_lifetime(new_sandbox: Callable[..., str]) -> None:
+    name = new_sandbox(lifetime=2)
+    assert running(name)
+    assert wait_until(lambda: podman("container", "exists", name, check=False).returncode != 0, 60)
+
+
+def test_agent_binary_is_read_only_for_sandbox_root(sandbox: str) -> None:
+    script = (
+        f"echo x > {AGENT} || echo no-write; rm -f {AGENT} || echo no-rm; "
+        "mv /.pod_exec_mcp /moved || echo no-mv; umount /.pod_exec_mcp || echo no-umount; "
+        f"{AGENT} --version"
+    )
+    out = podman("exec", sandbox, "sh", "-c", script, check=False).stdout
+    assert out.split("\n")[:4] == ["no-write", "no-rm", "no-mv", "no-umount"], out
+    assert "protocol version 1" in out
+
+
+async def test_measure_round_trip_and_cost(sandbox: str) -> None:
+    """Figures, not assertions: a warm `true` over the agent vs podman exec; agent cost."""
+    async with channel(sandbox) as chan:
+        for _ in range(5):
+            await run(chan, "true")
+        samples = []
+        for _ in range(50):
+            start = time.monotonic()
+            await run(chan, "true")
+            samples.append(time.monotonic() - start)
+        raw = []
+        for _ in range(20):
+            start = time.monotonic()
+            podman("exec", sandbox, "/bin/sh", "-lc", "true")
+            raw.append(time.monotonic() - start)
+        agent_ms = statistics.median(samples) * 1000
+        raw_ms = statistics.median(raw) * 1000
+        FIGURES["agent: warm true round trip (ms, median of 50)"] = round(agent_ms, 2)
+        FIGURES["podman exec sh -lc true (ms, median of 20)"] = round(raw_ms, 1)
+        FIGURES["agent / podman exec"] = round(agent_ms / raw_ms, 3)
+        _, out = await run(chan, f"grep VmRSS /proc/{chan.agent_pid}/status")
+        FIGURES["agent: serve RSS"] = out.decode().split(":")[1].strip()
+        _, out = await run(chan, "grep VmRSS /proc/1/status")
+        FIGURES["agent: init RSS"] = out.decode().split(":")[1].strip()
+        _, out = await run(chan, "ps -e --no-headers -o comm")
+        FIGURES["agent: processes while running `ps` (init, agent, supervisor, sh/ps)"] = (
+            " ".join(out.decode().split())
+        )
