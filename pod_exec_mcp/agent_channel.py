@@ -123,7 +123,8 @@ def encode_run(
 class AgentChannel:
     """One long-lived agent in one sandbox; see docs/agent-protocol.md."""
 
-    agent_pid: int
+    agent_pid: int  # in the container's pid namespace
+    protocol_version: int
 
     def __init__(
         self, proc: asyncio.subprocess.Process, heartbeat_interval: float, heartbeat_timeout: float
@@ -140,6 +141,7 @@ class AgentChannel:
         self._stderr = bytearray()
         self._tasks: list[asyncio.Task[None]] = []
         self.agent_pid = 0
+        self.protocol_version = 0
 
     @classmethod
     async def attach(
@@ -183,6 +185,7 @@ class AgentChannel:
             await chan._abort()
             raise
         chan.agent_pid = pid
+        chan.protocol_version = version
         chan._tasks.append(asyncio.create_task(chan._heartbeat()))
         return chan
 

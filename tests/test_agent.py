@@ -118,7 +118,9 @@ async def test_output_status_order_stdin_env_cwd(sandbox: str) -> None:
         result, _ = await run(chan, "kill -TERM $$")
         assert result.status == 128 + signal.SIGTERM
         # Login shell, own session: the shell's pid is its session and group id.
-        _, out = await run(chan, "ps -o sid=,pgid= -p $$; echo $$; echo $0; test -t 0 || echo no-tty")
+        _, out = await run(
+            chan, "ps -o sid=,pgid= -p $$; echo $$; echo $0; test -t 0 || echo no-tty"
+        )
         sid, pgid, pid, arg0, tty = out.decode().split()
         assert sid == pgid == pid and arg0 == "/bin/sh" and tty == "no-tty"
         # stdin: empty by default, bytes when given (2.5 MiB, more than one frame).
@@ -149,12 +151,12 @@ async def test_eight_concurrent_runs(sandbox: str) -> None:
 
 
 ESCAPES = {
-    "env-scrubbed-setsid": "env -u SOMEVAR setsid sh -c 'trap \"\" TERM; "
+    "env-scrubbed-setsid": 'env -u SOMEVAR setsid sh -c \'trap "" TERM; '
     "while :; do sleep 1; done' escape_{m} &",
     "setpriv-uid-change": "setsid setpriv --reuid=65534 --regid=65534 --clear-groups "
     "sh -c 'trap \"\" TERM; while :; do sleep 1; done' escape_{m} &",
-    "non-dumpable": "setsid perl -e '$| = 1; $0 = \"escape_{m}\"; $SIG{{TERM}} = \"IGNORE\"; "
-    "syscall(157, 4, 0, 0, 0, 0); print \"dumpable=\", syscall(157, 3, 0, 0, 0, 0), \"\\n\"; "
+    "non-dumpable": 'setsid perl -e \'$| = 1; $0 = "escape_{m}"; $SIG{{TERM}} = "IGNORE"; '
+    'syscall(157, 4, 0, 0, 0, 0); print "dumpable=", syscall(157, 3, 0, 0, 0, 0), "\\n"; '
     "sleep 1 while 1' &",
 }
 
@@ -224,7 +226,9 @@ async def test_zombie_storm_is_stopped_and_the_agent_stays(
     new_sandbox: Callable[..., str],
 ) -> None:
     name = new_sandbox(pids_limit=128)
-    storm = "perl -e 'for (1..1100){my $p=fork(); last unless defined $p; exit 0 if $p==0} sleep 100'"
+    storm = (
+        "perl -e 'for (1..1100){my $p=fork(); last unless defined $p; exit 0 if $p==0} sleep 100'"
+    )
     async with channel(name) as chan:
         await run(chan, "echo keep > /workspace/keep")
         result, _ = await run(chan, storm, timeout=3, kill_grace=0.5)
@@ -240,7 +244,10 @@ async def test_fork_failure_is_an_error_and_the_agent_stays(
     new_sandbox: Callable[..., str],
 ) -> None:
     name = new_sandbox(pids_limit=64)
-    hog = "perl -e 'for (1..1000){my $p=fork(); last unless defined $p; if(!$p){sleep 1000; exit}} sleep 1000'"
+    hog = (
+        "perl -e 'for (1..1000){my $p=fork(); last unless defined $p; "
+        "if(!$p){sleep 1000; exit}} sleep 1000'"
+    )
     async with channel(name) as chan:
         hog_task = asyncio.create_task(run(chan, hog, timeout=120, kill_grace=0.2))
         refused: AgentCommandError | None = None
@@ -284,7 +291,9 @@ async def test_killing_everything_inside_leaves_the_sandbox(
 async def test_host_gone_stops_commands(sandbox: str) -> None:
     # The podman exec client dies: the agent's stdin reaches EOF (or the heartbeat lapses).
     marker = uuid.uuid4().hex[:8]
-    chan = await AgentChannel.attach(attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=5)
+    chan = await AgentChannel.attach(
+        attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=5
+    )
     try:
         task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' gone_{marker} & wait"))
         assert await asyncio.to_thread(wait_until, lambda: marker in processes(sandbox), 20)
@@ -296,7 +305,9 @@ async def test_host_gone_stops_commands(sandbox: str) -> None:
         await chan.close()
     # A hung host (client stopped, no heartbeat): the agent stops its commands by itself.
     marker = uuid.uuid4().hex[:8]
-    chan = await AgentChannel.attach(attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=3)
+    chan = await AgentChannel.attach(
+        attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=3
+    )
     try:
         task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' hung_{marker} & wait"))
         assert await asyncio.to_thread(wait_until, lambda: marker in processes(sandbox), 20)
@@ -408,6 +419,6 @@ async def test_measure_round_trip_and_cost(sandbox: str) -> None:
         _, out = await run(chan, "grep VmRSS /proc/1/status")
         FIGURES["agent: init RSS"] = out.decode().split(":")[1].strip()
         _, out = await run(chan, "ps -e --no-headers -o comm")
-        FIGURES["agent: processes while running `ps` (init, agent, supervisor, sh/ps)"] = (
-            " ".join(out.decode().split())
+        FIGURES["agent: processes while running `ps` (init, agent, supervisor, sh/ps)"] = " ".join(
+            out.decode().split()
         )
