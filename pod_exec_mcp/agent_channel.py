@@ -73,6 +73,8 @@ class _Pending:
     on_output: Callable[[bytes], None]
     done: asyncio.Future[AgentRun]
     spill_path: str | None
+    # An exception raised by on_output: the command is stopped and run() re-raises it.
+    callback_error: BaseException | None = None
     started: asyncio.Future[tuple[int, int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -212,11 +214,13 @@ class AgentChannel:
         wait for the stop to finish (shielded from a second cancel), re-raise. AgentError if
         the channel dies mid-run; AgentCommandError if the agent cannot start the command.
         """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
         if not self.alive:
             raise AgentError(f"the agent channel is closed{self._why()}")
         payload = encode_run(
             command,
-            deadline=timeout + AGENT_DEADLINE_SLACK if timeout > 0 else 0,
+            deadline=timeout + AGENT_DEADLINE_SLACK,
             grace=kill_grace,
             env=env,
             has_stdin=stdin is not None,
@@ -224,9 +228,9 @@ class AgentChannel:
             spill_path=spill_path,
             spill_after=spill_after,
         )
-        rid = next(self._ids)
+        rid = next(self._ids) % 0xFFFFFFFF + 1  # ids are u32 and never 0
         done: asyncio.Future[AgentRun] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = _Pending(on_output, done, spill_path)
+        pending = self._pending[rid] = _Pending(on_output, done, spill_path)
         try:
             frames = [_frame(T_RUN, rid, payload)]
             if stdin is not None:
@@ -238,12 +242,15 @@ class AgentChannel:
                 frames.append(_frame(T_STDIN_END, rid))
             await self._send(b"".join(frames))
             try:
-                return await asyncio.wait_for(asyncio.shield(done), timeout)
+                result = await asyncio.wait_for(asyncio.shield(done), timeout)
             except TimeoutError:
-                return await self._stop(rid, done, kill_grace)
+                result = await self._stop(rid, done, kill_grace)
             except asyncio.CancelledError:
                 await self._stop_shielded(rid, done, kill_grace)
                 raise
+            if pending.callback_error is not None:
+                raise pending.callback_error
+            return result
         finally:
             self._pending.pop(rid, None)
 
@@ -291,6 +298,10 @@ class AgentChannel:
             self._fail(f"writing to the agent failed: {exc}")
             raise AgentError(f"the agent channel is gone{self._why()}") from None
 
+    async def _send_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(AgentError):
+            await self._send(data)
+
     async def _heartbeat(self) -> None:
         with contextlib.suppress(AgentError):
             while self._dead is None:
@@ -317,8 +328,13 @@ class AgentChannel:
     def _dispatch(self, ftype: int, fid: int, payload: bytes) -> None:
         pending = self._pending.get(fid)
         if ftype == T_OUTPUT:
-            if pending is not None:
-                pending.on_output(payload)
+            if pending is not None and pending.callback_error is None:
+                try:
+                    pending.on_output(payload)
+                except Exception as exc:  # the caller's bug: stop its command, not the channel
+                    pending.callback_error = exc
+                    stop = _frame(T_STOP, fid, struct.pack(">I", 0))
+                    self._tasks.append(asyncio.create_task(self._send_quietly(stop)))
         elif ftype == T_EXIT:
             status, flags, survivors, nbytes = struct.unpack(">iIIQ", payload[:20])
             if pending is not None and not pending.done.done():

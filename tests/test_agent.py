@@ -279,6 +279,15 @@ async def test_killing_everything_inside_leaves_the_sandbox(
         assert (result.status, out) == (0, b"0\n")
         assert chan.alive
     assert running(name)
+    # The agent killed from inside: its supervisors stop their trees (control pipe EOF).
+    marker = uuid.uuid4().hex[:8]
+    with pytest.raises(AgentError):
+        async with channel(name) as chan:
+            await run(
+                chan,
+                f"sh -c 'sleep 300' orphan_{marker} & sleep 0.2; kill -9 {chan.agent_pid}; wait",
+            )
+    assert await asyncio.to_thread(wait_until, lambda: marker not in processes(name), 30)
     with pytest.raises(AgentError):
         async with channel(name) as chan:
             await run(chan, "kill -9 -1; sleep 5")
@@ -320,6 +329,49 @@ async def test_host_gone_stops_commands(sandbox: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(chan._proc.pid, signal.SIGKILL)
         await chan.close()
+
+
+async def test_output_callback_error_stops_only_its_command(sandbox: str) -> None:
+    def broken(_: bytes) -> None:
+        raise RuntimeError("the caller's bug")
+
+    async with channel(sandbox) as chan:
+        with pytest.raises(RuntimeError, match="the caller's bug"):
+            await chan.run("echo x; sleep 300", timeout=60, kill_grace=0.2, on_output=broken)
+        assert chan.alive and (await run(chan, "echo ok"))[1] == b"ok\n"
+
+
+def test_unread_output_keeps_the_agent_bounded(sandbox: str) -> None:
+    """The host stops reading: the agent stops reading the pipe; its memory stays bounded."""
+    hello = HEADER.pack(1, 0, 0, 0, 8) + struct.pack(">HHI", 1, 1, 0)
+    command = b"yes 0123456789abcdefghijklmnopqrstuvwxyz"
+    payload = struct.pack(">IIIIQ", 60_000, 100, 0, 0, 0) + struct.pack(">BI", 1, len(command))
+    run_frame = HEADER.pack(2, 0, 0, 1, len(payload) + len(command)) + payload + command
+    proc = subprocess.Popen(attach_argv(sandbox), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(hello + run_frame)
+        proc.stdin.flush()
+        header = proc.stdout.read(12)
+        ftype, _, _, _, length = HEADER.unpack(header)
+        agent_pid = struct.unpack(">HHI", proc.stdout.read(length)[:8])[2]
+        assert ftype == T_HELLO_OK
+
+        def rss_kb() -> int:
+            status = podman("exec", sandbox, "cat", f"/proc/{agent_pid}/status").stdout
+            (line,) = [x for x in status.splitlines() if x.startswith("VmRSS:")]
+            return int(line.split()[1])
+
+        samples = []
+        for _ in range(5):  # `yes` would write gigabytes meanwhile if it were not blocked
+            time.sleep(0.5)
+            samples.append(rss_kb())
+        FIGURES["agent: RSS while the host reads nothing (kB)"] = samples
+        assert max(samples) < 16 * 1024, samples
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: "yes 0123" not in processes(sandbox), 30)
 
 
 async def test_spill_holds_every_byte(sandbox: str) -> None:
