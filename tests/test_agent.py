@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from conftest import FIGURES, IMAGE, podman, wait_until
@@ -40,7 +41,18 @@ LABEL = "io.pod_exec_mcp.test.agent"
 RUN_ID = uuid.uuid4().hex[:10]
 
 
-def run_arguments(name: str, pids_limit: int, lifetime: int = 3600) -> list[str]:
+DISTROLESS = """\
+ARG BASE_IMAGE=docker.io/library/debian:trixie-slim
+FROM ${BASE_IMAGE} AS build
+RUN apt-get update && apt-get install -y --no-install-recommends busybox-static
+FROM scratch
+COPY --from=build /bin/busybox /bin/sh
+"""
+
+
+def run_arguments(
+    name: str, pids_limit: int, lifetime: int = 3600, image: str = IMAGE
+) -> list[str]:
     """`podman run` arguments for a sandbox with the agent (as the server is to use them)."""
     return [
         "run", "--detach", "--rm", "--name", name, "--label", f"{LABEL}={RUN_ID}",
@@ -48,7 +60,7 @@ def run_arguments(name: str, pids_limit: int, lifetime: int = 3600) -> list[str]
         "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
         "--security-opt", "no-new-privileges",
         "--mount", f"type=image,source={AGENT_IMAGE},destination=/.pod_exec_mcp",
-        IMAGE, AGENT, "init", str(lifetime),
+        image, AGENT, "init", str(lifetime),
     ]  # fmt: skip
 
 
@@ -57,10 +69,10 @@ def new_sandbox() -> Iterator[Callable[..., str]]:
     """Start sandboxes on demand; every one is removed at teardown."""
     names: list[str] = []
 
-    def start(pids_limit: int = 512, lifetime: int = 3600) -> str:
+    def start(pids_limit: int = 512, lifetime: int = 3600, image: str = IMAGE) -> str:
         name = f"pem-agent-test-{RUN_ID}-{len(names)}"
         names.append(name)
-        podman(*run_arguments(name, pids_limit, lifetime))
+        podman(*run_arguments(name, pids_limit, lifetime, image))
         return name
 
     yield start
@@ -331,6 +343,16 @@ async def test_host_gone_stops_commands(sandbox: str) -> None:
         await chan.close()
 
 
+async def test_close_stops_background_children(sandbox: str) -> None:
+    marker = uuid.uuid4().hex[:8]
+    async with channel(sandbox) as chan:
+        result, _ = await run(chan, f"sh -c 'sleep 300' bg_{marker} >/dev/null 2>&1 &")
+        assert result.status == 0 and marker in processes(sandbox)
+    assert not chan.alive
+    assert marker not in processes(sandbox)
+    await chan.close()  # idempotent
+
+
 async def test_output_callback_error_stops_only_its_command(sandbox: str) -> None:
     def broken(_: bytes) -> None:
         raise RuntimeError("the caller's bug")
@@ -427,6 +449,26 @@ def test_malformed_input_gets_errors_not_a_crash(sandbox: str) -> None:
         timeout=60,
     )
     assert done.stdout[0] == T_ERROR and b"protocol version 1" in done.stdout
+
+
+@pytest.mark.slow
+async def test_works_in_an_image_with_nothing_but_a_shell(
+    new_sandbox: Callable[..., str], tmp_path: Path
+) -> None:
+    """Distroless-like: a scratch image whose only file is a static busybox as /bin/sh."""
+    (tmp_path / "Containerfile").write_text(DISTROLESS)
+    image = f"localhost/pod_exec_mcp_test_shell_only_{RUN_ID}"
+    try:
+        podman("build", "-q", "-t", image, str(tmp_path))
+        name = new_sandbox(image=image)
+        async with channel(name) as chan:
+            result, out = await run(chan, "echo $0; ls /")
+            assert (result.status, out) == (0, b"/bin/sh\nbin\ndev\netc\nproc\nrun\nsys\n")
+            result, _ = await run(chan, "sleep 100 & sleep 100", timeout=1, kill_grace=0.2)
+            assert result.stopped and result.all_killed
+        podman("rm", "--force", "--time", "0", name)
+    finally:
+        podman("rmi", "--ignore", "--force", image, check=False)
 
 
 def test_init_ends_the_container_after_its_lifetime(new_sandbox: Callable[..., str]) -> None:

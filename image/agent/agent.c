@@ -437,6 +437,7 @@ static void supervisor_main(int ctl_in, int ctl_out, int in_fd, int out_fd, cons
                 timeout = (int)(s.term_until - t < 20 ? s.term_until - t : 20);
             }
         }
+        if (sfd < 0 && (timeout < 0 || timeout > 50)) timeout = 50; /* no signalfd: poll */
         struct pollfd pf[2] = {{.fd = s.agent_gone ? -1 : ctl_in, .events = POLLIN},
                                {.fd = sfd, .events = POLLIN}};
         if (poll(pf, 2, timeout) < 0 && errno != EINTR) timeout = 10;
