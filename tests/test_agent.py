@@ -179,7 +179,11 @@ async def test_timeout_kills_escapes(new_sandbox: Callable[..., str], escape: st
     marker = uuid.uuid4().hex[:8]
     command = ESCAPES[escape].format(m=marker) + " sleep 0.5; echo started; sleep 300"
     async with channel(name) as chan:
+        start = time.monotonic()
         result, out = await run(chan, command, timeout=2, kill_grace=0.5)
+        FIGURES.setdefault("agent: deadline to result, TERM ignored, grace 0.5 s (ms)", []).append(
+            round((time.monotonic() - start - 2) * 1000)
+        )
         assert b"started" in out
         if escape == "non-dumpable":
             assert b"dumpable=0" in out
@@ -508,6 +512,24 @@ async def test_measure_round_trip_and_cost(sandbox: str) -> None:
         FIGURES["agent: warm true round trip (ms, median of 50)"] = round(agent_ms, 2)
         FIGURES["podman exec sh -lc true (ms, median of 20)"] = round(raw_ms, 1)
         FIGURES["agent / podman exec"] = round(agent_ms / raw_ms, 3)
+        # 16 at once, as 16 sessions would.
+        start = time.monotonic()
+        await asyncio.gather(*(run(chan, "true") for _ in range(16)))
+        FIGURES["agent: 16 concurrent true (ms)"] = round((time.monotonic() - start) * 1000, 1)
+        start = time.monotonic()
+        procs = [
+            await asyncio.create_subprocess_exec(
+                "podman", "exec", sandbox, "/bin/sh", "-lc", "true"
+            )
+            for _ in range(16)
+        ]
+        await asyncio.gather(*(p.wait() for p in procs))
+        FIGURES["podman exec: 16 concurrent true (ms)"] = round((time.monotonic() - start) * 1000)
+        start = time.monotonic()
+        cmd = "yes 0123456789abcdef | head -c 10485760"
+        raw10 = podman("exec", sandbox, "/bin/sh", "-lc", cmd).stdout
+        assert len(raw10) == 10485760
+        FIGURES["podman exec: 10 MB output (ms)"] = round((time.monotonic() - start) * 1000, 1)
         _, out = await run(chan, f"grep VmRSS /proc/{chan.agent_pid}/status")
         FIGURES["agent: serve RSS"] = out.decode().split(":")[1].strip()
         _, out = await run(chan, "grep VmRSS /proc/1/status")
