@@ -18,7 +18,7 @@ import struct
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -50,8 +50,14 @@ COPY --from=build /bin/busybox /bin/sh
 """
 
 
+STRICT = [
+    "--cap-drop=ALL", "--read-only", "--network=none",
+    "--tmpfs", "/workspace:rw,size=64m,mode=1777", "--tmpfs", "/tmp:rw,size=64m,mode=1777",
+]  # fmt: skip
+
+
 def run_arguments(
-    name: str, pids_limit: int, lifetime: int = 3600, image: str = IMAGE
+    name: str, pids_limit: int, lifetime: int = 3600, image: str = IMAGE, extra: Sequence[str] = ()
 ) -> list[str]:
     """`podman run` arguments for a sandbox with the agent (as the server is to use them)."""
     return [
@@ -60,7 +66,7 @@ def run_arguments(
         "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
         "--security-opt", "no-new-privileges",
         "--mount", f"type=image,source={AGENT_IMAGE},destination=/.pod_exec_mcp",
-        image, AGENT, "init", str(lifetime),
+        *extra, image, AGENT, "init", str(lifetime),
     ]  # fmt: skip
 
 
@@ -69,10 +75,12 @@ def new_sandbox() -> Iterator[Callable[..., str]]:
     """Start sandboxes on demand; every one is removed at teardown."""
     names: list[str] = []
 
-    def start(pids_limit: int = 512, lifetime: int = 3600, image: str = IMAGE) -> str:
+    def start(
+        pids_limit: int = 512, lifetime: int = 3600, image: str = IMAGE, extra: Sequence[str] = ()
+    ) -> str:
         name = f"pem-agent-test-{RUN_ID}-{len(names)}"
         names.append(name)
-        podman(*run_arguments(name, pids_limit, lifetime, image))
+        podman(*run_arguments(name, pids_limit, lifetime, image, extra))
         return name
 
     yield start
@@ -92,8 +100,10 @@ def attach_argv(name: str) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def channel(name: str, **kwargs: float) -> AsyncIterator[AgentChannel]:
-    chan = await AgentChannel.attach(attach_argv(name), **kwargs)
+async def channel(
+    name: str, argv: list[str] | None = None, **kwargs: float
+) -> AsyncIterator[AgentChannel]:
+    chan = await AgentChannel.attach(argv or attach_argv(name), **kwargs)
     try:
         yield chan
     finally:
@@ -473,6 +483,59 @@ async def test_works_in_an_image_with_nothing_but_a_shell(
         podman("rm", "--force", "--time", "0", name)
     finally:
         podman("rmi", "--ignore", "--force", image, check=False)
+
+
+async def test_strict_sandbox(new_sandbox: Callable[..., str]) -> None:
+    """The server's strict mode: no capabilities, read-only root, tmpfs work dirs."""
+    name = new_sandbox(extra=STRICT)
+    marker = uuid.uuid4().hex[:8]
+    async with channel(name) as chan:
+        result, out = await run(chan, "echo hi > /workspace/f && cat /workspace/f; touch /x")
+        assert result.status == 1 and out.startswith(b"hi\n") and b"Read-only" in out
+        command = ESCAPES["env-scrubbed-setsid"].format(m=marker) + " sleep 300"
+        result, _ = await run(chan, command, timeout=1, kill_grace=0.3)
+        assert result.stopped and result.all_killed and marker not in processes(name)
+        path = "/tmp/spill/out.txt"
+        result, out = await run(chan, "seq 1 50000", spill_path=path, spill_after=1000)
+        assert result.spilled_to == path
+        assert (await run(chan, f"cat {path}"))[1] == out
+
+
+@pytest.fixture
+def remote_sandbox(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
+    """A sandbox started through a Podman API socket, as with CONTAINER_HOST."""
+    sock = tmp_path / "podman.sock"
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    remote = ["podman", "--url", f"unix://{sock}"]
+    name = f"pem-agent-test-{RUN_ID}-remote"
+    try:
+        assert wait_until(sock.exists, 30)
+        subprocess.run([*remote, *run_arguments(name, 256)], check=True, capture_output=True)
+        yield remote, name
+    finally:
+        podman("rm", "--force", "--ignore", "--time", "0", name, check=False)
+        service.terminate()
+        service.wait(30)
+
+
+@pytest.mark.slow
+async def test_remote_podman(remote_sandbox: tuple[list[str], str]) -> None:
+    remote, name = remote_sandbox
+    async with channel(name, argv=[*remote, "exec", "-i", name, AGENT, "serve"]) as chan:
+        result, out = await run(chan, "echo remote; pwd")
+        assert (result.status, out) == (0, b"remote\n/workspace\n")
+        # Host gone through the API socket: the agent still sees its stdin close.
+        marker = uuid.uuid4().hex[:8]
+        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' remote_{marker} & wait"))
+        assert await asyncio.to_thread(wait_until, lambda: marker in processes(name), 20)
+        os.kill(chan._proc.pid, signal.SIGKILL)
+        with pytest.raises(AgentError):
+            await task
+        assert await asyncio.to_thread(wait_until, lambda: marker not in processes(name), 30)
 
 
 def test_init_ends_the_container_after_its_lifetime(new_sandbox: Callable[..., str]) -> None:
