@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 
 BUILD = [sys.executable, "-m", "pod_exec_mcp.build"]
 
@@ -69,3 +70,41 @@ def test_built_image_carries_the_promised_tools_and_defaults() -> None:
     )
     labels = podman("image", "inspect", "--format", "{{json .Labels}}", IMAGE).stdout
     assert '"org.opencontainers.image.title":"pod_exec_mcp_base"' in labels
+
+
+def test_agent_sources_are_found_and_the_tag_option_exists() -> None:
+    from pod_exec_mcp.build import DEFAULT_AGENT_TAG, agent_containerfile
+
+    with agent_containerfile() as file:
+        assert (file.parent / "agent.c").is_file()
+        text = file.read_text()
+    assert "ARG BASE_IMAGE=docker.io/library/debian:trixie-slim" in text
+    assert "gcc -static" in text and "FROM scratch" in text
+    done = run_build("--help")
+    assert done.returncode == 0 and "--agent-tag" in done.stdout
+    assert DEFAULT_AGENT_TAG == "pod_exec_mcp_agent"
+
+
+def test_build_makes_both_images_under_the_given_tags() -> None:
+    """Layers are cached by scripts/dev.sh's build, so this mostly re-tags."""
+    from conftest import IMAGE, podman
+
+    suffix = uuid.uuid4().hex[:8]
+    base, agent = f"pod_exec_mcp_test_base_{suffix}", f"pod_exec_mcp_test_agent_{suffix}"
+    try:
+        done = run_build("--tag", base, "--agent-tag", agent)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"pod_exec_mcp_build: built {base} and {agent}"
+        )
+        # The agent image is the static binary alone; it runs in any sandbox image.
+        files = podman("image", "inspect", "--format", "{{len .RootFS.Layers}}", agent).stdout
+        assert files.strip() == "1"
+        out = podman(
+            "run", "--rm", "--label", "io.pod_exec_mcp.test.build=1", "--read-only",
+            "--cap-drop=ALL", "--mount", f"type=image,source={agent},destination=/.pod_exec_mcp",
+            IMAGE, "/.pod_exec_mcp/agent", "--version",
+        ).stdout  # fmt: skip
+        assert out == "pod_exec_mcp agent, protocol version 1\n"
+    finally:
+        podman("rmi", "--ignore", base, agent, check=False)

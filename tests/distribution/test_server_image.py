@@ -161,11 +161,14 @@ def test_builds_the_sandbox_image_through_the_socket(
         podman(
             "run", "--rm", "--label", f"{TEST_LABEL}=server-image", *_socket_args(podman_socket),
             "--entrypoint", "pod_exec_mcp_build", server_image, "--tag", tag,
+            "--agent-tag", f"{tag}_agent",
             timeout=900,
         )  # fmt: skip
         assert podman("image", "exists", tag, check=False).returncode == 0
+        assert podman("image", "exists", f"{tag}_agent", check=False).returncode == 0
     finally:
         remove_image(tag)
+        remove_image(f"{tag}_agent")
 
 
 @dataclass

@@ -40,6 +40,10 @@ def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
         names = wheel.namelist()
         # The Containerfile ships inside the package, where pod_exec_mcp_build looks for it.
         assert wheel.read("pod_exec_mcp/image/Containerfile").decode() == CONTAINERFILE
+        # So does the exec agent's source and Containerfile (the agent image's build context).
+        for name in ("agent.c", "Containerfile"):
+            source = (ROOT / "image" / "agent" / name).read_bytes()
+            assert wheel.read(f"pod_exec_mcp/image/agent/{name}") == source
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = wheel.read(entry_points).decode()
     assert "pod_exec_mcp = pod_exec_mcp.cli:main" in scripts
@@ -49,6 +53,7 @@ def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
     with tarfile.open(dists["sdist"]) as sdist:
         members = {m.split("/", 1)[1] for m in sdist.getnames() if "/" in m}
     assert {"pyproject.toml", "README.md", "image/Containerfile", "pod_exec_mcp/cli.py"} <= members
+    assert {"image/agent/agent.c", "image/agent/Containerfile"} <= members
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +95,7 @@ def wheel_tag() -> Iterator[str]:
     tag = f"localhost/{unique('pod_exec_mcp_wheel_test')}"
     yield tag
     remove_image(tag)
+    remove_image(f"{tag}_agent")
 
 
 def test_build_image_from_the_installed_wheel(
@@ -99,7 +105,8 @@ def test_build_image_from_the_installed_wheel(
     assert printed == CONTAINERFILE
     with timed("wheel: pod_exec_mcp_build from the venv (layers cached by scripts/dev.sh)"):
         run(
-            ["pod_exec_mcp_build", "--tag", wheel_tag, "--base-image", BASE_IMAGE],
+            ["pod_exec_mcp_build", "--tag", wheel_tag, "--agent-tag", f"{wheel_tag}_agent",
+             "--base-image", BASE_IMAGE],
             timeout=900, **outside,
         )  # fmt: skip
     tools = podman(

@@ -1,0 +1,429 @@
+"""Host side of the persistent in-sandbox exec agent (protocol: docs/agent-protocol.md).
+
+One `AgentChannel` is one `podman exec -i CTR /.pod_exec_mcp/agent serve` process; many
+commands run over it at once. Pure stdlib asyncio, no global state: every channel owns its
+subprocess, its reader task and its heartbeat task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">BBHII")  # type, flags, reserved, id, payload length
+MAX_PAYLOAD = 1024 * 1024
+
+# Frame types (docs/agent-protocol.md).
+T_HELLO, T_RUN, T_STDIN, T_STDIN_END, T_STOP, T_PING, T_SHUTDOWN = range(1, 8)
+T_HELLO_OK, T_STARTED, T_OUTPUT, T_EXIT, T_ERROR, T_PONG, T_BYE = range(0x81, 0x88)
+F_STDIN_FOLLOWS = 1
+X_STOPPED, X_ALL_KILLED, X_SPILLED, X_DEADLINE, X_SPILL_FAILED = 1, 2, 4, 8, 16
+FLD_COMMAND, FLD_CWD, FLD_ENV, FLD_SPILL_PATH = 1, 2, 3, 4
+ERROR_NAMES = {
+    1: "bad frame",
+    2: "bad version",
+    3: "unknown id",
+    4: "duplicate id",
+    5: "start failed",
+    6: "unsupported",
+    7: "limit",
+    8: "internal",
+}
+
+# The agent's own deadline trails the host's, so that the host's STOP normally wins and
+# the agent's only fires if the host side stalls.
+AGENT_DEADLINE_SLACK = 2.0
+# After a STOP the agent reports within grace + 10 s of SIGKILL rounds; allow for that.
+STOP_REPORT_SLACK = 20.0
+STDERR_TAIL = 4096
+
+
+class AgentError(Exception):
+    """The channel failed (agent died, protocol error). The sandbox itself may be fine."""
+
+
+class AgentCommandError(AgentError):
+    """The agent refused or could not start one command (e.g. fork failed: pids exhausted).
+
+    The channel itself is still alive (`AgentChannel.alive`) and can run other commands.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{message} ({ERROR_NAMES.get(code, 'error')} {code})")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    status: int  # exit status as podman exec gives it (128+N for signal N)
+    stopped: bool  # the tree was stopped (timeout or cancel)
+    all_killed: bool  # after a stop: the subtree was verified empty
+    survivors: int
+    output_bytes: int
+    spilled_to: str | None
+
+
+@dataclass
+class _Pending:
+    on_output: Callable[[bytes], None]
+    done: asyncio.Future[AgentRun]
+    spill_path: str | None
+    # An exception raised by on_output: the command is stopped and run() re-raises it.
+    callback_error: BaseException | None = None
+    started: asyncio.Future[tuple[int, int]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def _frame(ftype: int, fid: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(ftype, 0, 0, fid, len(payload)) + payload
+
+
+def _field(tag: int, value: bytes) -> bytes:
+    return struct.pack(">BI", tag, len(value)) + value
+
+
+def _ms(seconds: float) -> int:
+    return max(0, min(int(seconds * 1000), 0xFFFFFFFF))
+
+
+def encode_run(
+    command: str,
+    *,
+    deadline: float,
+    grace: float,
+    env: Mapping[str, str] | None,
+    has_stdin: bool,
+    cwd: str | None,
+    spill_path: str | None,
+    spill_after: int,
+) -> bytes:
+    """The RUN payload: a 24-byte fixed part, then tagged fields."""
+    flags = F_STDIN_FOLLOWS if has_stdin else 0
+    spill = spill_after if spill_path else 0
+    out = [struct.pack(">IIIIQ", _ms(deadline), _ms(grace), flags, 0, spill)]
+    out.append(_field(FLD_COMMAND, command.encode()))
+    if cwd is not None:
+        out.append(_field(FLD_CWD, cwd.encode()))
+    for name, value in (env or {}).items():
+        if not name or "=" in name or "\0" in name + value:
+            raise ValueError(f"invalid environment variable name or value: {name!r}")
+        out.append(_field(FLD_ENV, f"{name}={value}".encode()))
+    if spill:
+        out.append(_field(FLD_SPILL_PATH, str(spill_path).encode()))
+    payload = b"".join(out)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("command, cwd and environment exceed the agent's 1 MiB frame limit")
+    return payload
+
+
+class AgentChannel:
+    """One long-lived agent in one sandbox; see docs/agent-protocol.md."""
+
+    agent_pid: int  # in the container's pid namespace
+    protocol_version: int
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, heartbeat_interval: float, heartbeat_timeout: float
+    ) -> None:
+        self._proc = proc
+        self._interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._hello: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._bye = asyncio.Event()
+        self._dead: str | None = None
+        self._closed = False
+        self._stderr = bytearray()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.agent_pid = 0
+        self.protocol_version = 0
+
+    @classmethod
+    async def attach(
+        cls,
+        argv: Sequence[str],
+        *,
+        handshake_timeout: float = 10.0,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 30.0,
+    ) -> AgentChannel:
+        """Start the agent (argv is the full command, e.g. [podman, exec, -i, CTR,
+        /.pod_exec_mcp/agent, serve]), handshake; AgentError if it cannot.
+
+        The agent stops every command and exits if no frame arrives for heartbeat_timeout
+        seconds; this side sends a PING every heartbeat_interval seconds.
+        """
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=4 * MAX_PAYLOAD,
+            )
+        except OSError as exc:
+            raise AgentError(f"cannot start the agent ({argv[0]}): {exc}") from exc
+        chan = cls(proc, heartbeat_interval, heartbeat_timeout)
+        chan._tasks = [
+            asyncio.create_task(chan._read_frames()),
+            asyncio.create_task(chan._read_stderr()),
+        ]
+        try:
+            hello = struct.pack(">HHI", PROTOCOL_VERSION, PROTOCOL_VERSION, _ms(heartbeat_timeout))
+            await chan._send(_frame(T_HELLO, 0, hello))
+            version, pid = await asyncio.wait_for(asyncio.shield(chan._hello), handshake_timeout)
+        except (AgentError, TimeoutError) as exc:
+            why = str(exc) if isinstance(exc, AgentError) else "no answer to HELLO"
+            await chan._abort()
+            raise AgentError(f"the agent did not start: {why}{chan._stderr_note()}") from None
+        except BaseException:
+            await chan._abort()
+            raise
+        chan.agent_pid = pid
+        chan.protocol_version = version
+        chan._tasks.append(asyncio.create_task(chan._heartbeat()))
+        return chan
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closed and self._proc.returncode is None
+
+    async def run(
+        self,
+        command: str,
+        *,
+        timeout: float,
+        kill_grace: float,
+        on_output: Callable[[bytes], None],
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        cwd: str | None = None,
+        spill_path: str | None = None,
+        spill_after: int = 0,
+    ) -> AgentRun:
+        """Run `/bin/sh -lc command`; on_output gets its merged output as it arrives.
+
+        On timeout: STOP with kill_grace, return with stopped=True. On CancelledError: STOP,
+        wait for the stop to finish (shielded from a second cancel), re-raise. AgentError if
+        the channel dies mid-run; AgentCommandError if the agent cannot start the command.
+        """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
+        if not self.alive:
+            raise AgentError(f"the agent channel is closed{self._why()}")
+        payload = encode_run(
+            command,
+            deadline=timeout + AGENT_DEADLINE_SLACK,
+            grace=kill_grace,
+            env=env,
+            has_stdin=stdin is not None,
+            cwd=cwd,
+            spill_path=spill_path,
+            spill_after=spill_after,
+        )
+        rid = next(self._ids) % 0xFFFFFFFF + 1  # ids are u32 and never 0
+        done: asyncio.Future[AgentRun] = asyncio.get_running_loop().create_future()
+        pending = self._pending[rid] = _Pending(on_output, done, spill_path)
+        try:
+            frames = [_frame(T_RUN, rid, payload)]
+            if stdin is not None:
+                view = memoryview(stdin)
+                frames += [
+                    _frame(T_STDIN, rid, bytes(view[i : i + MAX_PAYLOAD]))
+                    for i in range(0, len(stdin), MAX_PAYLOAD)
+                ]
+                frames.append(_frame(T_STDIN_END, rid))
+            await self._send(b"".join(frames))
+            try:
+                result = await asyncio.wait_for(asyncio.shield(done), timeout)
+            except TimeoutError:
+                result = await self._stop(rid, done, kill_grace)
+            except asyncio.CancelledError:
+                await self._stop_shielded(rid, done, kill_grace)
+                raise
+            if pending.callback_error is not None:
+                raise pending.callback_error
+            return result
+        finally:
+            self._pending.pop(rid, None)
+
+    async def close(self) -> None:
+        """Ask the agent to stop everything and exit; then end the podman exec client.
+
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._dead is None:
+            with contextlib.suppress(AgentError, OSError):
+                await self._send(_frame(T_SHUTDOWN, 0, struct.pack(">I", 2000)))
+                await asyncio.wait_for(self._bye.wait(), 2.0 + STOP_REPORT_SLACK)
+        await self._abort()
+
+    # ---- internals ----
+
+    async def _stop(self, rid: int, done: asyncio.Future[AgentRun], grace: float) -> AgentRun:
+        if not done.done():
+            with contextlib.suppress(AgentError):
+                await self._send(_frame(T_STOP, rid, struct.pack(">I", _ms(grace))))
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), grace + STOP_REPORT_SLACK)
+        except TimeoutError:
+            raise AgentError("the agent did not report the stopped command") from None
+
+    async def _stop_shielded(self, rid: int, done: asyncio.Future[AgentRun], grace: float) -> None:
+        stop = asyncio.ensure_future(self._stop(rid, done, grace))
+        while not stop.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(stop)
+        with contextlib.suppress(Exception):
+            stop.result()
+
+    async def _send(self, data: bytes) -> None:
+        if self._dead is not None:
+            raise AgentError(f"the agent channel is gone{self._why()}")
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(data)
+            await stdin.drain()
+        except (ConnectionError, OSError) as exc:
+            self._fail(f"writing to the agent failed: {exc}")
+            raise AgentError(f"the agent channel is gone{self._why()}") from None
+
+    async def _send_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(AgentError):
+            await self._send(data)
+
+    async def _heartbeat(self) -> None:
+        with contextlib.suppress(AgentError):
+            while self._dead is None:
+                await asyncio.sleep(self._interval)
+                await self._send(_frame(T_PING, 0))
+
+    async def _read_frames(self) -> None:
+        stdout = self._proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                header = await stdout.readexactly(HEADER.size)
+                ftype, flags, reserved, fid, length = HEADER.unpack(header)
+                if flags or reserved or length > MAX_PAYLOAD:
+                    self._fail(f"malformed frame from the agent (type {ftype:#x})")
+                    return
+                self._dispatch(ftype, fid, await stdout.readexactly(length))
+        except asyncio.IncompleteReadError:
+            await self._reap_briefly()
+            self._fail(f"the agent exited (status {self._proc.returncode})")
+        except Exception as exc:  # a bug here must fail the runs, not hang them
+            self._fail(f"reading from the agent failed: {exc!r}")
+
+    def _dispatch(self, ftype: int, fid: int, payload: bytes) -> None:
+        pending = self._pending.get(fid)
+        if ftype == T_OUTPUT:
+            if pending is not None and pending.callback_error is None:
+                try:
+                    pending.on_output(payload)
+                except Exception as exc:  # the caller's bug: stop its command, not the channel
+                    pending.callback_error = exc
+                    stop = _frame(T_STOP, fid, struct.pack(">I", 0))
+                    self._tasks.append(asyncio.create_task(self._send_quietly(stop)))
+        elif ftype == T_EXIT:
+            status, flags, survivors, nbytes = struct.unpack(">iIIQ", payload[:20])
+            if pending is not None and not pending.done.done():
+                pending.done.set_result(
+                    AgentRun(
+                        status=status,
+                        stopped=bool(flags & X_STOPPED),
+                        all_killed=bool(flags & X_ALL_KILLED),
+                        survivors=survivors,
+                        output_bytes=nbytes,
+                        spilled_to=pending.spill_path if flags & X_SPILLED else None,
+                    )
+                )
+        elif ftype == T_STARTED:
+            if pending is not None and not pending.started.done():
+                pending.started.set_result(struct.unpack(">II", payload[:8]))
+        elif ftype == T_ERROR:
+            code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 0
+            message = payload[2:].decode(errors="replace")
+            if fid == 0:
+                if not self._hello.done():
+                    self._hello.set_exception(AgentError(message))
+                else:
+                    self._fail(f"the agent reported a channel error: {message}")
+            elif pending is not None and not pending.done.done():
+                pending.done.set_exception(AgentCommandError(code, message))
+            # An ERROR for an id no longer pending (e.g. a STOP that crossed EXIT) is moot.
+        elif ftype == T_HELLO_OK:
+            version, _, pid = struct.unpack(">HHI", payload[:8])
+            if not self._hello.done():
+                self._hello.set_result((version, pid))
+        elif ftype == T_BYE:
+            self._bye.set()
+        # PONG and frame types of later versions need no action.
+
+    async def _read_stderr(self) -> None:
+        stderr = self._proc.stderr
+        assert stderr is not None
+        while chunk := await stderr.read(65536):
+            self._stderr += chunk
+            del self._stderr[:-STDERR_TAIL]
+
+    def _fail(self, why: str) -> None:
+        if self._dead is None:
+            self._dead = why
+        self._bye.set()
+        error = AgentError(f"{why}{self._stderr_note()}")
+        if not self._hello.done():
+            self._hello.set_exception(error)
+        for pending in self._pending.values():
+            if not pending.done.done():
+                pending.done.set_exception(error)
+
+    def _why(self) -> str:
+        return f": {self._dead}" if self._dead else ""
+
+    def _stderr_note(self) -> str:
+        text = self._stderr.decode(errors="replace").strip()
+        return f"; agent stderr: {text[-500:]}" if text else ""
+
+    async def _reap_briefly(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._proc.wait(), 1.0)
+
+    async def _abort(self) -> None:
+        """End the podman exec client and every task; never raises."""
+        if self._dead is None:
+            self._dead = "closed"
+        self._closed = True
+        stdin = self._proc.stdin
+        if stdin is not None:
+            with contextlib.suppress(Exception):
+                stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), 5.0)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in self._tasks:
+            if task is not current:
+                with contextlib.suppress(BaseException):
+                    await task
+        self._fail("closed")
+
+
+__all__ = ["AgentChannel", "AgentCommandError", "AgentError", "AgentRun"]
