@@ -10,18 +10,27 @@ from __future__ import annotations
 import os
 import sys
 import tarfile
-import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dist_helpers import BASE_IMAGE, ROOT, TEST_LABEL, podman, remove_image, run, timed, unique
+from dist_helpers import (
+    BASE_IMAGE,
+    ROOT,
+    TEST_LABEL,
+    podman,
+    remove_image,
+    run,
+    source_version,
+    timed,
+    unique,
+)
 
 pytestmark = pytest.mark.slow
 
 CONTAINERFILE = (ROOT / "image" / "Containerfile").read_text()
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+VERSION = source_version()
 SCRIPTS = ("pod_exec_mcp", "pod_exec_mcp_build")
 
 
@@ -30,8 +39,9 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("dist")
     with timed("wheel: python -m build (sdist, then the wheel from it)"):
         run([sys.executable, "-m", "build", "--outdir", out, ROOT], timeout=600, cwd=out)
-    (wheel,) = out.glob("pod_exec_mcp-*.whl")
-    (sdist,) = out.glob("pod_exec_mcp-*.tar.gz")
+    # Both file names carry the version hatch read from __init__.py.
+    (wheel,) = out.glob(f"pod_exec_mcp-{VERSION}-py3-none-any.whl")
+    (sdist,) = out.glob(f"pod_exec_mcp-{VERSION}.tar.gz")
     return {"wheel": wheel, "sdist": sdist}
 
 
@@ -42,6 +52,13 @@ def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
         assert wheel.read("pod_exec_mcp/image/Containerfile").decode() == CONTAINERFILE
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = wheel.read(entry_points).decode()
+        (metadata_file,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = wheel.read(metadata_file).decode()
+        # PEP 561: type checkers use the package's own hints only when this marker ships.
+        assert "pod_exec_mcp/py.typed" in names
+    assert f"\nVersion: {VERSION}\n" in metadata
+    assert "\nClassifier: Typing :: Typed\n" in metadata
+    assert "\nProject-URL: Source, https://" in metadata
     assert "pod_exec_mcp = pod_exec_mcp.cli:main" in scripts
     assert "pod_exec_mcp_build = pod_exec_mcp.build:main" in scripts
     assert not [n for n in names if n.startswith("tests/")]
