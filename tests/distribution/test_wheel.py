@@ -124,3 +124,18 @@ def test_build_image_from_the_installed_wheel(
         "sh", "-c", "for t in git jq rg curl; do command -v $t; done",
     ).stdout  # fmt: skip
     assert len(tools.split()) == 4, tools
+
+
+def test_release_version_check(dists: dict[str, Path], installed: Path) -> None:
+    """The check release.yml runs before publishing: the tag, the command and the metadata."""
+    check = [sys.executable, ROOT / "scripts" / "check_release_version.py"]
+    dist_dir = dists["wheel"].parent
+    command = ["--command", installed / "bin" / "pod_exec_mcp", dist_dir]
+    ok = run([*check, "--tag", f"v{VERSION}", *command], timeout=60)
+    assert ok.stdout.strip() == VERSION
+    wrong = run([*check, "--tag", "v9.9.9", *command], timeout=60, check=False)
+    assert wrong.returncode == 1 and not wrong.stdout
+    assert "versions disagree" in wrong.stderr and "tag: 9.9.9" in wrong.stderr, wrong.stderr
+    assert f"pod_exec_mcp --version: {VERSION}" in wrong.stderr, wrong.stderr
+    bare = run([*check, "--tag", VERSION, *command], timeout=60, check=False)
+    assert bare.returncode == 1 and "release tags are v<version>" in bare.stderr, bare.stderr
