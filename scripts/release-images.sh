@@ -6,7 +6,7 @@
 #   scripts/release-images.sh manifest   # join the architectures: NAME:VERSION (and NAME:latest)
 #   scripts/release-images.sh stamp SRC DEST   # SRC plus the release's labels, as DEST
 #
-# Environment: VERSION (e.g. 0.1.0), REVISION (the commit), SOURCE_URL (the repository's
+# Environment: VERSION (e.g. 1.2.3), REVISION (the commit), SOURCE_URL (the repository's
 # URL), IMAGE_PREFIX (e.g. ghcr.io/OWNER); ARCHES for `manifest` (default "amd64 arm64").
 # `build` needs pod_exec_mcp_build on PATH (the released wheel's) and runs from the checkout.
 #

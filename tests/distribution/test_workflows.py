@@ -33,6 +33,7 @@ from dist_helpers import unique as unique_name
 
 WORKFLOWS = ROOT / ".github" / "workflows"
 CI, RELEASE = WORKFLOWS / "ci.yml", WORKFLOWS / "release.yml"
+DEPENDABOT = ROOT / ".github" / "dependabot.yml"  # keeps the pinned actions current
 DEVCONTAINER = ROOT / ".devcontainer" / "devcontainer.json"
 # From github.com/devcontainers/spec, schemas/ (MIT, see schemas/README.md).
 DEVCONTAINER_SCHEMA = Path(__file__).resolve().parent / "schemas" / "devContainer.base.schema.json"
@@ -76,7 +77,7 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def test_zizmor_finds_nothing_in_either_workflow() -> None:
-    done = zizmor(CI, RELEASE)
+    done = zizmor(CI, RELEASE, DEPENDABOT)
     findings = json.loads(done.stdout or "null")
     assert findings == [], [(f["ident"], f["desc"]) for f in findings or []]
     assert done.returncode == 0, done.stderr
@@ -96,6 +97,12 @@ def test_zizmor_catches_a_bad_workflow(tmp_path: Path) -> None:
 )
 def test_workflows_match_the_schema(schema: str) -> None:
     run([tool("check-jsonschema"), "--builtin-schema", schema, CI, RELEASE], timeout=120)
+
+
+def test_dependabot_config_matches_the_schema() -> None:
+    run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.dependabot", DEPENDABOT], timeout=120
+    )
 
 
 def test_the_schemas_catch_bad_workflows(tmp_path: Path) -> None:
@@ -187,7 +194,7 @@ def test_release_images_are_the_three_images() -> None:
 
 @pytest.mark.parametrize(
     ("version", "tags"),
-    [("0.1.0", ["0.1.0", "latest"]), ("1.2.0rc1", ["1.2.0rc1"]), ("2.0.0.dev3", ["2.0.0.dev3"])],
+    [("3.4.5", ["3.4.5", "latest"]), ("1.2.0rc1", ["1.2.0rc1"]), ("2.0.0.dev3", ["2.0.0.dev3"])],
 )
 def test_latest_moves_only_for_a_final_release(version: str, tags: list[str]) -> None:
     done = run([RELEASE_IMAGES, "tags"], timeout=30, env={**os.environ, "VERSION": version})
