@@ -26,6 +26,18 @@
           ./image
         ];
       };
+      # The version has one source, pod_exec_mcp/__init__.py, which hatch reads too. Matched
+      # line by line: a `.*` across newlines in builtins.match is not portable.
+      version =
+        let
+          lines = builtins.filter builtins.isString (
+            builtins.split "\n" (builtins.readFile ./pod_exec_mcp/__init__.py)
+          );
+          found = builtins.filter (m: m != null) (map (builtins.match ''__version__ = "([^"]+)"'') lines);
+        in
+        assert builtins.length found == 1 || throw "pod_exec_mcp/__init__.py: no single __version__";
+        builtins.head (builtins.head found);
+
       # The source plus the tests, for the lint check.
       lintSrc = lib.fileset.toSource {
         root = ./.;
@@ -184,7 +196,7 @@
         in
         python.pkgs.buildPythonApplication {
           pname = "pod_exec_mcp";
-          version = (lib.importTOML ./pyproject.toml).project.version;
+          inherit version;
           pyproject = true;
           inherit src;
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -22,6 +23,15 @@ BASE_IMAGE = os.environ.get("POD_EXEC_MCP_BASE_IMAGE", "docker.io/library/debian
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # Every container the distribution tests start carries this label (for cleanup by label).
 TEST_LABEL = "io.pod_exec_mcp.test"
+# The version's one source; read as text, so that it is this checkout's whatever is installed.
+INIT_PY = ROOT / "pod_exec_mcp" / "__init__.py"
+VERSION_LINE = re.compile(r'^__version__ = "([^"]+)"$', re.MULTILINE)
+
+
+def source_version() -> str:
+    """The version written in pod_exec_mcp/__init__.py (it must be written there exactly once)."""
+    (version,) = VERSION_LINE.findall(INIT_PY.read_text())
+    return version
 
 
 def unique(prefix: str) -> str:

@@ -10,18 +10,27 @@ from __future__ import annotations
 import os
 import sys
 import tarfile
-import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dist_helpers import BASE_IMAGE, ROOT, TEST_LABEL, podman, remove_image, run, timed, unique
+from dist_helpers import (
+    BASE_IMAGE,
+    ROOT,
+    TEST_LABEL,
+    podman,
+    remove_image,
+    run,
+    source_version,
+    timed,
+    unique,
+)
 
 pytestmark = pytest.mark.slow
 
 CONTAINERFILE = (ROOT / "image" / "Containerfile").read_text()
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+VERSION = source_version()
 SCRIPTS = ("pod_exec_mcp", "pod_exec_mcp_build")
 
 
@@ -30,8 +39,9 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("dist")
     with timed("wheel: python -m build (sdist, then the wheel from it)"):
         run([sys.executable, "-m", "build", "--outdir", out, ROOT], timeout=600, cwd=out)
-    (wheel,) = out.glob("pod_exec_mcp-*.whl")
-    (sdist,) = out.glob("pod_exec_mcp-*.tar.gz")
+    # Both file names carry the version hatch read from __init__.py.
+    (wheel,) = out.glob(f"pod_exec_mcp-{VERSION}-py3-none-any.whl")
+    (sdist,) = out.glob(f"pod_exec_mcp-{VERSION}.tar.gz")
     return {"wheel": wheel, "sdist": sdist}
 
 
@@ -46,6 +56,13 @@ def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
             assert wheel.read(f"pod_exec_mcp/image/agent/{name}") == source
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = wheel.read(entry_points).decode()
+        (metadata_file,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = wheel.read(metadata_file).decode()
+        # PEP 561: type checkers use the package's own hints only when this marker ships.
+        assert "pod_exec_mcp/py.typed" in names
+    assert f"\nVersion: {VERSION}\n" in metadata
+    assert "\nClassifier: Typing :: Typed\n" in metadata
+    assert "\nProject-URL: Source, https://" in metadata
     assert "pod_exec_mcp = pod_exec_mcp.cli:main" in scripts
     assert "pod_exec_mcp_build = pod_exec_mcp.build:main" in scripts
     assert not [n for n in names if n.startswith("tests/")]
@@ -114,3 +131,18 @@ def test_build_image_from_the_installed_wheel(
         "sh", "-c", "for t in git jq rg curl; do command -v $t; done",
     ).stdout  # fmt: skip
     assert len(tools.split()) == 4, tools
+
+
+def test_release_version_check(dists: dict[str, Path], installed: Path) -> None:
+    """The check release.yml runs before publishing: the tag, the command and the metadata."""
+    check = [sys.executable, ROOT / "scripts" / "check_release_version.py"]
+    dist_dir = dists["wheel"].parent
+    command = ["--command", installed / "bin" / "pod_exec_mcp", dist_dir]
+    ok = run([*check, "--tag", f"v{VERSION}", *command], timeout=60)
+    assert ok.stdout.strip() == VERSION
+    wrong = run([*check, "--tag", "v9.9.9", *command], timeout=60, check=False)
+    assert wrong.returncode == 1 and not wrong.stdout
+    assert "versions disagree" in wrong.stderr and "tag: 9.9.9" in wrong.stderr, wrong.stderr
+    assert f"pod_exec_mcp --version: {VERSION}" in wrong.stderr, wrong.stderr
+    bare = run([*check, "--tag", VERSION, *command], timeout=60, check=False)
+    assert bare.returncode == 1 and "release tags are v<version>" in bare.stderr, bare.stderr
