@@ -107,7 +107,9 @@ def encode_run(
     flags = F_STDIN_FOLLOWS if has_stdin else 0
     spill = spill_after if spill_path else 0
     out = [struct.pack(">IIIIQ", _ms(deadline), _ms(grace), flags, 0, spill)]
-    out.append(_field(FLD_COMMAND, command.encode()))
+    # surrogatepass: a lone surrogate from JSON reaches the shell as the bytes it names,
+    # as it would through podman exec's argv, instead of failing here.
+    out.append(_field(FLD_COMMAND, command.encode("utf-8", "surrogatepass")))
     if cwd is not None:
         out.append(_field(FLD_CWD, cwd.encode()))
     for name, value in (env or {}).items():
@@ -199,7 +201,7 @@ class AgentChannel:
         self,
         command: str,
         *,
-        timeout: float,
+        timeout: float | None,
         kill_grace: float,
         on_output: Callable[[bytes], None],
         env: Mapping[str, str] | None = None,
@@ -214,13 +216,13 @@ class AgentChannel:
         wait for the stop to finish (shielded from a second cancel), re-raise. AgentError if
         the channel dies mid-run; AgentCommandError if the agent cannot start the command.
         """
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, not {timeout}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout}")
         if not self.alive:
             raise AgentError(f"the agent channel is closed{self._why()}")
         payload = encode_run(
             command,
-            deadline=timeout + AGENT_DEADLINE_SLACK,
+            deadline=timeout + AGENT_DEADLINE_SLACK if timeout is not None else 0,
             grace=kill_grace,
             env=env,
             has_stdin=stdin is not None,
@@ -242,7 +244,10 @@ class AgentChannel:
                 frames.append(_frame(T_STDIN_END, rid))
             await self._send(b"".join(frames))
             try:
-                result = await asyncio.wait_for(asyncio.shield(done), timeout)
+                if timeout is None:  # a background job: runs until stopped or cancelled
+                    result = await asyncio.shield(done)
+                else:
+                    result = await asyncio.wait_for(asyncio.shield(done), timeout)
             except TimeoutError:
                 result = await self._stop(rid, done, kill_grace)
             except asyncio.CancelledError:
@@ -265,6 +270,11 @@ class AgentChannel:
             with contextlib.suppress(AgentError, OSError):
                 await self._send(_frame(T_SHUTDOWN, 0, struct.pack(">I", 2000)))
                 await asyncio.wait_for(self._bye.wait(), 2.0 + STOP_REPORT_SLACK)
+        await self._abort()
+
+    async def abort(self) -> None:
+        """End the channel now, without asking the agent to stop anything (the container
+        is about to be removed, or the agent is already gone). Idempotent; never raises."""
         await self._abort()
 
     # ---- internals ----

@@ -168,6 +168,18 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
                 f"image {settings.image!r} is not present in local Podman storage. "
                 f"Build it with `{build}`, or set {env_var('image')}."
             )
+        if settings.exec_channel == "agent" and not await podman.image_exists(settings.agent_image):
+            die(
+                f"the exec agent's image {settings.agent_image!r} is not present in local "
+                "Podman storage. Build it (with the sandbox image) with `pod_exec_mcp_build`, "
+                f"set {env_var('agent_image')}, or set {env_var('exec_channel')}=podman-exec."
+            )
+        if settings.exec_channel == "agent" and not await podman.image_exists(settings.agent_image):
+            die(
+                f"the exec agent's image {settings.agent_image!r} is not present in local "
+                "Podman storage. Build it (with the sandbox image) with `pod_exec_mcp_build`, "
+                f"set {env_var('agent_image')}, or set {env_var('exec_channel')}=podman-exec."
+            )
         removed = await sweep_orphans(podman)
     except PodmanError as exc:
         die(str(exc))

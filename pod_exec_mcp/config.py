@@ -11,7 +11,7 @@ import ipaddress
 import os
 import shlex
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,6 +57,15 @@ class Settings(BaseModel):
 
     podman: str = "podman"
     """The podman executable (a name looked up on PATH, or a path)."""
+
+    exec_channel: Literal["agent", "podman-exec"] = "agent"
+    """How commands reach a sandbox: `agent`, one long-lived exec agent per sandbox
+    (milliseconds per command, kills that cannot be escaped; falls back to podman exec
+    where the agent cannot start), or `podman-exec`, one `podman exec` per command."""
+
+    agent_image: str = "pod_exec_mcp_agent"
+    """Image holding the static exec agent, mounted read-only into every sandbox (built by
+    `pod_exec_mcp_build` with the sandbox image). Unused with exec_channel podman-exec."""
 
     max_sandboxes: int = Field(default=50, ge=1)
     """Most sandboxes alive at once. Past it, new sessions get an error; none is evicted."""

@@ -50,6 +50,8 @@ class SandboxSpec:
     # Seconds after which the sandbox's own init exits, whoever is (not) watching. 0: never.
     lifetime: float
     extra_run_args: tuple[str, ...] = ()
+    # The image of the exec agent to mount into the sandbox; None: no agent.
+    agent_image: str | None = None
 
 
 def sandbox_spec(settings: Settings, name: str, labels: Mapping[str, str]) -> SandboxSpec:
@@ -68,6 +70,7 @@ def sandbox_spec(settings: Settings, name: str, labels: Mapping[str, str]) -> Sa
         tmpfs_size=settings.tmpfs_size,
         lifetime=settings.sandbox_lifetime,
         extra_run_args=tuple(settings.extra_run_args),
+        agent_image=settings.agent_image if settings.exec_channel == "agent" else None,
     )
 
 

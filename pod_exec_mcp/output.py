@@ -34,15 +34,18 @@ class BoundedOutput:
     def truncated(self) -> bool:
         return self.total > self.limit
 
-    def text(self) -> str:
-        """The kept output as text; invalid UTF-8 becomes U+FFFD, never an exception."""
+    def text(self, whole_output_in: str | None = None) -> str:
+        """The kept output as text; invalid UTF-8 becomes U+FFFD, never an exception.
+        `whole_output_in` names the file that holds every byte, for the marker line."""
         if not self.truncated:
             return (bytes(self._head) + bytes(self._tail)).decode("utf-8", "replace")
         tail = bytes(self._tail[-self._tail_limit :])
         omitted = self.total - len(self._head) - len(tail)
+        kept_in = f"; the whole output is in {whole_output_in}" if whole_output_in else ""
         marker = (
             f"\n[pod_exec_mcp: {omitted} bytes of output omitted here; "
-            f"{self.total} bytes in all, first {len(self._head)} and last {len(tail)} kept]\n"
+            f"{self.total} bytes in all, first {len(self._head)} and last {len(tail)} kept"
+            f"{kept_in}]\n"
         )
         head = bytes(self._head).decode("utf-8", "replace")
         return head + marker + tail.decode("utf-8", "replace")

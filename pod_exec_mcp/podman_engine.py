@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import secrets
 import time
 from collections.abc import Awaitable
+from typing import Any
 
+from pod_exec_mcp.agent_channel import AgentChannel, AgentCommandError, AgentError
 from pod_exec_mcp.engine import (
     TIMEOUT_STATUS,
     EngineError,
@@ -27,6 +30,12 @@ from pod_exec_mcp.engine import (
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import Podman, PodmanError
+
+log = logging.getLogger(__name__)
+
+# Where the agent image is mounted in every sandbox, and the agent binary in it.
+AGENT_DIR = "/.pod_exec_mcp"
+AGENT_BINARY = f"{AGENT_DIR}/agent"
 
 # Every process a command starts inherits this variable, even one that leaves the
 # command's process group or session; that is how a timeout finds and kills all of them.
@@ -79,7 +88,10 @@ _AMBIGUOUS_STATUSES = frozenset({125, 137, 255})
 
 def run_arguments(spec: SandboxSpec) -> list[str]:
     """The `podman run` arguments that start one sandbox."""
-    args = ["run", "--detach", "--rm", "--init", "--name", spec.name]
+    # With the agent, its `init` mode is PID 1 (zombie reaper and lifetime bound, immune
+    # to signals from inside); without it, podman's own init runs a plain sleep.
+    init = [] if spec.agent_image else ["--init"]
+    args = ["run", "--detach", "--rm", *init, "--name", spec.name]
     for key, value in spec.labels.items():
         args += ["--label", f"{key}={value}"]
     args += [
@@ -101,22 +113,34 @@ def run_arguments(spec: SandboxSpec) -> list[str]:
         ]  # fmt: skip
     if not spec.network:
         args.append("--network=none")
+    if spec.agent_image:
+        # Read-only, out of reach of the sandbox's root, and in the engine's own storage,
+        # so it works for any sandbox image and through remote Podman too.
+        args += ["--mount", f"type=image,source={spec.agent_image},destination={AGENT_DIR}"]
     args += spec.extra_run_args
     # The init's own lifetime bound: if this server dies without cleaning up, the
     # container still exits (and --rm removes it) after `lifetime` seconds.
-    lifetime = f"{spec.lifetime:.0f}" if spec.lifetime else "infinity"
-    args += [spec.image, "sleep", lifetime]
+    if spec.agent_image:
+        args += [spec.image, AGENT_BINARY, "init", f"{spec.lifetime:.0f}"]
+    else:
+        lifetime = f"{spec.lifetime:.0f}" if spec.lifetime else "infinity"
+        args += [spec.image, "sleep", lifetime]
     return args
 
 
 class PodmanEngine:
-    """Sandboxes as Podman containers; commands through `podman exec`."""
+    """Sandboxes as Podman containers; commands through each sandbox's exec agent, or
+    through one `podman exec` each where there is no agent."""
 
     def __init__(self, podman: Podman) -> None:
         self.podman = podman
         # Kills started for cancelled commands: they must finish even though whoever
         # started them was cancelled, and shutdown waits for them.
         self._background: set[asyncio.Future[object]] = set()
+        # Sandboxes started with the agent mounted, and their live channels.
+        self._with_agent: set[str] = set()
+        self._channels: dict[str, AgentChannel] = {}
+        self._attaching: dict[str, asyncio.Lock] = {}
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         sandbox = Sandbox(spec.name, spec.labels)
@@ -129,10 +153,20 @@ class PodmanEngine:
             if isinstance(exc, PodmanError):
                 raise EngineError(str(exc)) from None
             raise
+        if spec.agent_image:
+            self._with_agent.add(spec.name)
+            # Attached now, so that the first command (and a pooled sandbox) is fast.
+            await self._channel(sandbox)
         return sandbox
 
     async def remove(self, *sandboxes: Sandbox) -> None:
+        # The container first: its end ends each agent at once, with no stop grace.
         await self.podman.remove(*[s.name for s in sandboxes])
+        channels = [self._channels.pop(s.name, None) for s in sandboxes]
+        await asyncio.gather(*(c.abort() for c in channels if c is not None))
+        for s in sandboxes:
+            self._with_agent.discard(s.name)
+            self._attaching.pop(s.name, None)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
         return await self.podman.is_running(sandbox.name)
@@ -155,6 +189,35 @@ class PodmanEngine:
     async def close(self) -> None:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.abort() for c in channels))
+
+    async def _channel(self, sandbox: Sandbox) -> AgentChannel | None:
+        """The sandbox's agent channel, (re)attached when needed; None where the sandbox
+        has no agent or it cannot start (commands then go through podman exec)."""
+        if sandbox.name not in self._with_agent:
+            return None
+        channel = self._channels.get(sandbox.name)
+        if channel is not None and channel.alive:
+            return channel
+        lock = self._attaching.setdefault(sandbox.name, asyncio.Lock())
+        async with lock:
+            channel = self._channels.get(sandbox.name)
+            if channel is not None and channel.alive:
+                return channel
+            if channel is not None:
+                await channel.abort()
+            argv = [self.podman.path, "exec", "--interactive", sandbox.name, AGENT_BINARY, "serve"]
+            try:
+                channel = await AgentChannel.attach(argv)
+            except AgentError as exc:
+                log.warning(
+                    "exec agent not attached in %s (%s); using podman exec", sandbox.name, exc
+                )
+                self._channels.pop(sandbox.name, None)
+                return None
+            self._channels[sandbox.name] = channel
+            return channel
 
     def _keep_running(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
@@ -174,6 +237,101 @@ class PodmanEngine:
         On timeout or cancellation the command's whole process tree is killed inside the
         container before this returns (or re-raises CancelledError).
         """
+        channel = await self._channel(sandbox)
+        if channel is not None:
+            return await self._run_on_agent(sandbox, channel, request, on_progress, on_output)
+        return await self._run_podman_exec(sandbox, request, on_progress, on_output)
+
+    async def _run_on_agent(
+        self,
+        sandbox: Sandbox,
+        channel: AgentChannel,
+        request: RunRequest,
+        on_progress: ProgressCallback | None,
+        on_output: OutputCallback | None,
+    ) -> RunResult:
+        """One command over the agent: its supervisor kills the whole tree on timeout or
+        cancel (no new process needed), and says whether the tree is verifiably empty."""
+        started = time.monotonic()
+        output = BoundedOutput(request.max_output_bytes)
+
+        def feed(chunk: bytes) -> None:
+            output.feed(chunk)
+            if on_output is not None:
+                on_output(chunk)
+
+        task = asyncio.ensure_future(
+            channel.run(
+                request.command,
+                timeout=request.timeout,
+                kill_grace=request.kill_grace,
+                on_output=feed,
+                env={EXEC_ID_ENV: secrets.token_hex(12), **request.env},
+                stdin=request.stdin,
+                spill_path=request.spill_path,
+                spill_after=request.max_output_bytes if request.spill_path else 0,
+            )
+        )
+        try:
+            await _progress_until_done(task, started, request.progress_interval, on_progress)
+        except asyncio.CancelledError:
+            # The channel stops the command's tree (shielded) before its run() re-raises.
+            task.cancel()
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+            raise
+        try:
+            ran = task.result()
+        except AgentCommandError as exc:
+            raise EngineError(
+                f"the sandbox could not start the command ({exc}); if its process limit is "
+                "reached, end some background processes"
+            ) from None
+        except AgentError as exc:
+            await self._drop_channel(sandbox)
+            if not await self.is_running(sandbox):
+                raise SandboxBroken(
+                    f"the sandbox container {sandbox.name} stopped while the command ran "
+                    "(out of memory, killed or removed from outside)"
+                ) from None
+            raise EngineError(
+                f"the sandbox's exec agent stopped while the command ran ({exc}), so its "
+                "output and exit status are lost; a new agent starts with the next call"
+            ) from None
+        text = output.text(whole_output_in=ran.spilled_to)
+        retval = ran.status
+        if ran.stopped:
+            retval = TIMEOUT_STATUS
+            if ran.all_killed:
+                killed = "the command and every process it started were killed"
+            else:
+                killed = (
+                    f"{ran.survivors} process(es) it started could not be killed and may still run"
+                )
+            text += _notice(text, f"timed out after {request.timeout or 0:g} s; {killed}")
+        return RunResult(
+            output=text,
+            retval=retval,
+            truncated=output.truncated,
+            timed_out=ran.stopped,
+            duration=time.monotonic() - started,
+            output_file=ran.spilled_to,
+        )
+
+    async def _drop_channel(self, sandbox: Sandbox) -> None:
+        channel = self._channels.pop(sandbox.name, None)
+        if channel is not None:
+            await channel.abort()
+
+    async def _run_podman_exec(
+        self,
+        sandbox: Sandbox,
+        request: RunRequest,
+        on_progress: ProgressCallback | None,
+        on_output: OutputCallback | None,
+    ) -> RunResult:
+        """One command through its own `podman exec` (no agent in this sandbox)."""
         exec_id = secrets.token_hex(12)
         started = time.monotonic()
         env_args = [f"--env={k}={v}" for k, v in request.env.items()]
@@ -275,6 +433,23 @@ class PodmanEngine:
         if not await self.is_running(sandbox):
             return SandboxBroken(f"the sandbox container {sandbox.name} is gone ({reason})")
         return EngineError(reason)
+
+
+async def _progress_until_done(
+    task: asyncio.Future[Any],
+    started: float,
+    interval: float,
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Wait for `task`, reporting progress every `interval` seconds meanwhile."""
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=interval)
+        if done:
+            return
+        if on_progress is not None:
+            # Progress is a courtesy: a client that went away must not break the run.
+            with contextlib.suppress(Exception):
+                await on_progress(time.monotonic() - started)
 
 
 async def _wait(

@@ -26,6 +26,9 @@ from fastmcp import Client
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED
 
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
+# Settings a CI run may give every test server, to run the same suites another way
+# (e.g. POD_EXEC_MCP_EXEC_CHANNEL=podman-exec, POD_EXEC_MCP_RUNTIME=runsc).
+PASSED_TO_SERVERS = ("POD_EXEC_MCP_EXEC_CHANNEL", "POD_EXEC_MCP_RUNTIME")
 STARTED_INSTANCES: list[str] = []
 # Figures measured by tests (not asserted on), printed at the end of the run.
 FIGURES: dict[str, Any] = {}
@@ -117,7 +120,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server_env(run_dir: Path) -> dict[str, str]:
     """Environment for test servers: their own state and config dirs, nothing from ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POD_EXEC_MCP_", "MCP_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("POD_EXEC_MCP_", "MCP_")) or k in PASSED_TO_SERVERS
+    }
     env["XDG_STATE_HOME"] = str(run_dir / "state")
     env["XDG_CONFIG_HOME"] = str(run_dir / "config")
     env["POD_EXEC_MCP_IMAGE"] = IMAGE

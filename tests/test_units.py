@@ -116,16 +116,22 @@ def test_session_keys_hash_ids_and_separate_principals() -> None:
 
 def test_run_arguments_default_and_strict() -> None:
     args = run_arguments(sandbox_spec(Settings(), "name", {"k": "v"}))
-    assert args[:5] == ["run", "--detach", "--rm", "--init", "--name"]
+    assert args[:4] == ["run", "--detach", "--rm", "--name"]
     assert "--label" in args and "k=v" in args
     assert args[args.index("nofile=4096:4096") - 1 :][:2] == ["--ulimit", "nofile=4096:4096"]
     assert "nproc=4096:4096" in args and "no-new-privileges" in args
-    assert args[-3:] == ["pod_exec_mcp_base", "sleep", "86400"]
+    # The agent, mounted read-only from its image, is the sandbox's init (no --init).
+    mount = "type=image,source=pod_exec_mcp_agent,destination=/.pod_exec_mcp"
+    assert args[args.index(mount) - 1] == "--mount" and "--init" not in args
+    assert args[-4:] == ["pod_exec_mcp_base", "/.pod_exec_mcp/agent", "init", "86400"]
     assert "--network=none" not in args
     strict = run_arguments(sandbox_spec(Settings(strict=True, sandbox_lifetime=0), "n", {}))
     assert {"--cap-drop=ALL", "--read-only", "--network=none"} <= set(strict)
-    assert strict[-1] == "infinity"
+    assert strict[-1] == "0"
     assert "--network=none" in run_arguments(sandbox_spec(Settings(network=False), "n", {}))
+    plain = run_arguments(sandbox_spec(Settings(exec_channel="podman-exec"), "n", {}))
+    assert plain[:4] == ["run", "--detach", "--rm", "--init"] and "--mount" not in plain
+    assert plain[-3:] == ["pod_exec_mcp_base", "sleep", "86400"]
 
 
 def test_owner_id_is_minted_once_per_lock_dir(tmp_path: Path) -> None:

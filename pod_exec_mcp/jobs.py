@@ -1,0 +1,101 @@
+"""Background jobs: commands that outlive a tool call, read a piece at a time.
+
+A job runs through the same engine path as `shell_exec` (`SandboxEngine.run`), with no
+timeout; its output streams into a bounded window that `read` hands out and empties, and
+(where the engine can) into a log file in the sandbox that keeps every byte. `stop` kills
+the job's whole tree with the same guarantee as a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from pod_exec_mcp.engine import RunResult
+from pod_exec_mcp.output import BoundedOutput
+
+
+def job_key(principal: str | None, job_id: str) -> str:
+    """A job's key: a hash of (principal, id), so another principal's id finds nothing."""
+    material = f"{principal or ''}\0job\0{job_id}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_urlsafe(18)
+
+
+@dataclass(frozen=True)
+class JobRead:
+    """What `read_job` and `stop_job` return."""
+
+    job_id: str
+    output: str
+    running: bool
+    retval: int | None
+    truncated: bool
+    log_file: str | None
+
+
+@dataclass
+class Job:
+    """One background command of a session."""
+
+    id: str
+    session_key: str
+    command: str
+    window_bytes: int
+    log_file: str | None
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[RunResult] | None = None
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    _window: BoundedOutput = field(init=False)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the job has ended: its exit status, or None if it ended without one.
+    retval: int | None = None
+    ended_note: str | None = None
+
+    def __post_init__(self) -> None:
+        self._window = BoundedOutput(self.window_bytes)
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def feed(self, chunk: bytes) -> None:
+        """Output from the engine, as it comes."""
+        self._window.feed(chunk)
+        self._changed.set()
+
+    def finished(self, retval: int | None, note: str | None) -> None:
+        self.retval = retval
+        self.ended_note = note
+        self._changed.set()
+
+    async def wait_for_news(self, seconds: float) -> None:
+        """Until new output, the end, or `seconds` pass, whichever first."""
+        if seconds <= 0 or self._window.total or not self.running:
+            return
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
+
+    def take(self) -> JobRead:
+        """The output since the last read (head and tail kept), and the job's state."""
+        window, self._window = self._window, BoundedOutput(self.window_bytes)
+        text = window.text(whole_output_in=self.log_file)
+        running = self.running
+        if not running and self.ended_note and not window.total:
+            text = f"[pod_exec_mcp: {self.ended_note}]"
+        return JobRead(
+            job_id=self.id,
+            output=text,
+            running=running,
+            retval=None if running else self.retval,
+            truncated=window.truncated,
+            log_file=self.log_file,
+        )
