@@ -13,6 +13,7 @@ import itertools
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BBHII")  # type, flags, reserved, id, payload length
@@ -124,6 +125,23 @@ def encode_run(
     return payload
 
 
+async def _done_within(
+    done: asyncio.Future[AgentRun], timeout: float | None, stop: asyncio.Event | None
+) -> AgentRun | None:
+    """The command's result if it ends within `timeout` and before `stop` is set; else
+    None. Never cancels `done`."""
+    waiters: set[asyncio.Future[Any]] = {done}
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopping is not None:
+        waiters.add(stopping)
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if stopping is not None:
+            stopping.cancel()
+    return done.result() if done.done() else None
+
+
 class AgentChannel:
     """One long-lived agent in one sandbox; see docs/agent-protocol.md."""
 
@@ -209,8 +227,12 @@ class AgentChannel:
         cwd: str | None = None,
         spill_path: str | None = None,
         spill_after: int = 0,
+        stop: asyncio.Event | None = None,
     ) -> AgentRun:
         """Run `/bin/sh -lc command`; on_output gets its merged output as it arrives.
+
+        `timeout` None: no deadline (a background job). Setting `stop` stops the command's
+        tree as a timeout would, and returns its result with stopped=True.
 
         On timeout: STOP with kill_grace, return with stopped=True. On CancelledError: STOP,
         wait for the stop to finish (shielded from a second cancel), re-raise. AgentError if
@@ -244,12 +266,10 @@ class AgentChannel:
                 frames.append(_frame(T_STDIN_END, rid))
             await self._send(b"".join(frames))
             try:
-                if timeout is None:  # a background job: runs until stopped or cancelled
-                    result = await asyncio.shield(done)
-                else:
-                    result = await asyncio.wait_for(asyncio.shield(done), timeout)
-            except TimeoutError:
-                result = await self._stop(rid, done, kill_grace)
+                finished = await _done_within(done, timeout, stop)
+                result = (
+                    finished if finished is not None else await self._stop(rid, done, kill_grace)
+                )
             except asyncio.CancelledError:
                 await self._stop_shielded(rid, done, kill_grace)
                 raise

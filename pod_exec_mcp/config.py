@@ -78,6 +78,11 @@ class Settings(BaseModel):
     idle_timeout: float = Field(default=1800.0, gt=0)
     """Seconds a sandbox may go unused before it is removed (its session then ends)."""
 
+    legacy_idle_timeout: float = Field(default=300.0, gt=0)
+    """Seconds the implicit sandbox of a legacy MCP session may go unused before it is
+    removed: one-shot clients (the Inspector CLI, an SDK's close() without terminating the
+    session) never end their MCP session. A returning client is told and gets a new one."""
+
     sandbox_lifetime: float = Field(default=86400.0, ge=0)
     """Seconds after which a sandbox's own init exits even if this server died without
     cleaning up: the last line of defence against leaks. 0 means no bound."""
@@ -144,6 +149,16 @@ class Settings(BaseModel):
 
     progress_interval: float = Field(default=5.0, gt=0)
     """Seconds between progress notifications while a command runs."""
+
+    persistent_shell: bool = True
+    """Consecutive shell_exec calls of a session behave like one terminal: the working
+    directory and exported variables carry over (each call is still a fresh /bin/sh -lc)."""
+
+    max_jobs_per_session: int = Field(default=8, ge=1)
+    """Background jobs (start_job) one session may have running at once."""
+
+    max_file_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest file read_file reads or write_file writes, in bytes."""
 
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod

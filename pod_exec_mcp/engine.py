@@ -11,6 +11,7 @@ request): either can change without the other.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -106,6 +107,9 @@ class RunResult:
     unkillable: bool = False
     # The file in the sandbox holding the whole output, when it was cut (see spill_path).
     output_file: str | None = None
+    # After a stop (timeout or stop request): what happened to the command's processes,
+    # as a sentence ("the command and every process it started were killed").
+    kill_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,12 @@ class SandboxEngine(Protocol):
         request: RunRequest,
         on_progress: ProgressCallback | None = None,
         on_output: OutputCallback | None = None,
+        stop: asyncio.Event | None = None,
     ) -> RunResult:
-        """Run a command. On timeout or cancellation its whole tree is killed before this
-        returns (or re-raises). `on_output` sees every byte as it comes (the result keeps
-        only a bounded part). SandboxBroken if the sandbox is gone; EngineError if the
-        engine failed while the sandbox is still there."""
+        """Run a command. On timeout, on `stop` being set, or on cancellation its whole
+        tree is killed before this returns (or re-raises). `on_output` sees every byte as
+        it comes (the result keeps only a bounded part). SandboxBroken if the sandbox is
+        gone; EngineError if the engine failed while the sandbox is still there."""
         ...
 
     async def is_running(self, sandbox: Sandbox) -> bool: ...

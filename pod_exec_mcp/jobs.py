@@ -49,22 +49,23 @@ class Job:
     session_key: str
     command: str
     window_bytes: int
-    log_file: str | None
+    # The file in the sandbox with every byte the job printed, once the engine says so.
+    log_file: str | None = None
     started: float = field(default_factory=time.monotonic)
-    task: asyncio.Task[RunResult] | None = None
+    task: asyncio.Task[RunResult | None] | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     _window: BoundedOutput = field(init=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Set once the job has ended: its exit status, or None if it ended without one.
     retval: int | None = None
-    ended_note: str | None = None
+    _ended: bool = False
 
     def __post_init__(self) -> None:
         self._window = BoundedOutput(self.window_bytes)
 
     @property
     def running(self) -> bool:
-        return self.task is not None and not self.task.done()
+        return self.task is not None and not self.task.done() and not self._ended
 
     def feed(self, chunk: bytes) -> None:
         """Output from the engine, as it comes."""
@@ -72,8 +73,11 @@ class Job:
         self._changed.set()
 
     def finished(self, retval: int | None, note: str | None) -> None:
+        """The job has ended; `note` (how, when not by itself) ends its output."""
         self.retval = retval
-        self.ended_note = note
+        self._ended = True
+        if note:
+            self._window.feed(f"\n[pod_exec_mcp: {note}]\n".encode())
         self._changed.set()
 
     async def wait_for_news(self, seconds: float) -> None:
@@ -87,13 +91,10 @@ class Job:
     def take(self) -> JobRead:
         """The output since the last read (head and tail kept), and the job's state."""
         window, self._window = self._window, BoundedOutput(self.window_bytes)
-        text = window.text(whole_output_in=self.log_file)
         running = self.running
-        if not running and self.ended_note and not window.total:
-            text = f"[pod_exec_mcp: {self.ended_note}]"
         return JobRead(
             job_id=self.id,
-            output=text,
+            output=window.text(whole_output_in=self.log_file),
             running=running,
             retval=None if running else self.retval,
             truncated=window.truncated,

@@ -231,16 +231,17 @@ class PodmanEngine:
         request: RunRequest,
         on_progress: ProgressCallback | None = None,
         on_output: OutputCallback | None = None,
+        stop: asyncio.Event | None = None,
     ) -> RunResult:
         """Run `/bin/sh -lc COMMAND` and return its merged output and exit status.
 
-        On timeout or cancellation the command's whole process tree is killed inside the
-        container before this returns (or re-raises CancelledError).
+        On timeout, stop or cancellation the command's whole process tree is killed inside
+        the container before this returns (or re-raises CancelledError).
         """
         channel = await self._channel(sandbox)
         if channel is not None:
-            return await self._run_on_agent(sandbox, channel, request, on_progress, on_output)
-        return await self._run_podman_exec(sandbox, request, on_progress, on_output)
+            return await self._run_on_agent(sandbox, channel, request, on_progress, on_output, stop)
+        return await self._run_podman_exec(sandbox, request, on_progress, on_output, stop)
 
     async def _run_on_agent(
         self,
@@ -249,6 +250,7 @@ class PodmanEngine:
         request: RunRequest,
         on_progress: ProgressCallback | None,
         on_output: OutputCallback | None,
+        stop: asyncio.Event | None,
     ) -> RunResult:
         """One command over the agent: its supervisor kills the whole tree on timeout or
         cancel (no new process needed), and says whether the tree is verifiably empty."""
@@ -270,6 +272,7 @@ class PodmanEngine:
                 stdin=request.stdin,
                 spill_path=request.spill_path,
                 spill_after=request.max_output_bytes if request.spill_path else 0,
+                stop=stop,
             )
         )
         try:
@@ -301,15 +304,17 @@ class PodmanEngine:
             ) from None
         text = output.text(whole_output_in=ran.spilled_to)
         retval = ran.status
+        kill_note = None
         if ran.stopped:
-            retval = TIMEOUT_STATUS
+            # A timeout reads as GNU timeout's 124; a stop on request keeps the real status.
+            retval = ran.status if stop is not None and stop.is_set() else TIMEOUT_STATUS
             if ran.all_killed:
-                killed = "the command and every process it started were killed"
+                kill_note = "the command and every process it started were killed"
             else:
-                killed = (
+                kill_note = (
                     f"{ran.survivors} process(es) it started could not be killed and may still run"
                 )
-            text += _notice(text, f"timed out after {request.timeout or 0:g} s; {killed}")
+            text += _notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
         return RunResult(
             output=text,
             retval=retval,
@@ -317,6 +322,7 @@ class PodmanEngine:
             timed_out=ran.stopped,
             duration=time.monotonic() - started,
             output_file=ran.spilled_to,
+            kill_note=kill_note,
         )
 
     async def _drop_channel(self, sandbox: Sandbox) -> None:
@@ -330,6 +336,7 @@ class PodmanEngine:
         request: RunRequest,
         on_progress: ProgressCallback | None,
         on_output: OutputCallback | None,
+        stop: asyncio.Event | None,
     ) -> RunResult:
         """One command through its own `podman exec` (no agent in this sandbox)."""
         exec_id = secrets.token_hex(12)
@@ -348,7 +355,7 @@ class PodmanEngine:
         run = _RunningExec(proc, output, on_output)
         reader = asyncio.create_task(run.read_all())
         try:
-            finished = await _wait(reader, started, request, on_progress)
+            finished = await _wait(reader, started, request, on_progress, stop)
         except BaseException:
             # Cancelled by the client (or anything else): kill inside the container first.
             # The kill runs as its own task, so a repeated cancel cannot interrupt it.
@@ -371,14 +378,16 @@ class PodmanEngine:
                 f"{run.podman_error()})"
             )
         text = output.text()
+        kill_note = None
         if not finished:
-            retval = TIMEOUT_STATUS
-            killed = (
+            if stop is None or not stop.is_set():
+                retval = TIMEOUT_STATUS
+            kill_note = (
                 "the command could not be verifiably killed"
                 if unkillable
                 else "the command and every process it started were killed"
             )
-            text += _notice(text, f"timed out after {request.timeout or 0:g} s; {killed}")
+            text += _notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
         return RunResult(
             output=text,
             retval=retval,
@@ -386,6 +395,7 @@ class PodmanEngine:
             timed_out=not finished,
             duration=duration,
             unkillable=unkillable,
+            kill_note=kill_note,
         )
 
     async def _stop(
@@ -452,19 +462,29 @@ async def _progress_until_done(
                 await on_progress(time.monotonic() - started)
 
 
+def _why_stopped(request: RunRequest, stop: asyncio.Event | None) -> str:
+    if stop is not None and stop.is_set():
+        return "stopped on request"
+    return f"timed out after {request.timeout or 0:g} s"
+
+
 async def _wait(
     reader: asyncio.Task[None],
     started: float,
     request: RunRequest,
     on_progress: ProgressCallback | None,
+    stop: asyncio.Event | None,
 ) -> bool:
-    """Wait for the command to end; False if its timeout ran out first."""
+    """Wait for the command to end; False if its timeout ran out (or `stop` was set)
+    first."""
     deadline = started + request.timeout if request.timeout is not None else math.inf
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or (stop is not None and stop.is_set()):
             return False
-        done, _ = await asyncio.wait({reader}, timeout=min(remaining, request.progress_interval))
+        # A stop request is noticed within a tenth of a second.
+        step = min(remaining, request.progress_interval, 0.1 if stop is not None else math.inf)
+        done, _ = await asyncio.wait({reader}, timeout=step)
         if done:
             reader.result()
             return True

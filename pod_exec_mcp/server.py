@@ -12,28 +12,47 @@ Explicit sessions work in both eras.
 """
 
 import asyncio
+import base64
 import contextlib
+import functools
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
+import mcp_types as mt
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
+from fastmcp.exceptions import ValidationError as ArgumentsError
 from fastmcp.server.auth import AuthProvider
 from fastmcp.server.dependencies import get_http_request
+from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.server.sessions import current_principal
+from fastmcp.tools import ToolResult
+from mcp_types import ToolAnnotations
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
+from pydantic import ValidationError as PydanticValidationError
 
+from pod_exec_mcp import __version__
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.engine import SandboxEngine
 from pod_exec_mcp.instances import Instance
+from pod_exec_mcp.jobs import JobRead
 from pod_exec_mcp.sessions import Session, SessionError, Sessions, describe_seconds
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
-# Session ids we mint are URL-safe base64; anything else is refused before it is used.
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# Ids we mint are URL-safe base64; anything else is refused before it is used.
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# The longest a read_job may wait for news: below the ~60 s after which clients give up.
+MAX_JOB_WAIT = 30.0
+# The most bytes one base64 read_file returns: a result carries its content twice (text and
+# structured), and fastmcp clients refuse a server-sent event over 1 MiB.
+MAX_BASE64_READ = 256 * 1024
+DEFAULT_LINES = 2000
 
 
 class ShellExecResult(BaseModel):
@@ -48,15 +67,57 @@ class ShellExecResult(BaseModel):
     )
     timed_out: bool = Field(default=False, description="True if the command was killed.")
     duration: float = Field(default=0.0, description="Seconds the command ran.")
+    output_file: str | None = Field(
+        default=None,
+        description="When the output was cut: a file in the sandbox holding all of it "
+        "(read it with read_file or rg).",
+    )
 
 
 class CreatedSession(BaseModel):
-    session_id: str = Field(description="Pass this as session_id to shell_exec.")
+    session_id: str = Field(description="Pass this as session_id to the other tools.")
 
 
 class EndedSession(BaseModel):
     session_id: str
     ended: bool = True
+
+
+class StartedJob(BaseModel):
+    job_id: str = Field(description="Pass this to read_job and stop_job.")
+
+
+class JobState(BaseModel):
+    """A background job's new output and state."""
+
+    job_id: str
+    output: str = Field(description="Output printed since the last read (head and tail kept).")
+    running: bool = Field(description="Whether the job still runs.")
+    retval: int | None = Field(description="Its exit status once it has ended; null before.")
+    truncated: bool = Field(description="True if the middle of this output was cut.")
+    log_file: str | None = Field(
+        default=None, description="A file in the sandbox with everything the job printed."
+    )
+
+
+class FileContent(BaseModel):
+    path: str
+    content: str = Field(description="The text (by lines), or base64 of the bytes.")
+    encoding: Literal["text", "base64"]
+    total_bytes: int = Field(description="Size of the whole file.")
+    total_lines: int | None = Field(description="Lines in the whole file (text only).")
+    offset: int = Field(description="First line (text, from 1) or byte (base64, from 0) read.")
+    next_offset: int | None = Field(
+        description="Where to continue reading, or null if the end was reached."
+    )
+    truncated: bool = Field(
+        default=False, description="True if the lines read were cut to fit the output cap."
+    )
+
+
+class FileWritten(BaseModel):
+    path: str
+    bytes_written: int
 
 
 def _sessions(ctx: Context) -> Sessions:
@@ -126,12 +187,13 @@ def _session_of(ctx: Context, session_id: str | None) -> Session:
     sessions = _sessions(ctx)
     principal = current_principal()
     if session_id is not None:
-        return sessions.explicit(principal, session_id)
+        return sessions.explicit(principal, _checked_id(session_id, "session_id"))
     if _is_modern(ctx):
         raise SessionError(
             "no session_id given. This connection is stateless (MCP 2026-07-28), so "
             "there is no implicit sandbox: call create_session once, then pass the "
-            "session_id it returns to every shell_exec call."
+            "session_id it returns to every call (shell_exec, start_job, read_file, "
+            "write_file)."
         )
     found = sessions.legacy(principal, ctx.session_id)
     if found.is_new:
@@ -149,15 +211,35 @@ def _session_of(ctx: Context, session_id: str | None) -> Session:
     return found.session
 
 
+def _checked_id(value: str, name: str) -> str:
+    if not _ID_PATTERN.match(value):
+        raise SessionError(
+            f"{name} {value[:40]!r} is malformed: ids are the strings create_session or "
+            f"start_job returned (letters, digits, '_' and '-'). Pass one of those."
+        )
+    return value
+
+
+def _to_result(job: JobRead) -> JobState:
+    return JobState(
+        job_id=job.job_id,
+        output=job.output,
+        running=job.running,
+        retval=job.retval,
+        truncated=job.truncated,
+        log_file=job.log_file,
+    )
+
+
+# --- the tools ---------------------------------------------------------------------------
+
+
 async def shell_exec(
     command: Annotated[str, Field(description="Shell command, run as `/bin/sh -lc`.")],
     ctx: Context,
     session_id: Annotated[
         str | None,
-        Field(
-            description="Id from create_session. Required on stateless connections.",
-            pattern=SESSION_ID_PATTERN,
-        ),
+        Field(description="Id from create_session. Required on stateless connections."),
     ] = None,
     timeout: Annotated[
         float | None,
@@ -171,57 +253,268 @@ async def shell_exec(
     async def progress(elapsed: float) -> None:
         await ctx.report_progress(elapsed, None, f"command running for {elapsed:.0f} s")
 
-    try:
-        session = _session_of(ctx, session_id)
-        result = await _until_disconnected(
-            ctx, _sessions(ctx).run(session, command, limit, progress)
-        )
-    except SessionError as exc:
-        raise ToolError(str(exc)) from None
+    session = _session_of(ctx, session_id)
+    result = await _until_disconnected(ctx, _sessions(ctx).run(session, command, limit, progress))
     return ShellExecResult(
         output=result.output,
         retval=result.retval,
         truncated=result.truncated,
         timed_out=result.timed_out,
         duration=round(result.duration, 3),
+        output_file=result.output_file,
     )
 
 
 async def create_session(ctx: Context) -> CreatedSession:
-    try:
-        session_id = await _sessions(ctx).create_explicit(current_principal())
-    except SessionError as exc:
-        raise ToolError(str(exc)) from None
-    return CreatedSession(session_id=session_id)
+    return CreatedSession(session_id=await _sessions(ctx).create_explicit(current_principal()))
 
 
 async def end_session(
-    session_id: Annotated[
-        str, Field(description="Id from create_session.", pattern=SESSION_ID_PATTERN)
-    ],
+    session_id: Annotated[str, Field(description="Id from create_session.")],
     ctx: Context,
 ) -> EndedSession:
     sessions = _sessions(ctx)
-    try:
-        session = sessions.explicit(current_principal(), session_id)
-    except SessionError as exc:
-        raise ToolError(str(exc)) from None
+    session = sessions.explicit(current_principal(), _checked_id(session_id, "session_id"))
     await sessions.end(session, "ended by end_session")
     return EndedSession(session_id=session_id)
 
 
+async def start_job(
+    command: Annotated[str, Field(description="Shell command, run as `/bin/sh -lc`.")],
+    ctx: Context,
+    session_id: Annotated[
+        str | None,
+        Field(description="Id from create_session. Required on stateless connections."),
+    ] = None,
+) -> StartedJob:
+    _check_command(command, _settings(ctx))
+    session = _session_of(ctx, session_id)
+    job_id = await _sessions(ctx).start_job(session, current_principal(), command)
+    return StartedJob(job_id=job_id)
+
+
+async def read_job(
+    job_id: Annotated[str, Field(description="Id from start_job.")],
+    ctx: Context,
+    wait: Annotated[
+        float,
+        Field(
+            description=f"Seconds to wait for new output or the job's end before answering "
+            f"(0 to {MAX_JOB_WAIT:g}); saves polling.",
+        ),
+    ] = 0,
+) -> JobState:
+    if not math.isfinite(wait) or not 0 <= wait <= MAX_JOB_WAIT:
+        raise SessionError(f"wait must be a number of seconds from 0 to {MAX_JOB_WAIT:g}.")
+    sessions = _sessions(ctx)
+    job = sessions.job(current_principal(), _checked_id(job_id, "job_id"))
+    return _to_result(await sessions.read_job(job, wait))
+
+
+async def stop_job(
+    job_id: Annotated[str, Field(description="Id from start_job.")],
+    ctx: Context,
+) -> JobState:
+    sessions = _sessions(ctx)
+    job = sessions.job(current_principal(), _checked_id(job_id, "job_id"))
+    return _to_result(await sessions.stop_job(job))
+
+
+async def read_file(
+    path: Annotated[
+        str, Field(description="File path; relative to the shell's current directory.")
+    ],
+    ctx: Context,
+    session_id: Annotated[
+        str | None,
+        Field(description="Id from create_session. Required on stateless connections."),
+    ] = None,
+    offset: Annotated[
+        int | None,
+        Field(description="text: first line to return (from 1); base64: first byte (from 0)."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        Field(
+            description=f"text: lines to return (default {DEFAULT_LINES}); base64: bytes "
+            f"(default and at most {MAX_BASE64_READ})."
+        ),
+    ] = None,
+    encoding: Annotated[
+        Literal["text", "base64"],
+        Field(description="text (UTF-8; invalid bytes become U+FFFD) or base64 (any bytes)."),
+    ] = "text",
+) -> FileContent:
+    settings = _settings(ctx)
+    session = _session_of(ctx, session_id)
+    data = await _sessions(ctx).read_file(session, path)
+    if encoding == "base64":
+        return _base64_slice(path, data, offset or 0, limit or MAX_BASE64_READ)
+    return _text_slice(path, data, offset or 1, limit or DEFAULT_LINES, settings.max_output_bytes)
+
+
+async def write_file(
+    path: Annotated[
+        str, Field(description="File path; relative to the shell's current directory.")
+    ],
+    content: Annotated[str, Field(description="The whole new content (text, or base64).")],
+    ctx: Context,
+    session_id: Annotated[
+        str | None,
+        Field(description="Id from create_session. Required on stateless connections."),
+    ] = None,
+    encoding: Annotated[
+        Literal["text", "base64"],
+        Field(description="How `content` is given: text (written as UTF-8) or base64."),
+    ] = "text",
+) -> FileWritten:
+    if encoding == "base64":
+        try:
+            data = base64.b64decode(content, validate=True)
+        except ValueError:
+            raise SessionError(
+                "content is not valid base64 (RFC 4648, with padding); encode the bytes again."
+            ) from None
+    else:
+        data = content.encode("utf-8", "surrogatepass")
+    session = _session_of(ctx, session_id)
+    written = await _sessions(ctx).write_file(session, path, data)
+    return FileWritten(path=path, bytes_written=written)
+
+
+def _base64_slice(path: str, data: bytes, offset: int, limit: int) -> FileContent:
+    if offset < 0 or not 0 < limit <= MAX_BASE64_READ:
+        raise SessionError(
+            f"with encoding base64, offset is a byte offset from 0 and limit a byte count "
+            f"from 1 to {MAX_BASE64_READ}; read larger files in several calls."
+        )
+    piece = data[offset : offset + limit]
+    end = offset + len(piece)
+    return FileContent(
+        path=path,
+        content=base64.b64encode(piece).decode("ascii"),
+        encoding="base64",
+        total_bytes=len(data),
+        total_lines=None,
+        offset=offset,
+        next_offset=end if end < len(data) else None,
+    )
+
+
+def _text_slice(path: str, data: bytes, offset: int, limit: int, cap: int) -> FileContent:
+    if offset < 1 or limit < 1:
+        raise SessionError("with encoding text, offset is a line number from 1 and limit >= 1.")
+    lines = data.decode("utf-8", "replace").splitlines(keepends=True)
+    chosen = lines[offset - 1 : offset - 1 + limit]
+    text, truncated, taken = "", False, 0
+    for line in chosen:
+        if len(text.encode()) + len(line.encode()) > cap:
+            truncated = True
+            break
+        text += line
+        taken += 1
+    end = offset - 1 + taken
+    return FileContent(
+        path=path,
+        content=text,
+        encoding="text",
+        total_bytes=len(data),
+        total_lines=len(lines),
+        offset=offset,
+        next_offset=end + 1 if end < len(lines) else None,
+        truncated=truncated,
+    )
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def _agent_errors(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """The one translation of our domain error into an MCP tool error: its message, as
+    written for the agent (and logged by fastmcp as a tool error, not a crash)."""
+
+    @functools.wraps(tool)
+    async def translated(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await tool(*args, **kwargs)
+        except SessionError as exc:
+            raise ToolError(str(exc)) from None
+
+    return translated
+
+
+class ArgumentErrors(Middleware):
+    """Malformed arguments, in words an agent can act on: the argument and what was wrong,
+    without pydantic's internals and links."""
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        try:
+            return await call_next(context)
+        except ArgumentsError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, PydanticValidationError):
+                raise
+            problems = "; ".join(_describe_argument_error(e) for e in cause.errors())
+            raise ToolError(
+                f"invalid arguments for {context.message.name}: {problems}. "
+                "See the tool's input schema."
+            ) from None
+
+
+def _describe_argument_error(error: Any) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ())) or "arguments"
+    kind = error.get("type", "")
+    if kind in ("missing", "missing_argument"):
+        return f"{where} is required"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{where} is not an argument of this tool"
+    message = str(error.get("msg", "is invalid")).rstrip(".")
+    return f"{where}: {message[:1].lower()}{message[1:]}"
+
+
+# --- descriptions and assembly -----------------------------------------------------------
+
+_SESSION_HINT = (
+    "Without session_id: a legacy (2025-11-25) MCP session uses its own sandbox; a "
+    "stateless (2026-07-28) call is refused: call create_session first."
+)
+
+
 def _shell_exec_description(settings: Settings) -> str:
+    shell = (
+        "The working directory and exported variables carry over to the session's next "
+        "call, like one terminal (each call is a fresh `/bin/sh -lc`). "
+        if settings.persistent_shell
+        else "Each call starts in /workspace with a fresh environment. "
+    )
     return (
-        "Run a shell command in your private Linux sandbox (Debian, as root, "
-        "`/bin/sh -lc COMMAND`, working directory /workspace, stdin empty). Files, "
-        "installed packages and background processes persist between calls of the same "
-        "session. stdout and stderr come back merged in order, with the exit status. "
-        "Without session_id: a legacy (2025-11-25) MCP session gets one sandbox of its "
-        "own; a stateless (2026-07-28) call is refused - call create_session first. "
-        "Long output keeps its head and tail. Commands are killed (with every process "
-        f"they started) after `timeout` seconds (default {settings.default_timeout:g}, at "
-        f"most {settings.max_timeout:g}) and then return retval 124. "
-        "Commands of one session may run concurrently and share its files."
+        "Run a shell command in your private Linux sandbox (Debian with bash, git, curl, "
+        "python3 with pip and venv, make, ripgrep, jq; as root, `/bin/sh -lc COMMAND`, "
+        "starting in /workspace; stdin is empty and there is no TTY, so nothing can prompt "
+        f"you). {shell}"
+        "Files, installed packages and background processes persist in the session. stdout "
+        "and stderr come back merged in order, with the exit status. Long output keeps its "
+        "head and tail, and the whole of it is kept in the file named by output_file. "
+        f"A command is killed, with every process it started, after `timeout` seconds "
+        f"(default {settings.default_timeout:g}, at most {settings.max_timeout:g}) and then "
+        "returns retval 124. Many clients give up on a call after 60 s: run anything that "
+        "may take longer (servers, watchers, long builds and test runs) with start_job "
+        f"instead. {_SESSION_HINT}"
+    )
+
+
+def _annotations(title: str, *, read_only: bool, destructive: bool, idempotent: bool) -> Any:
+    return ToolAnnotations(
+        title=title,
+        read_only_hint=read_only,
+        destructive_hint=destructive,
+        idempotent_hint=idempotent,
+        # Commands in the sandbox may reach the network; reading files and jobs does not.
+        open_world_hint=not read_only,
     )
 
 
@@ -244,27 +537,105 @@ def build_server(
 
     mcp = FastMCP(
         "pod_exec_mcp",
+        version=__version__,
         instructions=(
-            "A private Linux shell (Debian, in a Podman container) per session. "
-            "Run commands with shell_exec. On a stateless (2026-07-28) connection, first "
-            "call create_session and pass its session_id to every shell_exec."
+            "A private Linux shell (Debian, in a Podman container) per session. Run "
+            "commands with shell_exec, long-running ones with start_job/read_job, and read "
+            "or write files with read_file/write_file. On a stateless (2026-07-28) "
+            "connection, first call create_session and pass its session_id to every call."
         ),
         lifespan=lifespan,
         auth=auth,
+        middleware=[ArgumentErrors()],
     )
-    mcp.tool(shell_exec, description=_shell_exec_description(settings))
+    idle = describe_seconds(settings.idle_timeout)
     mcp.tool(
-        create_session,
-        description=(
-            "Start a new private Linux sandbox and return its session_id. Pass that id to "
-            "shell_exec to use the sandbox, and to end_session when done. Required on "
-            "stateless (2026-07-28) connections; optional on legacy ones. Sandboxes unused "
-            f"for {describe_seconds(settings.idle_timeout)} are removed."
+        _agent_errors(shell_exec),
+        title="Run a shell command",
+        description=_shell_exec_description(settings),
+        annotations=_annotations(
+            "Run a shell command", read_only=False, destructive=True, idempotent=False
         ),
     )
     mcp.tool(
-        end_session,
-        description="End a session from create_session: its sandbox and files are removed.",
+        _agent_errors(create_session),
+        title="Start a sandbox session",
+        description=(
+            "Start a new private Linux sandbox and return its session_id. Pass that id to "
+            "the other tools to use the sandbox, and to end_session when done. Required on "
+            "stateless (2026-07-28) connections; optional on legacy ones. Sandboxes unused "
+            f"for {idle} are removed."
+        ),
+        annotations=_annotations(
+            "Start a sandbox session", read_only=False, destructive=False, idempotent=False
+        ),
+    )
+    mcp.tool(
+        _agent_errors(end_session),
+        title="End a sandbox session",
+        description="End a session from create_session: its sandbox, jobs and files are removed.",
+        annotations=_annotations(
+            "End a sandbox session", read_only=False, destructive=True, idempotent=True
+        ),
+    )
+    mcp.tool(
+        _agent_errors(start_job),
+        title="Start a background job",
+        description=(
+            "Start a shell command in the background in your sandbox and return its job_id "
+            "at once: for servers, watchers, long builds and test runs (anything that may "
+            "outlive about 60 s). It starts in the shell's current directory with its "
+            "exported variables. Follow it with read_job; end it with stop_job. Jobs end with "
+            f"their session. {_SESSION_HINT}"
+        ),
+        annotations=_annotations(
+            "Start a background job", read_only=False, destructive=True, idempotent=False
+        ),
+    )
+    mcp.tool(
+        _agent_errors(read_job),
+        title="Read a background job",
+        description=(
+            "Return what a job printed since the last read_job (head and tail kept if long), "
+            "whether it still runs, and its exit status once it has ended. With `wait`, "
+            "answers as soon as there is new output or the job ends, so you need not poll."
+        ),
+        annotations=_annotations(
+            "Read a background job", read_only=True, destructive=False, idempotent=False
+        ),
+    )
+    mcp.tool(
+        _agent_errors(stop_job),
+        title="Stop a background job",
+        description=(
+            "Kill a job and every process it started (TERM, then KILL after a grace "
+            "period), and return its last output and status."
+        ),
+        annotations=_annotations(
+            "Stop a background job", read_only=False, destructive=True, idempotent=True
+        ),
+    )
+    mcp.tool(
+        _agent_errors(read_file),
+        title="Read a file",
+        description=(
+            f"Read a file in your sandbox, as text by lines (offset from 1, limit lines, "
+            f"with the total line count) or as base64 bytes (offset and limit in bytes). "
+            f"Files up to {settings.max_file_bytes} bytes. {_SESSION_HINT}"
+        ),
+        annotations=_annotations("Read a file", read_only=True, destructive=False, idempotent=True),
+    )
+    mcp.tool(
+        _agent_errors(write_file),
+        title="Write a file",
+        description=(
+            "Write a whole file in your sandbox atomically (parent directories are created), "
+            "from text or base64; no shell quoting involved. Returns the bytes written. "
+            f"{_SESSION_HINT}"
+        ),
+        annotations=_annotations(
+            "Write a file", read_only=False, destructive=True, idempotent=True
+        ),
     )
     return mcp, sessions
 
@@ -273,7 +644,7 @@ def _check_timeout(timeout: float | None, settings: Settings) -> float:
     if timeout is None:
         return settings.default_timeout
     if not math.isfinite(timeout) or timeout <= 0 or timeout > settings.max_timeout:
-        raise ToolError(
+        raise SessionError(
             f"timeout must be a number of seconds above 0 and at most {settings.max_timeout:g} "
             f"(got {timeout!r}); the server's maximum is set by {env_var('max_timeout')}."
         )
@@ -282,10 +653,10 @@ def _check_timeout(timeout: float | None, settings: Settings) -> float:
 
 def _check_command(command: str, settings: Settings) -> None:
     if "\x00" in command:
-        raise ToolError("command contains a NUL byte, which no shell command can carry.")
+        raise SessionError("command contains a NUL byte, which no shell command can carry.")
     size = len(command.encode("utf-8", "surrogatepass"))
     if size > settings.max_command_bytes:
-        raise ToolError(
+        raise SessionError(
             f"command is {size} bytes, over the limit of {settings.max_command_bytes}. "
             "Write long content to a file in smaller pieces (e.g. several `cat >> file` "
             "calls) and run that file."

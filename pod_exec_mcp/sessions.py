@@ -14,17 +14,20 @@ host reveals no id that would let someone drive another client's sandbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.engine import (
     EngineError,
+    OutputCallback,
     ProgressCallback,
     RunRequest,
     RunResult,
@@ -35,8 +38,17 @@ from pod_exec_mcp.engine import (
     sandbox_spec,
 )
 from pod_exec_mcp.instances import Instance
+from pod_exec_mcp.jobs import Job, JobRead, job_key, new_job_id
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
 from pod_exec_mcp.pool import WarmPool
+from pod_exec_mcp.shell_state import (
+    JOBS_DIR,
+    in_session_cwd,
+    new_output_file,
+    persistent_command,
+    prune_output_files,
+    restoring_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,8 @@ class CommandResult:
     duration: float
     # Seconds the command waited for an exec slot before it started.
     queue_wait: float
+    # The file in the sandbox that holds the whole output, when it was cut.
+    output_file: str | None = None
 
 
 def session_key(principal: str | None, kind: SessionKind, session_id: str) -> str:
@@ -121,6 +135,9 @@ class Sessions:
             engine, lambda: self._spec("pool"), settings.warm_pool, settings.sandbox_lifetime
         )
         self._reaper: asyncio.Task[None] | None = None
+        self._jobs: dict[str, Job] = {}
+        # Housekeeping commands (pruning kept outputs) that nobody waits for.
+        self._background: set[asyncio.Future[None]] = set()
 
     # --- lifecycle of the service -------------------------------------------------------
 
@@ -136,6 +153,9 @@ class Sessions:
         self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.engine.close()
         await self.pool.close()
         await asyncio.gather(
@@ -228,15 +248,48 @@ class Sessions:
         """Run `command` in the session's sandbox (started on first use).
 
         The engine enforces `timeout` (killing the command's whole tree) and bounds the
-        output. A sandbox the engine reports gone is replaced, and the agent told so.
+        output, keeping the whole of a cut output in a file in the sandbox. A sandbox the
+        engine reports gone is replaced, and the agent told so.
         """
-        request = RunRequest(
+        script, env = (
+            persistent_command(command) if self.settings.persistent_shell else (command, {})
+        )
+        request = self._request(script, timeout, env=env, spill_path=new_output_file())
+        result, queue_wait = await self._execute(session, request, on_progress)
+        if result.output_file is not None:
+            # Old whole outputs go, so that they cannot fill the sandbox's disk.
+            self._in_background(self._prune_outputs(session))
+        return _command_result(result, queue_wait)
+
+    def _request(
+        self,
+        command: str,
+        timeout: float | None,
+        *,
+        env: dict[str, str] | None = None,
+        stdin: bytes | None = None,
+        spill_path: str | None = None,
+    ) -> RunRequest:
+        return RunRequest(
             command=command,
             timeout=timeout,
             kill_grace=self.settings.kill_grace,
             max_output_bytes=self.settings.max_output_bytes,
             progress_interval=self.settings.progress_interval,
+            env=env or {},
+            stdin=stdin,
+            spill_path=spill_path,
         )
+
+    async def _execute(
+        self,
+        session: Session,
+        request: RunRequest,
+        on_progress: ProgressCallback | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> tuple[RunResult, float]:
+        """The path of every command: busy, sandbox, exec slots, engine, recovery.
+        Returns the result and the seconds it waited for a slot."""
         session.busy += 1
         try:
             sandbox = await self._sandbox_of(session)
@@ -244,7 +297,7 @@ class Sessions:
             async with session.exec_slots, self._exec_slots:
                 queue_wait = time.monotonic() - queued
                 try:
-                    result = await self.engine.run(sandbox, request, on_progress)
+                    result = await self.engine.run(sandbox, request, on_progress, on_output)
                 except SandboxBroken as exc:
                     raise SessionError(await self._recover(session, sandbox, str(exc))) from None
                 except EngineError as exc:
@@ -259,7 +312,144 @@ class Sessions:
         finally:
             session.busy -= 1
             session.last_used = time.monotonic()
-        return _command_result(result, queue_wait)
+        return result, queue_wait
+
+    async def _prune_outputs(self, session: Session) -> None:
+        with contextlib.suppress(SessionError):
+            await self._execute(session, self._request(prune_output_files(), 30))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- files --------------------------------------------------------------------------
+
+    async def read_file(self, session: Session, path: str) -> bytes:
+        """The bytes of a regular file in the sandbox (relative: to the shell's current
+        directory), at most max_file_bytes."""
+        _check_path(path)
+        limit = self.settings.max_file_bytes
+        data = bytearray()
+
+        def collect(chunk: bytes) -> None:
+            if len(data) <= limit:
+                data.extend(chunk[: limit + 1 - len(data)])
+
+        request = self._request(
+            in_session_cwd(_READ_FILE.replace("MAX_BYTES", str(limit))),
+            self.settings.default_timeout,
+            env={PATH_ENV: path},
+        )
+        result, _ = await self._execute(session, request, on_output=collect)
+        _raise_for_file_status(result, path, limit)
+        if len(data) > limit:
+            raise SessionError(
+                f"{path} grew past the {limit}-byte limit while it was read; read it again "
+                "or in pieces with shell_exec (e.g. `split`)."
+            )
+        return bytes(data)
+
+    async def write_file(self, session: Session, path: str, data: bytes) -> int:
+        """Write `data` to `path` atomically (a temporary file renamed into place),
+        creating parent directories; returns the size written."""
+        _check_path(path)
+        limit = self.settings.max_file_bytes
+        if len(data) > limit:
+            raise SessionError(
+                f"content is {len(data)} bytes, over the {limit}-byte limit of write_file; "
+                "write it in parts (append with shell_exec) or raise "
+                f"{env_var('max_file_bytes')}."
+            )
+        request = self._request(
+            in_session_cwd(_WRITE_FILE), self.settings.default_timeout, env={PATH_ENV: path},
+            stdin=data,
+        )  # fmt: skip
+        result, _ = await self._execute(session, request)
+        _raise_for_file_status(result, path, limit)
+        return len(data)
+
+    # --- background jobs ----------------------------------------------------------------
+
+    async def start_job(self, session: Session, principal: str | None, command: str) -> str:
+        """Start `command` as a background job of the session; returns its id at once."""
+        running = [j for j in self._jobs.values() if j.session_key == session.key and j.running]
+        if len(running) >= self.settings.max_jobs_per_session:
+            raise SessionError(
+                f"this session already runs {len(running)} jobs, its maximum. Stop one you "
+                "no longer need (stop_job), or raise "
+                f"{env_var('max_jobs_per_session')}."
+            )
+        session.busy += 1
+        try:
+            sandbox = await self._sandbox_of(session)
+        finally:
+            session.busy -= 1
+            session.last_used = time.monotonic()
+        job_id = new_job_id()
+        job = Job(
+            id=job_id,
+            session_key=session.key,
+            command=command,
+            window_bytes=self.settings.max_output_bytes,
+        )
+        script, env = (
+            restoring_command(command) if self.settings.persistent_shell else (command, {})
+        )
+        request = self._request(script, None, env=env, spill_path=f"{JOBS_DIR}/{job_id}.log")
+        # The whole output goes to the job's log from its first byte on.
+        request = replace(request, max_output_bytes=1)
+        job.task = asyncio.create_task(self._run_job(session, sandbox, job, request))
+        self._jobs[job_key(principal, job_id)] = job
+        return job_id
+
+    def job(self, principal: str | None, job_id: str) -> Job:
+        """A job of `principal`'s, live or finished, while its session lives."""
+        job = self._jobs.get(job_key(principal, job_id))
+        if job is None:
+            raise SessionError(
+                f"unknown job_id {job_id!r}: no such job exists for this client (jobs end "
+                "with their session). Start one with start_job and pass the id it returns."
+            )
+        return job
+
+    async def read_job(self, job: Job, wait: float) -> JobRead:
+        """The job's output since the last read; waits up to `wait` s for news first."""
+        self._touch(job)
+        await job.wait_for_news(wait)
+        return job.take()
+
+    async def stop_job(self, job: Job) -> JobRead:
+        """Kill the job's whole tree (as a timeout would) and return its final state."""
+        self._touch(job)
+        job.stop_requested.set()
+        if job.task is not None:
+            await asyncio.gather(asyncio.shield(job.task), return_exceptions=True)
+        return job.take()
+
+    def _touch(self, job: Job) -> None:
+        session = self._live.get(job.session_key)
+        if session is not None:
+            session.last_used = time.monotonic()
+
+    async def _run_job(
+        self, session: Session, sandbox: Sandbox, job: Job, request: RunRequest
+    ) -> RunResult | None:
+        try:
+            result = await self.engine.run(
+                sandbox, request, on_output=job.feed, stop=job.stop_requested
+            )
+        except asyncio.CancelledError:
+            job.finished(None, "the job was killed: its session ended")
+            raise
+        except (SandboxBroken, EngineError) as exc:
+            job.finished(None, f"the job ended without an exit status: {exc}")
+            return None
+        note = f"stopped by stop_job; {result.kill_note}" if result.timed_out else None
+        if result.output_file is not None:
+            job.log_file = result.output_file
+        job.finished(result.retval, note)
+        return result
 
     # --- sandboxes ----------------------------------------------------------------------
 
@@ -327,7 +517,7 @@ class Sessions:
             self._ended.popitem(last=False)
 
     async def end(self, session: Session, why: str) -> None:
-        """End a session and remove its sandbox. Idempotent."""
+        """End a session, its jobs and its sandbox. Idempotent."""
         if session.ended:
             return
         self._forget(session, why)
@@ -336,22 +526,43 @@ class Sessions:
                 await self.engine.remove(session.sandbox)
                 log.info("removed sandbox %s (%s)", session.sandbox.name, why)
                 session.sandbox = None
+        # The container is gone, so the jobs' processes are too; end their tasks.
+        jobs = {k: j for k, j in self._jobs.items() if j.session_key == session.key}
+        for key, job in jobs.items():
+            del self._jobs[key]
+            if job.task is not None:
+                job.task.cancel()
+        await asyncio.gather(
+            *(j.task for j in jobs.values() if j.task is not None), return_exceptions=True
+        )
 
     async def end_key(self, key: str, why: str) -> None:
         session = self._live.get(key)
         if session is not None:
             await self.end(session, why)
 
+    def _idle_limit(self, session: Session) -> float:
+        if session.kind == "legacy":
+            return min(self.settings.legacy_idle_timeout, self.settings.idle_timeout)
+        return self.settings.idle_timeout
+
     async def reap_idle(self) -> int:
-        """End every session unused for longer than idle_timeout; returns how many."""
-        cutoff = time.monotonic() - self.settings.idle_timeout
-        idle = [s for s in self._live.values() if s.busy == 0 and s.last_used < cutoff]
-        why = f"idle for over {describe_seconds(self.settings.idle_timeout)}"
-        await asyncio.gather(*(self.end(s, why) for s in idle))
+        """End every session unused for longer than its idle limit (idle_timeout, or
+        legacy_idle_timeout for legacy MCP sessions); returns how many."""
+        now = time.monotonic()
+        idle = [
+            s
+            for s in self._live.values()
+            if s.busy == 0 and s.last_used < now - self._idle_limit(s)
+        ]
+        await asyncio.gather(
+            *(self.end(s, f"idle for over {describe_seconds(self._idle_limit(s))}") for s in idle)
+        )
         return len(idle)
 
     async def _reap_forever(self) -> None:
-        period = min(max(self.settings.idle_timeout / 4, 0.5), 30.0)
+        shortest = min(self.settings.idle_timeout, self.settings.legacy_idle_timeout)
+        period = min(max(shortest / 4, 0.5), 30.0)
         while True:
             await asyncio.sleep(period)
             try:
@@ -369,4 +580,69 @@ def _command_result(result: RunResult, queue_wait: float) -> CommandResult:
         timed_out=result.timed_out,
         duration=result.duration,
         queue_wait=queue_wait,
+        output_file=result.output_file,
     )
+
+
+# The path a file tool works on travels in the environment: no shell quoting involved.
+PATH_ENV = "POD_EXEC_MCP_PATH"
+
+# Exit statuses of the file scripts, and what each means for the agent.
+_FILE_STATUS = {
+    3: "does not exist",
+    4: "is a directory",
+    5: "could not be read or written",
+    6: "is larger than the limit",
+    7: "is not a regular file",
+}
+
+# Refuse what cannot be read whole and fast (a directory, a device, a FIFO, a huge file),
+# then print the bytes.
+_READ_FILE = """
+p=$POD_EXEC_MCP_PATH
+[ -e "$p" ] || exit 3
+[ -d "$p" ] && exit 4
+[ -f "$p" ] || exit 7
+size=$(wc -c < "$p") || exit 5
+[ "$size" -gt MAX_BYTES ] && { printf %s "$size"; exit 6; }
+exec cat -- "$p"
+"""
+
+# Atomic: written beside the target, then renamed over it; the executable bit is kept.
+_WRITE_FILE = """
+p=$POD_EXEC_MCP_PATH
+[ -d "$p" ] && exit 4
+d=$(dirname -- "$p")
+mkdir -p -- "$d" || exit 5
+t="$d/.pod_exec_mcp_write.$$"
+if cat > "$t"; then
+  if [ -x "$p" ]; then chmod +x "$t"; fi
+  mv -f -- "$t" "$p" || { rm -f -- "$t"; exit 5; }
+else
+  rm -f -- "$t"; exit 5
+fi
+"""
+
+
+def _check_path(path: str) -> None:
+    if not path or "\x00" in path:
+        raise SessionError("path must be a non-empty file path without NUL bytes.")
+
+
+def _raise_for_file_status(result: RunResult, path: str, limit: int) -> None:
+    if result.timed_out:
+        raise SessionError(f"{path}: the file operation timed out ({result.kill_note}).")
+    what = _FILE_STATUS.get(result.retval)
+    if result.retval == 6:
+        raise SessionError(
+            f"{path} is {result.output.strip()} bytes, over the {limit}-byte limit of the "
+            "file tools; look at it in pieces with shell_exec (head, tail, sed -n, rg)."
+        )
+    if what is not None:
+        detail = f" ({result.output.strip()})" if result.output.strip() else ""
+        raise SessionError(f"{path} {what}{detail}.")
+    if result.retval != 0:
+        raise SessionError(
+            f"{path}: the file operation failed with status {result.retval}: "
+            f"{result.output.strip()}"
+        )

@@ -42,6 +42,17 @@ unset {COMMAND_ENV}
 eval "$__pem_command"
 """
 
+# Restore only, for background jobs: a job starts where the shell is, and its own `cd`
+# or `export` must not change the terminal's state under the agent's feet.
+_RESTORING = f"""
+__pem_dir={SHELL_DIR}
+if [ -r "$__pem_dir/env" ]; then . "$__pem_dir/env"; fi
+if [ -r "$__pem_dir/cwd" ]; then cd "$(cat "$__pem_dir/cwd")" 2>/dev/null || true; fi
+__pem_command=${COMMAND_ENV}
+unset {COMMAND_ENV}
+eval "$__pem_command"
+"""
+
 # Only the working directory, for file tools: a relative path means what it would mean
 # to the agent's next shell_exec.
 _IN_CWD = f"""
@@ -52,6 +63,12 @@ if [ -r {SHELL_DIR}/cwd ]; then cd "$(cat {SHELL_DIR}/cwd)" 2>/dev/null || true;
 def persistent_command(command: str) -> tuple[str, dict[str, str]]:
     """The script and environment that run `command` with the session's shell state."""
     return _PERSISTENT, {COMMAND_ENV: command}
+
+
+def restoring_command(command: str) -> tuple[str, dict[str, str]]:
+    """The script and environment that run `command` from the session's shell state,
+    leaving that state as it was."""
+    return _RESTORING, {COMMAND_ENV: command}
 
 
 def in_session_cwd(script: str) -> str:
