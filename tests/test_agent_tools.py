@@ -1,0 +1,198 @@
+"""What agents need next, end to end over MCP in both eras (issue 13): a shell that
+behaves like one terminal, background jobs, file tools, whole outputs kept, Python in the
+image, one-shot legacy clients reaped, and errors and metadata written for agents."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any
+
+import pytest
+from conftest import ServerProcess, error_text, new_session, sh, structured
+
+ERAS = pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "modern"])
+
+
+@pytest.fixture(scope="module")
+def server(launch: Any) -> ServerProcess:
+    return launch("--kill-grace", "1")
+
+
+async def _args(client: Any, legacy: bool) -> dict[str, Any]:
+    return {} if legacy else {"session_id": await new_session(client)}
+
+
+async def call(client: Any, tool: str, **arguments: Any) -> dict[str, Any]:
+    return structured(await client.call_tool(tool, arguments, raise_on_error=False))
+
+
+@ERAS
+async def test_cwd_and_exported_variables_carry_over(server: ServerProcess, legacy: bool) -> None:
+    async with server.client(legacy=legacy) as client, server.client(legacy=legacy) as other:
+        args, others = await _args(client, legacy), await _args(other, legacy)
+        await sh(client, "mkdir -p /tmp/proj && cd /tmp/proj && export FOO=bar", **args)
+        assert (await sh(client, "pwd; echo $FOO", **args))["output"] == "/tmp/proj\nbar\n"
+        await sh(client, "python3 -m venv v && . v/bin/activate", **args)
+        assert (await sh(client, "command -v python3", **args))["output"] == (
+            "/tmp/proj/v/bin/python3\n"
+        )
+        # A command that exits early still leaves its state; the next call is a fresh shell.
+        await sh(client, "cd /; export BAZ=1; exit 3", **args)
+        assert (await sh(client, "pwd; echo $BAZ", **args))["output"] == "/\n1\n"
+        # Not across sessions.
+        assert (await sh(other, "pwd; echo x${FOO}x", **others))["output"] == "/workspace\nxx\n"
+
+
+@ERAS
+async def test_job_is_read_incrementally_and_its_status_arrives(
+    server: ServerProcess, legacy: bool
+) -> None:
+    async with server.client(legacy=legacy) as client:
+        args = await _args(client, legacy)
+        job = await call(
+            client,
+            "start_job",
+            command="for i in 1 2 3; do echo tick $i; sleep 1; done; exit 7",
+            **args,
+        )
+        seen, reads, state = "", 0, {"running": True}
+        while state["running"] and reads < 20:
+            state = await call(client, "read_job", job_id=job["job_id"], wait=5)
+            seen += state["output"]
+            reads += 1
+        assert seen == "tick 1\ntick 2\ntick 3\n"
+        assert reads >= 3  # the output came in pieces, as it was printed
+        assert state["retval"] == 7 and state["running"] is False
+        assert (
+            state["log_file"]
+            and (await sh(client, f"cat {state['log_file']}", **args))["output"] == seen
+        )
+
+
+async def test_stop_job_kills_a_term_ignoring_job(server: ServerProcess) -> None:
+    async with server.client() as client:
+        sid = await new_session(client)
+        job = await call(
+            client,
+            "start_job",
+            command="trap '' TERM; sleep 411 & while :; do sleep 412; done",
+            session_id=sid,
+        )
+        await asyncio.sleep(1)
+        final = await call(client, "stop_job", job_id=job["job_id"])
+        assert final["running"] is False
+        assert "every process it started were killed" in final["output"]
+        left = await sh(client, "ps -eo args= | grep -E '^sleep 41[12]' || true", session_id=sid)
+        assert left["output"] == ""
+
+
+async def test_jobs_belong_to_their_principal_session_and_end_with_it(
+    server: ServerProcess,
+) -> None:
+    async with server.client() as client:
+        sid = await new_session(client)
+        job = await call(client, "start_job", command="sleep 413", session_id=sid)
+        await client.call_tool("end_session", {"session_id": sid})
+        gone = await client.call_tool("read_job", {"job_id": job["job_id"]}, raise_on_error=False)
+        assert "unknown job_id" in error_text(gone)
+        malformed = await client.call_tool("read_job", {"job_id": "../x"}, raise_on_error=False)
+        assert "malformed" in error_text(malformed) and "http" not in error_text(malformed)
+
+
+@ERAS
+async def test_write_then_read_text_and_a_megabyte_of_bytes(
+    server: ServerProcess, legacy: bool
+) -> None:
+    async with server.client(legacy=legacy) as client:
+        args = await _args(client, legacy)
+        text = "héllo\n'quotes' \"and\" $(not run)\n" * 3
+        written = await call(client, "write_file", path="a/b/c.txt", content=text, **args)
+        assert written["bytes_written"] == len(text.encode())
+        back = await call(client, "read_file", path="/workspace/a/b/c.txt", **args)
+        assert back["content"] == text and back["total_lines"] == 6
+        part = await call(client, "read_file", path="a/b/c.txt", offset=2, limit=2, **args)
+        assert part["content"] == "'quotes' \"and\" $(not run)\nhéllo\n"
+        assert part["next_offset"] == 4
+
+        blob = os.urandom(1024 * 1024)
+        encoded = base64.b64encode(blob).decode()
+        await call(
+            client, "write_file", path="blob.bin", content=encoded, encoding="base64", **args
+        )
+        got, offset = b"", 0
+        while offset is not None:
+            piece = await call(
+                client, "read_file", path="blob.bin", encoding="base64", offset=offset, **args
+            )
+            got += base64.b64decode(piece["content"])
+            offset = piece["next_offset"]
+        assert got == blob
+
+        for path, expected in (("nope.txt", "does not exist"), ("/tmp", "is a directory")):
+            failed = await client.call_tool(
+                "read_file", {"path": path, **args}, raise_on_error=False
+            )
+            assert expected in error_text(failed)
+
+
+async def test_a_cut_output_is_kept_whole_in_a_file(server: ServerProcess) -> None:
+    async with server.client() as client:
+        sid = await new_session(client)
+        result = await sh(client, "seq 1 300000", session_id=sid)
+        assert result["truncated"] and result["output_file"]
+        assert f"the whole output is in {result['output_file']}" in result["output"]
+        check = await sh(
+            client, f"seq 1 300000 | cmp - {result['output_file']} && echo same", session_id=sid
+        )
+        assert check["output"] == "same\n"
+
+
+async def test_fresh_sandbox_has_python_and_git_that_work(server: ServerProcess) -> None:
+    async with server.client(legacy=True) as client:
+        assert (await sh(client, "python3 -c 'print(1)'"))["output"] == "1\n"
+        done = await sh(
+            client,
+            "cd $(mktemp -d) && git init -q && echo x > f && git add f && git commit -qm x "
+            "&& git commit -q --amend && git log --format=%an",
+        )
+        assert done["retval"] == 0, done
+        assert done["output"] == "pod_exec_mcp agent\n"
+
+
+async def test_one_shot_legacy_sandbox_is_reaped(launch: Any) -> None:
+    server = launch("--legacy-idle-timeout", "2")
+    async with server.client(legacy=True) as client:
+        await sh(client, "true")
+        assert len(server.containers()) == 1
+        for _ in range(60):
+            if not server.containers():
+                break
+            await asyncio.sleep(0.25)
+        assert server.containers() == []
+        told = await client.call_tool("shell_exec", {"command": "true"}, raise_on_error=False)
+        assert "idle for over 2 s" in error_text(told)
+
+
+async def test_server_metadata_and_errors_are_written_for_agents(server: ServerProcess) -> None:
+    from pod_exec_mcp import __version__
+
+    async with server.client(legacy=True) as client:
+        assert client.initialize_result.server_info.version == __version__
+        tools = {t.name: t for t in await client.list_tools()}
+        assert set(tools) >= {
+            "shell_exec", "create_session", "end_session", "start_job", "read_job",
+            "stop_job", "read_file", "write_file",
+        }  # fmt: skip
+        for tool in tools.values():
+            assert tool.title and tool.annotations is not None
+            assert tool.annotations.read_only_hint is not None
+        assert tools["read_file"].annotations.read_only_hint is True
+        assert "start_job" in tools["shell_exec"].description
+        bad = await client.call_tool(
+            "shell_exec", {"command": "true", "session_id": "not valid!"}, raise_on_error=False
+        )
+        assert "malformed" in error_text(bad) and "pydantic" not in error_text(bad)
+        missing = await client.call_tool("shell_exec", {}, raise_on_error=False)
+        assert error_text(missing).startswith("invalid arguments for shell_exec: command is")
