@@ -38,7 +38,7 @@ from pod_exec_mcp import __version__
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.engine import SandboxEngine
 from pod_exec_mcp.instances import Instance
-from pod_exec_mcp.jobs import JobRead
+from pod_exec_mcp.jobs import Job, JobRead
 from pod_exec_mcp.sessions import Session, SessionError, Sessions, describe_seconds
 
 T = TypeVar("T")
@@ -303,21 +303,39 @@ async def read_job(
             f"(0 to {MAX_JOB_WAIT:g}); saves polling.",
         ),
     ] = 0,
+    session_id: Annotated[
+        str | None, Field(description="Optional: the job's session, checked if given.")
+    ] = None,
 ) -> JobState:
     if not math.isfinite(wait) or not 0 <= wait <= MAX_JOB_WAIT:
         raise SessionError(f"wait must be a number of seconds from 0 to {MAX_JOB_WAIT:g}.")
     sessions = _sessions(ctx)
-    job = sessions.job(current_principal(), _checked_id(job_id, "job_id"))
-    return _to_result(await sessions.read_job(job, wait))
+    return _to_result(await sessions.read_job(_job_of(ctx, job_id, session_id), wait))
 
 
 async def stop_job(
     job_id: Annotated[str, Field(description="Id from start_job.")],
     ctx: Context,
+    session_id: Annotated[
+        str | None, Field(description="Optional: the job's session, checked if given.")
+    ] = None,
 ) -> JobState:
+    return _to_result(await _sessions(ctx).stop_job(_job_of(ctx, job_id, session_id)))
+
+
+def _job_of(ctx: Context, job_id: str, session_id: str | None) -> Job:
+    """A job of this principal's; of the named session, if one is named."""
     sessions = _sessions(ctx)
-    job = sessions.job(current_principal(), _checked_id(job_id, "job_id"))
-    return _to_result(await sessions.stop_job(job))
+    principal = current_principal()
+    job = sessions.job(principal, _checked_id(job_id, "job_id"))
+    if session_id is not None:
+        session = sessions.explicit(principal, _checked_id(session_id, "session_id"))
+        if job.session_key != session.key:
+            raise SessionError(
+                f"job {job_id!r} belongs to another session than {session_id!r}; pass the "
+                "session_id the job was started in, or none."
+            )
+    return job
 
 
 async def read_file(

@@ -196,3 +196,81 @@ async def test_server_metadata_and_errors_are_written_for_agents(server: ServerP
         assert "malformed" in error_text(bad) and "pydantic" not in error_text(bad)
         missing = await client.call_tool("shell_exec", {}, raise_on_error=False)
         assert error_text(missing).startswith("invalid arguments for shell_exec: command is")
+
+
+APP = """\
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+def add(a, b):
+    return a - b
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = str(add(2, 3)).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+if __name__ == "__main__":
+    HTTPServer(("127.0.0.1", 8099), Handler).serve_forever()
+"""
+
+TEST = """\
+from app import add
+
+
+def test_add():
+    assert add(2, 3) == 5
+"""
+
+
+async def test_a_scripted_coding_agent_session(server: ServerProcess) -> None:
+    """An agent's working session, unchanged: write a project, see its test fail, fix it,
+    commit, run the server as a job, curl it, stop it. Each step is one tool call."""
+    async with server.client() as client:
+        sid = await new_session(client)
+        calls = 0
+
+        async def tool(name: str, **arguments: Any) -> dict[str, Any]:
+            nonlocal calls
+            calls += 1
+            return await call(client, name, session_id=sid, **arguments)
+
+        async def run(command: str) -> dict[str, Any]:
+            return await tool("shell_exec", command=command)
+
+        assert (await run("mkdir -p proj && cd proj && git init -q && pwd"))["output"] == (
+            "/workspace/proj\n"
+        )
+        await tool("write_file", path="app.py", content=APP)
+        await tool("write_file", path="test_app.py", content=TEST)
+        assert (await run("python3 -m venv .venv && . .venv/bin/activate"))["retval"] == 0
+        assert (await run("pip --version"))["output"].startswith("pip ")
+        failing = await run(
+            "python3 -m unittest -q 2>&1; python3 -c 'import test_app as t; t.test_add()'"
+        )
+        assert failing["retval"] != 0 and "AssertionError" in failing["output"]
+        source = (await tool("read_file", path="app.py"))["content"]
+        await tool("write_file", path="app.py", content=source.replace("a - b", "a + b"))
+        assert (await run("python3 -c 'import test_app as t; t.test_add()'"))["retval"] == 0
+        await run("printf '.venv/\\n__pycache__/\\n' > .gitignore")
+        assert (await run("git add -A && git commit -qm 'add: fix the sum'"))["retval"] == 0
+        assert (await run("git log --oneline | wc -l"))["output"].strip() == "1"
+        job = await tool("start_job", command="python3 app.py")
+        body = ""
+        for _ in range(40):
+            got = await run("curl -s localhost:8099/ || true")
+            body = got["output"]
+            if body == "5":
+                break
+            await asyncio.sleep(0.25)
+        assert body == "5"
+        assert (await tool("read_job", job_id=job["job_id"]))["running"] is True
+        stopped = await tool("stop_job", job_id=job["job_id"])
+        assert stopped["running"] is False
+        assert (await run("git status --porcelain"))["output"] == ""
+        await client.call_tool("end_session", {"session_id": sid})
+        assert calls >= 15
