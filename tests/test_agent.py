@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import random
 import signal
 import statistics
 import struct
@@ -26,13 +27,16 @@ from conftest import FIGURES, IMAGE, podman, wait_until
 
 from pod_exec_mcp.agent_channel import (
     HEADER,
+    T_BYE,
     T_ERROR,
     T_HELLO_OK,
     T_PONG,
+    T_STARTED,
     AgentChannel,
     AgentCommandError,
     AgentError,
     AgentRun,
+    encode_run,
 )
 
 AGENT_IMAGE = os.environ.get("POD_EXEC_MCP_AGENT_IMAGE", "pod_exec_mcp_agent")
@@ -162,6 +166,22 @@ async def test_output_status_order_stdin_env_cwd(sandbox: str) -> None:
         # Signal dispositions are reset even though the agent ignores SIGPIPE.
         _, out = await run(chan, "grep -E 'SigIgn|SigBlk' /proc/self/status")
         assert sorted(out.split()) == sorted([b"SigIgn:", b"0" * 16, b"SigBlk:", b"0" * 16]), out
+
+
+CONTEXT = (
+    "env | grep -v -e '^_=' | sort; id; cat /proc/self/cgroup; pwd; umask; ulimit -a; "
+    "grep -E '^(Cap|Seccomp|NoNewPrivs|Uid|Gid|Groups)' /proc/self/status"
+)
+
+
+async def test_same_context_as_podman_exec(sandbox: str) -> None:
+    """User, capabilities, seccomp, no-new-privileges, cgroup, env, cwd, limits: as a
+    `podman exec CTR /bin/sh -lc` has them."""
+    async with channel(sandbox) as chan:
+        result, out = await run(chan, CONTEXT)
+    raw = podman("exec", sandbox, "/bin/sh", "-lc", CONTEXT).stdout
+    assert result.status == 0 and out.decode() == raw
+    assert "NoNewPrivs:\t1" in raw and "Seccomp:\t2" in raw
 
 
 async def test_eight_concurrent_runs(sandbox: str) -> None:
@@ -536,6 +556,51 @@ async def test_remote_podman(remote_sandbox: tuple[list[str], str]) -> None:
         with pytest.raises(AgentError):
             await task
         assert await asyncio.to_thread(wait_until, lambda: marker not in processes(name), 30)
+
+
+def parse_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    frames = []
+    while len(data) >= HEADER.size:
+        ftype, flags, reserved, fid, length = HEADER.unpack(data[: HEADER.size])
+        assert flags == reserved == 0 and length <= 1024 * 1024
+        frames.append((ftype, fid, data[HEADER.size : HEADER.size + length]))
+        data = data[HEADER.size + length :]
+    assert not data, "a truncated frame from the agent"
+    return frames
+
+
+def test_fuzzed_frames_never_crash_the_agent(new_sandbox: Callable[..., str]) -> None:
+    """Thousands of well-framed frames with mutated payloads: errors, never a crash."""
+    name = new_sandbox()
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    good_run = encode_run(
+        "echo fuzz", deadline=5, grace=0.1, env={"A": "b"}, has_stdin=False, cwd="/tmp",
+        spill_path="/tmp/fuzz/spill", spill_after=3,
+    )  # fmt: skip
+    frames = [HEADER.pack(1, 0, 0, 0, 8) + struct.pack(">HHI", 1, 1, 0)]
+    for _ in range(3000):
+        ftype = rng.choice([2, 2, 2, 3, 4, 5, 6, 0x10, 0x42, 0x81])
+        if ftype == 2:
+            payload = bytearray(good_run)
+            for _ in range(rng.randint(0, 3)):
+                payload[rng.randrange(len(payload))] = rng.randrange(256)
+            payload = payload[: rng.randint(0, len(payload))] if rng.random() < 0.3 else payload
+        else:
+            payload = bytearray(rng.randbytes(rng.randint(0, 40)))
+        frames.append(HEADER.pack(ftype, 0, 0, rng.randint(0, 100), len(payload)) + payload)
+    frames.append(HEADER.pack(6, 0, 0, 77, 0))  # PING
+    frames.append(HEADER.pack(7, 0, 0, 0, 4) + struct.pack(">I", 100))  # SHUTDOWN
+    done = subprocess.run(
+        attach_argv(name), input=b"".join(frames), capture_output=True, timeout=120
+    )
+    got = parse_frames(done.stdout)
+    assert done.returncode == 0, (seed, done.returncode, done.stderr[-500:])
+    assert (T_PONG, 77, b"") in got and got[-1][0] == T_BYE, seed
+    # Both paths were exercised: mutated RUNs that still ran, and ones that were refused.
+    types = [t for t, _, _ in got]
+    assert types.count(T_STARTED) > 10 and types.count(T_ERROR) > 100, (seed, len(types))
+    assert "perl" not in processes(name) and running(name)
 
 
 def test_init_ends_the_container_after_its_lifetime(new_sandbox: Callable[..., str]) -> None:
