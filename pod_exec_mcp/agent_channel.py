@@ -144,6 +144,7 @@ class AgentChannel:
         self._tasks: list[asyncio.Task[None]] = []
         self.agent_pid = 0
         self.protocol_version = 0
+        self._last_rx = asyncio.get_running_loop().time()
 
     @classmethod
     async def attach(
@@ -303,9 +304,17 @@ class AgentChannel:
             await self._send(data)
 
     async def _heartbeat(self) -> None:
+        """PING the agent; and if it answers nothing for heartbeat_timeout (e.g. it was
+        SIGSTOPped from inside the sandbox), fail the channel so the caller re-attaches."""
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(AgentError):
             while self._dead is None:
                 await asyncio.sleep(self._interval)
+                if loop.time() - self._last_rx > self._heartbeat_timeout:
+                    self._fail(f"the agent answered nothing for {self._heartbeat_timeout:g} s")
+                    with contextlib.suppress(ProcessLookupError):
+                        self._proc.kill()
+                    return
                 await self._send(_frame(T_PING, 0))
 
     async def _read_frames(self) -> None:
@@ -318,7 +327,9 @@ class AgentChannel:
                 if flags or reserved or length > MAX_PAYLOAD:
                     self._fail(f"malformed frame from the agent (type {ftype:#x})")
                     return
-                self._dispatch(ftype, fid, await stdout.readexactly(length))
+                payload = await stdout.readexactly(length)
+                self._last_rx = asyncio.get_running_loop().time()
+                self._dispatch(ftype, fid, payload)
         except asyncio.IncompleteReadError:
             await self._reap_briefly()
             self._fail(f"the agent exited (status {self._proc.returncode})")

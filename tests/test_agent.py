@@ -430,6 +430,25 @@ def test_unread_output_keeps_the_agent_bounded(sandbox: str) -> None:
     assert wait_until(lambda: "yes 0123" not in processes(sandbox), 30)
 
 
+async def test_a_frozen_agent_fails_the_channel(sandbox: str) -> None:
+    """`kill -STOP` on the agent from inside: the host notices by the missing PONGs."""
+    chan = await AgentChannel.attach(
+        attach_argv(sandbox), heartbeat_interval=0.5, heartbeat_timeout=3
+    )
+    pid = chan.agent_pid
+    try:
+        with pytest.raises(AgentError, match="answered nothing"):
+            await run(chan, f"kill -STOP {pid}; sleep 300", timeout=120)
+        assert not chan.alive
+    finally:
+        await chan.close()
+        podman("exec", sandbox, "kill", "-CONT", str(pid), check=False)
+    # Once continued it sees its stdin closed, stops its commands and exits.
+    wait = f"for i in $(seq 300); do test -d /proc/{pid} || exit 0; sleep 0.1; done; exit 1"
+    gone = await asyncio.to_thread(podman, "exec", sandbox, "sh", "-c", wait, check=False)
+    assert gone.returncode == 0
+
+
 async def test_spill_holds_every_byte(sandbox: str) -> None:
     async with channel(sandbox) as chan:
         path = f"/tmp/spill-{uuid.uuid4().hex[:6]}/deep/out.txt"
