@@ -267,6 +267,17 @@ async def test_background_job_outlives_the_call(sandbox: str) -> None:
 
         assert await appeared()
 
+        async def supervisors_left() -> int:
+            out = (await run(chan, "ps -e -o comm= | grep -c pem-supervisor"))[1]
+            return int(out) - 1  # the one running this ps
+
+        # Once the background child is done, its supervisor has nothing left and exits.
+        for _ in range(100):
+            if await supervisors_left() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await supervisors_left() == 0
+
 
 async def test_zombie_storm_is_stopped_and_the_agent_stays(
     new_sandbox: Callable[..., str],
@@ -358,23 +369,28 @@ async def test_host_gone_stops_commands(sandbox: str) -> None:
         assert await asyncio.to_thread(wait_until, lambda: marker not in processes(sandbox), 30)
     finally:
         await chan.close()
-    # A hung host (client stopped, no heartbeat): the agent stops its commands by itself.
+
+
+def test_heartbeat_stops_commands_when_the_host_hangs(sandbox: str) -> None:
+    """The podman exec client is frozen (SIGSTOP): stdin stays open but no PING arrives."""
     marker = uuid.uuid4().hex[:8]
-    chan = await AgentChannel.attach(
-        attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=3
-    )
+    hello = HEADER.pack(1, 0, 0, 0, 8) + struct.pack(">HHI", 1, 1, 2000)
+    payload = encode_run(
+        f"sh -c 'sleep 300' hb_{marker} & wait", deadline=0, grace=0.5, env=None,
+        has_stdin=False, cwd=None, spill_path=None, spill_after=0,
+    )  # fmt: skip
+    run_frame = HEADER.pack(2, 0, 0, 1, len(payload)) + payload
+    proc = subprocess.Popen(attach_argv(sandbox), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' hung_{marker} & wait"))
-        assert await asyncio.to_thread(wait_until, lambda: marker in processes(sandbox), 20)
-        os.kill(chan._proc.pid, signal.SIGSTOP)
-        assert await asyncio.to_thread(wait_until, lambda: marker not in processes(sandbox), 30)
-        os.kill(chan._proc.pid, signal.SIGKILL)
-        with pytest.raises(AgentError):
-            await task
+        assert proc.stdin is not None
+        proc.stdin.write(hello + run_frame)
+        proc.stdin.flush()
+        assert wait_until(lambda: marker in processes(sandbox), 20)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert wait_until(lambda: marker not in processes(sandbox), 30)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(chan._proc.pid, signal.SIGKILL)
-        await chan.close()
+        proc.kill()
+        proc.wait()
 
 
 async def test_close_stops_background_children(sandbox: str) -> None:

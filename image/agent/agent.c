@@ -617,7 +617,7 @@ static void job_report_exit(struct job *j, int32_t status, uint32_t flags, uint3
     /* The shell exited: what it wrote is already in the pipe. Drain it, then report.
      * Bounded by the pipe's capacity, since nothing the shell wrote can still be coming. */
     int rounds = 0;
-    while (j->out_fd >= 0 && rounds++ < 256 && job_read_output(j)) {}
+    while (j->out_fd >= 0 && rounds++ < 32 && job_read_output(j)) {} /* 2 MiB > any pipe */
     flags |= j->flags;
     unsigned char p[20];
     put32(p, (uint32_t)status);
