@@ -15,6 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 1
+# Where sandboxes get the agent: its image mounted read-only (docs/agent-protocol.md).
+DEFAULT_AGENT_IMAGE = "pod_exec_mcp_agent"
+AGENT_DIR = "/.pod_exec_mcp"
+AGENT_PATH = f"{AGENT_DIR}/agent"
 HEADER = struct.Struct(">BBHII")  # type, flags, reserved, id, payload length
 MAX_PAYLOAD = 1024 * 1024
 
@@ -41,6 +45,22 @@ AGENT_DEADLINE_SLACK = 2.0
 # After a STOP the agent reports within grace + 10 s of SIGKILL rounds; allow for that.
 STOP_REPORT_SLACK = 20.0
 STDERR_TAIL = 4096
+
+
+def mount_arguments(agent_image: str = DEFAULT_AGENT_IMAGE) -> list[str]:
+    """`podman run` arguments that give a sandbox the agent, read-only, at AGENT_PATH."""
+    return ["--mount", f"type=image,source={agent_image},destination={AGENT_DIR}"]
+
+
+def init_command(lifetime: float | None) -> list[str]:
+    """The sandbox's command (instead of `--init ... sleep LIFETIME`): the agent as PID 1,
+    reaping zombies and ending the container after `lifetime` seconds (None or 0: never)."""
+    return [AGENT_PATH, "init", f"{max(0, int(lifetime or 0))}"]
+
+
+def serve_argv(podman: Sequence[str], container: str) -> list[str]:
+    """The argv for `AgentChannel.attach`; `podman` may carry options (e.g. --url)."""
+    return [*podman, "exec", "-i", container, AGENT_PATH, "serve"]
 
 
 class AgentError(Exception):
@@ -437,4 +457,14 @@ class AgentChannel:
         self._fail("closed")
 
 
-__all__ = ["AgentChannel", "AgentCommandError", "AgentError", "AgentRun"]
+__all__ = [
+    "AGENT_PATH",
+    "DEFAULT_AGENT_IMAGE",
+    "AgentChannel",
+    "AgentCommandError",
+    "AgentError",
+    "AgentRun",
+    "init_command",
+    "mount_arguments",
+    "serve_argv",
+]

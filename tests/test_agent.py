@@ -26,6 +26,10 @@ import pytest
 from conftest import FIGURES, IMAGE, podman, wait_until
 
 from pod_exec_mcp.agent_channel import (
+    AGENT_PATH as AGENT,
+)
+from pod_exec_mcp.agent_channel import (
+    DEFAULT_AGENT_IMAGE,
     HEADER,
     T_BYE,
     T_ERROR,
@@ -37,10 +41,12 @@ from pod_exec_mcp.agent_channel import (
     AgentError,
     AgentRun,
     encode_run,
+    init_command,
+    mount_arguments,
+    serve_argv,
 )
 
-AGENT_IMAGE = os.environ.get("POD_EXEC_MCP_AGENT_IMAGE", "pod_exec_mcp_agent")
-AGENT = "/.pod_exec_mcp/agent"
+AGENT_IMAGE = os.environ.get("POD_EXEC_MCP_AGENT_IMAGE", DEFAULT_AGENT_IMAGE)
 LABEL = "io.pod_exec_mcp.test.agent"
 RUN_ID = uuid.uuid4().hex[:10]
 
@@ -69,8 +75,7 @@ def run_arguments(
         "--pids-limit", str(pids_limit), "--memory", "1g",
         "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
         "--security-opt", "no-new-privileges",
-        "--mount", f"type=image,source={AGENT_IMAGE},destination=/.pod_exec_mcp",
-        *extra, image, AGENT, "init", str(lifetime),
+        *mount_arguments(AGENT_IMAGE), *extra, image, *init_command(lifetime),
     ]  # fmt: skip
 
 
@@ -100,7 +105,7 @@ def sandbox(new_sandbox: Callable[..., str]) -> str:
 
 
 def attach_argv(name: str) -> list[str]:
-    return ["podman", "exec", "-i", name, AGENT, "serve"]
+    return serve_argv(["podman"], name)
 
 
 @contextlib.asynccontextmanager
@@ -270,6 +275,16 @@ async def test_background_job_outlives_the_call(sandbox: str) -> None:
         async def supervisors_left() -> int:
             out = (await run(chan, "ps -e -o comm= | grep -c pem-supervisor"))[1]
             return int(out) - 1  # the one running this ps
+
+        # A server started with & logs each request to the drained pipe and keeps serving
+        # (as `python3 -m http.server &` would; the image has no python).
+        port = random.randint(20000, 30000)
+        listening = f"nc -lk 127.0.0.1 {port} & sleep 0.3"
+        assert (await run(chan, listening))[0].status == 0
+        for i in range(3):
+            result, _ = await run(chan, f"echo request{i} | nc -N 127.0.0.1 {port}")
+            assert result.status == 0, i
+        await run(chan, f"pkill -f 'nc -lk 127.0.0.1 {port}'")
 
         # Once the background child is done, its supervisor has nothing left and exits.
         for _ in range(100):
@@ -580,7 +595,7 @@ def remote_sandbox(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
 @pytest.mark.slow
 async def test_remote_podman(remote_sandbox: tuple[list[str], str]) -> None:
     remote, name = remote_sandbox
-    async with channel(name, argv=[*remote, "exec", "-i", name, AGENT, "serve"]) as chan:
+    async with channel(name, argv=serve_argv(remote, name)) as chan:
         result, out = await run(chan, "echo remote; pwd")
         assert (result.status, out) == (0, b"remote\n/workspace\n")
         # Host gone through the API socket: the agent still sees its stdin close.
