@@ -496,11 +496,14 @@ async def test_spill_holds_every_byte(sandbox: str) -> None:
 async def test_ten_megabytes_arrive_intact(sandbox: str) -> None:
     async with channel(sandbox) as chan:
         size = 10 * 1024 * 1024
-        start = time.monotonic()
-        result, out = await run(chan, f"yes 0123456789abcdef | head -c {size}")
-        FIGURES["agent: 10 MB output (ms)"] = round((time.monotonic() - start) * 1000, 1)
         expected = (b"0123456789abcdef\n" * (size // 17 + 1))[:size]
-        assert result.status == 0 and result.output_bytes == size and out == expected
+        samples = []
+        for _ in range(3):
+            start = time.monotonic()
+            result, out = await run(chan, f"yes 0123456789abcdef | head -c {size}")
+            samples.append(time.monotonic() - start)
+            assert result.status == 0 and result.output_bytes == size and out == expected
+        FIGURES["agent: 10 MB output (ms, median of 3)"] = round(statistics.median(samples) * 1000)
 
 
 def test_malformed_input_gets_errors_not_a_crash(sandbox: str) -> None:
@@ -685,6 +688,12 @@ async def test_measure_round_trip_and_cost(sandbox: str) -> None:
             start = time.monotonic()
             podman("exec", sandbox, "/bin/sh", "-lc", "true")
             raw.append(time.monotonic() - start)
+        host = []
+        for _ in range(20):
+            start = time.monotonic()
+            subprocess.run(["/bin/sh", "-lc", "true"], check=True)
+            host.append(time.monotonic() - start)
+        FIGURES["host sh -lc true (ms, median of 20)"] = round(statistics.median(host) * 1000, 2)
         agent_ms = statistics.median(samples) * 1000
         raw_ms = statistics.median(raw) * 1000
         FIGURES["agent: warm true round trip (ms, median of 50)"] = round(agent_ms, 2)
@@ -703,11 +712,15 @@ async def test_measure_round_trip_and_cost(sandbox: str) -> None:
         ]
         await asyncio.gather(*(p.wait() for p in procs))
         FIGURES["podman exec: 16 concurrent true (ms)"] = round((time.monotonic() - start) * 1000)
-        start = time.monotonic()
         cmd = "yes 0123456789abcdef | head -c 10485760"
-        raw10 = podman("exec", sandbox, "/bin/sh", "-lc", cmd).stdout
-        assert len(raw10) == 10485760
-        FIGURES["podman exec: 10 MB output (ms)"] = round((time.monotonic() - start) * 1000, 1)
+        raw = []
+        for _ in range(3):
+            start = time.monotonic()
+            assert len(podman("exec", sandbox, "/bin/sh", "-lc", cmd).stdout) == 10485760
+            raw.append(time.monotonic() - start)
+        FIGURES["podman exec: 10 MB output (ms, median of 3)"] = round(
+            statistics.median(raw) * 1000
+        )
         _, out = await run(chan, f"grep VmRSS /proc/{chan.agent_pid}/status")
         FIGURES["agent: serve RSS"] = out.decode().split(":")[1].strip()
         _, out = await run(chan, "grep VmRSS /proc/1/status")
