@@ -229,6 +229,22 @@ async def test_timeout_kills_escapes(new_sandbox: Callable[..., str], escape: st
         FIGURES.setdefault("agent: timeout kills verified empty", []).append(escape)
 
 
+@pytest.mark.slow
+async def test_survivors_are_reported_not_hidden(new_sandbox: Callable[..., str]) -> None:
+    """A process the supervisor may not signal (another uid, no CAP_KILL) survives: the
+    result must say so, never "all killed"."""
+    name = new_sandbox(extra=["--cap-drop=KILL"])
+    marker = uuid.uuid4().hex[:8]
+    command = (
+        "setsid setpriv --reuid=65534 --regid=65534 --clear-groups "
+        f"sh -c 'sleep 1000' survivor_{marker} & sleep 300"
+    )
+    async with channel(name) as chan:
+        result, _ = await run(chan, command, timeout=1, kill_grace=0.2)
+    assert result.stopped and not result.all_killed and result.survivors >= 1, result
+    assert marker in processes(name)
+
+
 async def test_deadline_to_result_and_cancel(sandbox: str) -> None:
     async with channel(sandbox) as chan:
         samples = []

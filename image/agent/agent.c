@@ -944,9 +944,11 @@ static void write_host(void) {
     if (bytes_pending(&outq) == 0) outq.off = outq.len = 0;
 }
 
+/* Jobs whose supervisor still runs. A job whose supervisor gave up (survivors hold its
+ * pipe) is not waited for at shutdown: nothing is left that could stop its survivors. */
 static int jobs_alive(void) {
     int n = 0;
-    for (int i = 0; i < MAX_JOBS; i++) n += jobs[i].used;
+    for (int i = 0; i < MAX_JOBS; i++) n += jobs[i].used && jobs[i].ctl_r >= 0;
     return n;
 }
 
