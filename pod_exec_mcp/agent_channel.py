@@ -331,6 +331,11 @@ class AgentChannel:
             while self._dead is None:
                 await asyncio.sleep(self._interval)
                 if loop.time() - self._last_rx > self._heartbeat_timeout:
+                    # Silent, or was this event loop blocked? Give the reader one more round
+                    # to take in whatever is already waiting before giving up.
+                    await self._send(_frame(T_PING, 0))
+                    await asyncio.sleep(self._interval)
+                if loop.time() - self._last_rx > self._heartbeat_timeout:
                     self._fail(f"the agent answered nothing for {self._heartbeat_timeout:g} s")
                     with contextlib.suppress(ProcessLookupError):
                         self._proc.kill()
