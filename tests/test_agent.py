@@ -332,9 +332,11 @@ async def test_fork_failure_is_an_error_and_the_agent_stays(
     new_sandbox: Callable[..., str],
 ) -> None:
     name = new_sandbox(pids_limit=64)
+    # It keeps taking every pid that frees up, so the shortage lasts until it is stopped.
     hog = (
-        "perl -e 'for (1..1000){my $p=fork(); last unless defined $p; "
-        "if(!$p){sleep 1000; exit}} sleep 1000'"
+        "perl -e 'while (1) { my $p = fork(); "
+        "if (!defined $p) { select(undef, undef, undef, 0.01); next } "
+        "if (!$p) { sleep 1000; exit } }'"
     )
     async with channel(name) as chan:
         hog_task = asyncio.create_task(run(chan, hog, timeout=120, kill_grace=0.2))
