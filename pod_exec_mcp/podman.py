@@ -84,11 +84,19 @@ class Podman:
             self._feeders = {t for t in self._feeders if not t.done()}
         return proc
 
-    async def run(self, *args: str, check: bool = True) -> Completed:
-        """Run `podman ARGS` to completion; with `check`, a non-zero exit raises PodmanError."""
-        proc = await self.spawn(*args)
+    async def run(self, *args: str, check: bool = True, stdin: bytes | None = None) -> Completed:
+        """Run `podman ARGS` to completion, feeding it `stdin` if given; with `check`, a
+        non-zero exit raises PodmanError."""
+        proc = await asyncio.create_subprocess_exec(
+            self.path,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
-            stdout, stderr = await proc.communicate()
+            stdout, stderr = await proc.communicate(stdin)
         except asyncio.CancelledError:
             if proc.returncode is None:
                 proc.kill()
