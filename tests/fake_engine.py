@@ -13,6 +13,7 @@ from typing import Any
 
 from pod_exec_mcp.engine import (
     EngineError,
+    OutputCallback,
     ProgressCallback,
     RunRequest,
     RunResult,
@@ -21,6 +22,7 @@ from pod_exec_mcp.engine import (
     SandboxInfo,
     SandboxSpec,
 )
+from pod_exec_mcp.shell_state import COMMAND_ENV
 
 
 @dataclass
@@ -44,21 +46,28 @@ class FakeEngine:
         return Sandbox(spec.name, spec.labels)
 
     async def run(
-        self, sandbox: Sandbox, request: RunRequest, on_progress: ProgressCallback | None
+        self,
+        sandbox: Sandbox,
+        request: RunRequest,
+        on_progress: ProgressCallback | None = None,
+        on_output: OutputCallback | None = None,
+        stop: asyncio.Event | None = None,
     ) -> RunResult:
         if sandbox.name not in self.running:
             raise SandboxBroken(f"the sandbox container {sandbox.name} is gone")
+        # The agent's command, whether or not the persistent-shell script wraps it.
+        command = request.env.get(COMMAND_ENV, request.command)
         self.active_runs += 1
         self.most_active_runs = max(self.most_active_runs, self.active_runs)
         try:
-            act = self.behaviour.get(request.command)
+            act = self.behaviour.get(command)
             if act is not None:
                 outcome = act(sandbox)
                 if asyncio.iscoroutine(outcome):
                     outcome = await outcome
                 if isinstance(outcome, RunResult):
                     return outcome
-            return RunResult(request.command, 0, False, False, 0.0)
+            return RunResult(command, 0, False, False, 0.0)
         finally:
             self.active_runs -= 1
 
