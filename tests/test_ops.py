@@ -26,6 +26,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from pod_exec_mcp import __version__
 from pod_exec_mcp.auth import principal_of
 
 TOKEN = "ops-token-0123456789abcdef"
@@ -184,7 +185,7 @@ async def test_metrics_parse_and_count_each_call_exactly_once(ops: ServerProcess
     assert get(ops, "/metrics", Authorization="Bearer wrong-token-0123456789").status_code == 401
     first = scrape(ops)
     assert value(first, "pod_exec_mcp_exec_slots") == 16
-    assert value(first, "pod_exec_mcp_build_info", version="0.1.0") == 1
+    assert value(first, "pod_exec_mcp_build_info", version=__version__) == 1
 
     async with ops.client(legacy=True, auth=TOKEN) as legacy:
         before = scrape(ops)
