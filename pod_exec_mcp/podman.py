@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+# The exit status podman uses for its own failures (as opposed to a command's, for exec).
+PODMAN_OWN_FAILURE = 125
 
 # Labels that mark our containers, so that they can be found and cleaned.
 LABEL_MANAGED = "io.pod_exec_mcp.managed"
@@ -63,6 +67,8 @@ class Podman:
         self.path = find_podman(executable)
         # Tasks writing stdin to podman clients (kept referenced until done).
         self._feeders: set[asyncio.Task[None]] = set()
+        # Told the subcommand of every podman invocation that failed (for the metrics).
+        self.on_failure: Callable[[str], None] | None = None
 
     async def spawn(self, *args: str, stdin: bytes | None = None) -> asyncio.subprocess.Process:
         """Start `podman ARGS` with stdout/stderr piped and stdin from /dev/null, or fed
@@ -103,6 +109,9 @@ class Podman:
                 await proc.wait()
             raise
         done = Completed(proc.returncode or 0, stdout, stderr)
+        failed = done.returncode == PODMAN_OWN_FAILURE or (check and done.returncode != 0)
+        if failed and self.on_failure is not None:
+            self.on_failure(args[0] if args else "?")
         if check and done.returncode != 0:
             raise PodmanError(f"podman {args[0]} failed: {done.error_text}")
         return done

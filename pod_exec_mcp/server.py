@@ -34,12 +34,18 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from pod_exec_mcp import __version__
+from pod_exec_mcp import __version__, audit  # ops: audit
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.engine import SandboxEngine
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import Job, JobRead
-from pod_exec_mcp.sessions import Session, SessionError, Sessions, describe_seconds
+from pod_exec_mcp.sessions import (
+    Session,
+    SessionError,
+    Sessions,
+    describe_seconds,
+    session_key,  # ops: audit
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -187,7 +193,9 @@ def _session_of(ctx: Context, session_id: str | None) -> Session:
     sessions = _sessions(ctx)
     principal = current_principal()
     if session_id is not None:
-        return sessions.explicit(principal, _checked_id(session_id, "session_id"))
+        explicit = sessions.explicit(principal, _checked_id(session_id, "session_id"))
+        audit.note(session=explicit.key)  # ops: audit
+        return explicit
     if _is_modern(ctx):
         raise SessionError(
             "no session_id given. This connection is stateless (MCP 2026-07-28), so "
@@ -196,6 +204,7 @@ def _session_of(ctx: Context, session_id: str | None) -> Session:
             "write_file)."
         )
     found = sessions.legacy(principal, ctx.session_id)
+    audit.note(session=found.session.key)  # ops: audit
     if found.is_new:
         key = found.session.key
 
@@ -255,6 +264,7 @@ async def shell_exec(
 
     session = _session_of(ctx, session_id)
     result = await _until_disconnected(ctx, _sessions(ctx).run(session, command, limit, progress))
+    audit.note(queue_wait=result.queue_wait)  # ops: audit
     return ShellExecResult(
         output=result.output,
         retval=result.retval,
@@ -266,7 +276,9 @@ async def shell_exec(
 
 
 async def create_session(ctx: Context) -> CreatedSession:
-    return CreatedSession(session_id=await _sessions(ctx).create_explicit(current_principal()))
+    session_id = await _sessions(ctx).create_explicit(current_principal())
+    audit.note(session=session_key(current_principal(), "explicit", session_id))  # ops: audit
+    return CreatedSession(session_id=session_id)
 
 
 async def end_session(
@@ -275,6 +287,7 @@ async def end_session(
 ) -> EndedSession:
     sessions = _sessions(ctx)
     session = sessions.explicit(current_principal(), _checked_id(session_id, "session_id"))
+    audit.note(session=session.key)  # ops: audit
     await sessions.end(session, "ended by end_session")
     return EndedSession(session_id=session_id)
 
@@ -564,7 +577,7 @@ def build_server(
         ),
         lifespan=lifespan,
         auth=auth,
-        middleware=[ArgumentErrors()],
+        middleware=[audit.AuditMiddleware(settings.audit_command_chars), ArgumentErrors()],  # ops
     )
     idle = describe_seconds(settings.idle_timeout)
     mcp.tool(

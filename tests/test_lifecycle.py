@@ -45,7 +45,7 @@ def test_no_podman_on_path_fails_fast(server_env: dict[str, str], run_dir: Path)
     assert server.proc.wait(timeout=60) != 0
     log = server.log().strip()
     assert log.splitlines() == [log] and "podman not found" in log
-    assert "Uvicorn running" not in log
+    assert "serving MCP" not in log
 
 
 def test_missing_image_fails_fast(server_env: dict[str, str], run_dir: Path) -> None:
@@ -53,7 +53,7 @@ def test_missing_image_fails_fast(server_env: dict[str, str], run_dir: Path) -> 
     assert server.proc.wait(timeout=60) != 0
     log = server.log()
     assert "no_such_image_xyz" in log and "pod_exec_mcp_build" in log
-    assert "Uvicorn running" not in log
+    assert "serving MCP" not in log
 
 
 def test_bad_settings_fail_with_the_flag_named(server_env: dict[str, str]) -> None:
@@ -170,7 +170,7 @@ def test_server_env_defaults_are_used(server_env: dict[str, str], run_dir: Path)
         {**server_env, "MCP_PORT": "1"}, run_dir, wait=False
     )  # the --port flag from start_server wins over MCP_PORT
     try:
-        assert wait_until(lambda: "Uvicorn running" in server.log(), 90)
+        assert wait_until(lambda: "serving MCP at" in server.log(), 90)
         assert f":{server.port}" in server.log()
     finally:
         server.stop()
