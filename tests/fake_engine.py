@@ -62,7 +62,7 @@ class FakeEngine:
         try:
             act = self.behaviour.get(command)
             if act is not None:
-                outcome = act(sandbox)
+                outcome = act(sandbox, on_output or (lambda _: None), stop or asyncio.Event())
                 if asyncio.iscoroutine(outcome):
                     outcome = await outcome
                 if isinstance(outcome, RunResult):
