@@ -424,10 +424,13 @@ class PodmanEngine:
         if not finished:
             if stop is None or not stop.is_set():
                 retval = TIMEOUT_STATUS
+            # Without the agent's supervisor, the kill finds processes by process group
+            # and exec id only: say exactly that, not more.
             kill_note = (
                 "the command could not be verifiably killed"
                 if unkillable
-                else "the command and every process it started were killed"
+                else "the command's process group and every process carrying its exec id "
+                "were killed"
             )
             text += _notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
         return RunResult(

@@ -529,13 +529,20 @@ def _shell_exec_description(settings: Settings) -> str:
         f"you). {shell}"
         "Files, installed packages and background processes persist in the session. stdout "
         "and stderr come back merged in order, with the exit status. Long output keeps its "
-        "head and tail, and the whole of it is kept in the file named by output_file. "
+        "head and tail; output_file then names a file in the sandbox that holds all of it. "
         f"A command is killed, with every process it started, after `timeout` seconds "
         f"(default {settings.default_timeout:g}, at most {settings.max_timeout:g}) and then "
         "returns retval 124. Many clients give up on a call after 60 s: run anything that "
         "may take longer (servers, watchers, long builds and test runs) with start_job "
         f"instead. {_SESSION_HINT}"
     )
+
+
+def _describe_bytes(size: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
 
 
 def _annotations(title: str, *, read_only: bool, destructive: bool, idempotent: bool) -> Any:
@@ -652,7 +659,7 @@ def build_server(
         description=(
             f"Read a file in your sandbox, as text by lines (offset from 1, limit lines, "
             f"with the total line count) or as base64 bytes (offset and limit in bytes). "
-            f"Files up to {settings.max_file_bytes} bytes. {_SESSION_HINT}"
+            f"Files up to {_describe_bytes(settings.max_file_bytes)}. {_SESSION_HINT}"
         ),
         annotations=_annotations("Read a file", read_only=True, destructive=False, idempotent=True),
     )
