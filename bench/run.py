@@ -45,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,9 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def compare(what: str, ours: list[float], ref: list[float], ref_what: str, **extra: Any) -> dict:
+def compare(
+    what: str, ours: list[float], ref: list[float], ref_what: str, **extra: Any
+) -> dict[str, Any]:
     """A result row: ours against a comparator, with the ratio of medians and the median of
     per-repetition ratios (the samples were taken side by side)."""
     paired = [a / b for a, b in zip(ours, ref, strict=False) if b > 0]
@@ -138,7 +140,7 @@ def compare(what: str, ours: list[float], ref: list[float], ref_what: str, **ext
 
 
 async def interleave(
-    variants: dict[str, Callable[[], Awaitable[Any]]], reps: int, warmup: int = 1
+    variants: Mapping[str, Callable[[], Awaitable[Any]]], reps: int, warmup: int = 1
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant; every repetition runs all in a random order."""
     for _ in range(warmup):
@@ -501,7 +503,7 @@ class Bench:
             await asyncio.sleep(0.5)  # idle: no command of ours runs
             listing = podman("exec", ctr, "/bin/sh", "-c", PROC_LIST).stdout
             await client.call_tool("end_session", {"session_id": sid})
-        procs = []
+        procs: list[dict[str, Any]] = []
         for line in listing.splitlines():
             pid, ppid, name, rss = [*line.split(), "", "", "", "0"][:4]
             procs.append({"pid": int(pid), "ppid": int(ppid), "name": name, "rss_kib": int(rss)})
