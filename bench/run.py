@@ -65,10 +65,11 @@ from harness import (  # noqa: E402  (tests/ is put on the path just above)
     structured,
 )
 
-from pod_exec_mcp.agent_channel import AgentChannel  # noqa: E402
+from pod_exec_mcp.agent_channel import AGENT_PATH, AgentChannel  # noqa: E402
 from pod_exec_mcp.config import load_settings  # noqa: E402
 from pod_exec_mcp.engine import sandbox_spec  # noqa: E402
-from pod_exec_mcp.podman_engine import AGENT_BINARY, run_arguments  # noqa: E402
+from pod_exec_mcp.podman import Podman  # noqa: E402
+from pod_exec_mcp.podman_engine import agent_volume, run_arguments  # noqa: E402
 
 LARGE_BYTES = 10_000_000
 LARGE_COMMAND = f"head -c {LARGE_BYTES} /dev/zero | tr '\\0' a"
@@ -263,7 +264,7 @@ class Bench:
             modern, sid, modern_ctr = await self.modern(stack, main)
             # The agent alone: a channel of our own into the same container, no MCP.
             agent = await AgentChannel.attach(
-                [self.podman, "exec", "--interactive", modern_ctr, AGENT_BINARY, "serve"]
+                [self.podman, "exec", "--interactive", modern_ctr, AGENT_PATH, "serve"]
             )
             stack.push_async_callback(agent.close)
 
@@ -386,7 +387,8 @@ class Bench:
         name = f"bench-{self.run_id}-{self._raw_seq}"
         started = time.perf_counter()
         spec = sandbox_spec(self.settings, name, self.labels)
-        status, _, err = await run_cmd(self.podman, *run_arguments(spec))
+        args = run_arguments(spec, self._agent_volume)
+        status, _, err = await run_cmd(self.podman, *args)
         if status != 0:
             raise RuntimeError(f"raw podman run failed: {err.decode()}")
         await self.raw_exec(name)
@@ -399,6 +401,13 @@ class Bench:
         reps = self.args.first_reps
         self.log(f"first: {reps} interleaved repetitions, warm pool of {POOL}")
         self._raw_first: list[float] = []
+        # The server's own agent volume (made once per agent image), so that raw starts
+        # with exactly the server's arguments.
+        self._agent_volume = (
+            await agent_volume(Podman(self.podman), self.settings.agent_image)
+            if self.settings.exec_channel == "agent"
+            else None
+        )
         times: dict[str, list[float]] = {"legacy": [], "modern": []}
         await self.pool_refilled(POOL)
         baseline = sum(1 for c in containers_of(main.instance) if c.get("State") == "running")
