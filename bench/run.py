@@ -385,9 +385,15 @@ class Bench:
     async def raw_first(self) -> None:
         self._raw_seq += 1
         name = f"bench-{self.run_id}-{self._raw_seq}"
-        started = time.perf_counter()
+        # The server's agent volume, looked up (or made) again each time and not timed:
+        # the server does the same once per start, and a shared machine's cleanups may
+        # remove it meanwhile.
+        volume = None
+        if self.settings.exec_channel == "agent":
+            volume = await agent_volume(Podman(self.podman), self.settings.agent_image)
         spec = sandbox_spec(self.settings, name, self.labels)
-        args = run_arguments(spec, self._agent_volume)
+        args = run_arguments(spec, volume)
+        started = time.perf_counter()
         status, _, err = await run_cmd(self.podman, *args)
         if status != 0:
             raise RuntimeError(f"raw podman run failed: {err.decode()}")
@@ -401,13 +407,6 @@ class Bench:
         reps = self.args.first_reps
         self.log(f"first: {reps} interleaved repetitions, warm pool of {POOL}")
         self._raw_first: list[float] = []
-        # The server's own agent volume (made once per agent image), so that raw starts
-        # with exactly the server's arguments.
-        self._agent_volume = (
-            await agent_volume(Podman(self.podman), self.settings.agent_image)
-            if self.settings.exec_channel == "agent"
-            else None
-        )
         times: dict[str, list[float]] = {"legacy": [], "modern": []}
         await self.pool_refilled(POOL)
         baseline = sum(1 for c in containers_of(main.instance) if c.get("State") == "running")
