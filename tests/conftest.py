@@ -7,29 +7,36 @@ no container of any instance the tests started may be left (checked by label).
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastmcp import Client
 
-from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED
+# The launcher and helpers live in harness.py, shared with bench/run.py; tests keep
+# importing them from here.
+from harness import (
+    LABEL_MANAGED,
+    STARTED_INSTANCES,
+    ServerProcess,
+    containers_of,
+    error_text,
+    free_port,
+    new_session,
+    podman,
+    run_cli,
+    sh,
+    start_server,
+    structured,
+    wait_until,
+)
 
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
 # Settings a CI run may give every test server, to run the same suites another way
 # (e.g. POD_EXEC_MCP_EXEC_CHANNEL=podman-exec, POD_EXEC_MCP_RUNTIME=runsc).
 PASSED_TO_SERVERS = ("POD_EXEC_MCP_EXEC_CHANNEL", "POD_EXEC_MCP_RUNTIME")
-STARTED_INSTANCES: list[str] = []
 # Figures measured by tests (not asserted on), printed at the end of the run.
 FIGURES: dict[str, Any] = {}
 
@@ -39,77 +46,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("figures measured by the tests")
         for name, value in FIGURES.items():
             terminalreporter.write_line(f"{name}: {value}")
-
-
-def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check)
-
-
-def containers_of(instance: str) -> list[dict[str, Any]]:
-    out = podman(
-        "ps", "--all", "--format", "json", "--filter", f"label={LABEL_INSTANCE}={instance}"
-    )
-    return json.loads(out.stdout or "[]") or []
-
-
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `pod_exec_mcp ARGS` to completion (actions and start-up failures, not serving)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pod_exec_mcp", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.2) -> bool:
-    """Poll `predicate` until it is true or `timeout` passes (for effects that are async)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[str]
-    port: int
-    log_path: Path
-    host: str = "127.0.0.1"
-    instance: str = ""
-    _log: str = field(default="", repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/mcp"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def containers(self) -> list[dict[str, Any]]:
-        return containers_of(self.instance)
-
-    def client(self, legacy: bool = False, **kwargs: Any) -> Client:
-        return Client(self.url, mode="legacy" if legacy else "auto", **kwargs)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="session")
@@ -129,43 +65,6 @@ def server_env(run_dir: Path) -> dict[str, str]:
     env["XDG_CONFIG_HOME"] = str(run_dir / "config")
     env["POD_EXEC_MCP_IMAGE"] = IMAGE
     return env
-
-
-def start_server(
-    env: dict[str, str],
-    log_dir: Path,
-    *args: str,
-    host: str = "127.0.0.1",
-    wait: bool = True,
-) -> ServerProcess:
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pod_exec_mcp", "--host", host, "--port", str(port), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        )
-    server = ServerProcess(proc, port, log_path, host="127.0.0.1" if host == "0.0.0.0" else host)
-    if not wait:
-        return server
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            return True
-        with socket.socket() as s:
-            return s.connect_ex((server.host, port)) == 0
-
-    if not wait_until(ready, timeout=30) or proc.poll() is not None:
-        server.stop()
-        raise RuntimeError(f"server did not start:\n{server.log()}")
-    match = re.search(r"instance ([0-9a-f]{16})", server.log())
-    assert match, server.log()
-    server.instance = match.group(1)
-    STARTED_INSTANCES.append(server.instance)
-    return server
 
 
 @pytest.fixture(scope="session")
@@ -207,41 +106,19 @@ def no_container_left_behind() -> Iterator[None]:
         pytest.fail(f"containers left behind: {[c['Names'] for c in leftovers]}")
 
 
-def structured(result: Any) -> dict[str, Any]:
-    """The structured content of a successful tool result."""
-    assert not result.is_error, result.content
-    return result.structured_content
-
-
-def error_text(result: Any) -> str:
-    """The text of a tool error result."""
-    assert result.is_error, result.structured_content
-    return result.content[0].text
-
-
-async def sh(client: Client, command: str, **arguments: Any) -> dict[str, Any]:
-    """Run `command` through shell_exec and return {output, retval, ...}."""
-    return structured(
-        await client.call_tool(
-            "shell_exec", {"command": command, **arguments}, raise_on_error=False
-        )
-    )
-
-
-async def new_session(client: Client) -> str:
-    return structured(await client.call_tool("create_session", {}))["session_id"]
-
-
 __all__ = [
     "FIGURES",
+    "IMAGE",
     "LABEL_MANAGED",
     "ServerProcess",
     "containers_of",
     "error_text",
+    "free_port",
     "new_session",
     "podman",
     "run_cli",
     "sh",
+    "start_server",
     "structured",
     "wait_until",
 ]

@@ -1,22 +1,48 @@
-"""The benchmark still runs end to end (its figures are judged by people, not here)."""
+"""The benchmark still runs end to end and reports every figure it promises (its numbers
+are judged by people, in docs/benchmark.md, never asserted on here)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+COMPARED = (
+    "warm.legacy", "warm.modern", "warm.legacy_vs_host", "warm.modern_vs_host",
+    "throughput.16", "first.legacy", "first.modern", "large", "podman_exec.warm",
+)  # fmt: skip
+ALONE = ("warm.host", "warm.agent_direct", "warm.mcp_noop", "kill.grace0", "kill.grace1")
 
-def test_quick_benchmark_runs_and_reports_ratios(tmp_path: Path) -> None:
+
+def test_quick_benchmark_reports_every_figure_and_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--only", "warm,first", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "bench/run.py", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
-    for row in ("warm.legacy", "warm.modern", "first.legacy", "first.modern"):
-        assert results[row]["ratio"] > 0, row
+    report = json.loads(out.read_text())
+    results = report["results"]
+    for key in COMPARED:
+        row = results[key]
+        assert row["ours"]["n"] >= 1 and row["ref"]["n"] >= 1, key
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0, key
+        assert key in done.stdout, key  # and it is in the printed table
+    for key in ALONE:
+        assert math.isfinite(results[key]["ours"]["median"]), key
+    for grace in (0, 1):
+        kill = results[f"kill.grace{grace}"]
+        assert kill["processes_left_after"] == 0, kill
+        assert all("every process it started were killed" in n for n in kill["result_notes"])
+    agent = results["agent"]
+    assert agent["agent_serve_rss_kib"] > 0 and agent["idle_pids"] >= 2, agent
+    # Every target of issue 10 is judged in the report (met or not).
+    assert {t["result"] for t in report["targets"]} == {
+        "warm.legacy", "warm.modern", "warm.legacy_vs_host", "warm.modern_vs_host",
+        "throughput.16", "first.legacy", "first.modern", "large",
+    }  # fmt: skip
+    assert report["leftover_containers_removed"] == 0
