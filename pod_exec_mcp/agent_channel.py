@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pod_exec_mcp.agent_streams import STREAM_FRAMES, StreamHandler, StreamMux
+
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BBHII")  # type, flags, reserved, id, payload length
 MAX_PAYLOAD = 1024 * 1024
@@ -164,6 +166,8 @@ class AgentChannel:
         self._tasks: list[asyncio.Task[None]] = []
         self.agent_pid = 0
         self.protocol_version = 0
+        # Multiplexed byte streams (the egress proxy's connections): agent_streams.py.
+        self._mux = StreamMux(self._send, None)
 
     @classmethod
     async def attach(
@@ -173,12 +177,14 @@ class AgentChannel:
         handshake_timeout: float = 10.0,
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 30.0,
+        on_stream: StreamHandler | None = None,
     ) -> AgentChannel:
         """Start the agent (argv is the full command, e.g. [podman, exec, -i, CTR,
         /.pod_exec_mcp/agent, serve]), handshake; AgentError if it cannot.
 
         The agent stops every command and exits if no frame arrives for heartbeat_timeout
-        seconds; this side sends a PING every heartbeat_interval seconds.
+        seconds; this side sends a PING every heartbeat_interval seconds. `on_stream`
+        serves each connection the agent accepts once `listen` was called.
         """
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -191,6 +197,7 @@ class AgentChannel:
         except OSError as exc:
             raise AgentError(f"cannot start the agent ({argv[0]}): {exc}") from exc
         chan = cls(proc, heartbeat_interval, heartbeat_timeout)
+        chan._mux = StreamMux(chan._send, on_stream)
         chan._tasks = [
             asyncio.create_task(chan._read_frames()),
             asyncio.create_task(chan._read_stderr()),
@@ -279,6 +286,15 @@ class AgentChannel:
         finally:
             self._pending.pop(rid, None)
 
+    async def listen(self, address: str, port: int, timeout: float = 10.0) -> int:
+        """Have the agent listen on address:port (loopback) in the sandbox and relay each
+        connection as a stream to `on_stream`; returns the port. ConnectionError (with the
+        agent's reason) if it cannot, e.g. an agent without stream support."""
+        if not self.alive:
+            raise AgentError(f"the agent channel is closed{self._why()}")
+        rid = next(self._ids) % 0xFFFFFFFF + 1
+        return await self._mux.listen(rid, address, port, timeout)
+
     async def close(self) -> None:
         """Ask the agent to stop everything and exit; then end the podman exec client.
 
@@ -356,6 +372,9 @@ class AgentChannel:
             self._fail(f"reading from the agent failed: {exc!r}")
 
     def _dispatch(self, ftype: int, fid: int, payload: bytes) -> None:
+        if ftype in STREAM_FRAMES:
+            self._mux.dispatch(ftype, fid, payload)
+            return
         pending = self._pending.get(fid)
         if ftype == T_OUTPUT:
             if pending is not None and pending.callback_error is None:
@@ -384,7 +403,9 @@ class AgentChannel:
         elif ftype == T_ERROR:
             code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 0
             message = payload[2:].decode(errors="replace")
-            if fid == 0:
+            if fid != 0 and self._mux.error(fid, message):
+                pass  # the answer to a LISTEN
+            elif fid == 0:
                 if not self._hello.done():
                     self._hello.set_exception(AgentError(message))
                 else:
@@ -410,6 +431,7 @@ class AgentChannel:
     def _fail(self, why: str) -> None:
         if self._dead is None:
             self._dead = why
+        self._mux.fail(why)
         self._bye.set()
         error = AgentError(f"{why}{self._stderr_note()}")
         if not self._hello.done():
@@ -445,6 +467,7 @@ class AgentChannel:
                 self._proc.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), 5.0)
+        await self._mux.close()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
             )  # fmt: skip
         else:
             settings.add_argument(cli_flag(name), dest=name, default=None, help=help_text)
+    # The flag of the boolean `network` setting of earlier versions.
+    settings.add_argument(
+        "--no-network", dest="network", action="store_const", const="none",
+        help="same as --network none",
+    )  # fmt: skip
     return parser
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pod_exec_mcp.egress import EgressPolicy
 from pod_exec_mcp.engine import (
     EngineError,
     ProgressCallback,
@@ -35,6 +36,8 @@ class FakeEngine:
     behaviour: dict[str, Callable[[Sandbox], Any]] = field(default_factory=dict)
     active_runs: int = 0
     most_active_runs: int = 0
+    # sandbox name -> the egress policy the sessions layer set for it.
+    egress: dict[str, EgressPolicy] = field(default_factory=dict)
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.fail_start is not None:
@@ -44,7 +47,12 @@ class FakeEngine:
         return Sandbox(spec.name, spec.labels)
 
     async def run(
-        self, sandbox: Sandbox, request: RunRequest, on_progress: ProgressCallback | None
+        self,
+        sandbox: Sandbox,
+        request: RunRequest,
+        on_progress: ProgressCallback | None = None,
+        on_output: Any = None,
+        stop: asyncio.Event | None = None,
     ) -> RunResult:
         if sandbox.name not in self.running:
             raise SandboxBroken(f"the sandbox container {sandbox.name} is gone")
@@ -77,6 +85,9 @@ class FakeEngine:
             for name, spec in self.running.items()
             if all(spec.labels.get(k) == v for k, v in wanted.items())
         ]
+
+    def set_egress(self, sandbox: Sandbox, policy: EgressPolicy) -> None:
+        self.egress[sandbox.name] = policy
 
     async def close(self) -> None:
         return None
