@@ -18,6 +18,10 @@ from typing import Any
 from pod_exec_mcp.agent_streams import STREAM_FRAMES, StreamHandler, StreamMux
 
 PROTOCOL_VERSION = 1
+# Where sandboxes get the agent: its image mounted read-only (docs/agent-protocol.md).
+DEFAULT_AGENT_IMAGE = "pod_exec_mcp_agent"
+AGENT_DIR = "/.pod_exec_mcp"
+AGENT_PATH = f"{AGENT_DIR}/agent"
 HEADER = struct.Struct(">BBHII")  # type, flags, reserved, id, payload length
 MAX_PAYLOAD = 1024 * 1024
 
@@ -44,6 +48,22 @@ AGENT_DEADLINE_SLACK = 2.0
 # After a STOP the agent reports within grace + 10 s of SIGKILL rounds; allow for that.
 STOP_REPORT_SLACK = 20.0
 STDERR_TAIL = 4096
+
+
+def mount_arguments(agent_image: str = DEFAULT_AGENT_IMAGE) -> list[str]:
+    """`podman run` arguments that give a sandbox the agent, read-only, at AGENT_PATH."""
+    return ["--mount", f"type=image,source={agent_image},destination={AGENT_DIR}"]
+
+
+def init_command(lifetime: float | None) -> list[str]:
+    """The sandbox's command (instead of `--init ... sleep LIFETIME`): the agent as PID 1,
+    reaping zombies and ending the container after `lifetime` seconds (None or 0: never)."""
+    return [AGENT_PATH, "init", f"{max(0, int(lifetime or 0))}"]
+
+
+def serve_argv(podman: Sequence[str], container: str) -> list[str]:
+    """The argv for `AgentChannel.attach`; `podman` may carry options (e.g. --url)."""
+    return [*podman, "exec", "-i", container, AGENT_PATH, "serve"]
 
 
 class AgentError(Exception):
@@ -166,6 +186,7 @@ class AgentChannel:
         self._tasks: list[asyncio.Task[None]] = []
         self.agent_pid = 0
         self.protocol_version = 0
+        self._last_rx = asyncio.get_running_loop().time()
         # Multiplexed byte streams (the egress proxy's connections): agent_streams.py.
         self._mux = StreamMux(self._send, None)
 
@@ -349,9 +370,22 @@ class AgentChannel:
             await self._send(data)
 
     async def _heartbeat(self) -> None:
+        """PING the agent; and if it answers nothing for heartbeat_timeout (e.g. it was
+        SIGSTOPped from inside the sandbox), fail the channel so the caller re-attaches."""
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(AgentError):
             while self._dead is None:
                 await asyncio.sleep(self._interval)
+                if loop.time() - self._last_rx > self._heartbeat_timeout:
+                    # Silent, or was this event loop blocked? Give the reader one more round
+                    # to take in whatever is already waiting before giving up.
+                    await self._send(_frame(T_PING, 0))
+                    await asyncio.sleep(self._interval)
+                if loop.time() - self._last_rx > self._heartbeat_timeout:
+                    self._fail(f"the agent answered nothing for {self._heartbeat_timeout:g} s")
+                    with contextlib.suppress(ProcessLookupError):
+                        self._proc.kill()
+                    return
                 await self._send(_frame(T_PING, 0))
 
     async def _read_frames(self) -> None:
@@ -364,7 +398,9 @@ class AgentChannel:
                 if flags or reserved or length > MAX_PAYLOAD:
                     self._fail(f"malformed frame from the agent (type {ftype:#x})")
                     return
-                self._dispatch(ftype, fid, await stdout.readexactly(length))
+                payload = await stdout.readexactly(length)
+                self._last_rx = asyncio.get_running_loop().time()
+                self._dispatch(ftype, fid, payload)
         except asyncio.IncompleteReadError:
             await self._reap_briefly()
             self._fail(f"the agent exited (status {self._proc.returncode})")
@@ -479,4 +515,14 @@ class AgentChannel:
         self._fail("closed")
 
 
-__all__ = ["AgentChannel", "AgentCommandError", "AgentError", "AgentRun"]
+__all__ = [
+    "AGENT_PATH",
+    "DEFAULT_AGENT_IMAGE",
+    "AgentChannel",
+    "AgentCommandError",
+    "AgentError",
+    "AgentRun",
+    "init_command",
+    "mount_arguments",
+    "serve_argv",
+]

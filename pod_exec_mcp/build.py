@@ -15,10 +15,11 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
+from pod_exec_mcp.agent_channel import DEFAULT_AGENT_IMAGE
 from pod_exec_mcp.podman import PodmanError, find_podman
 
 DEFAULT_TAG = "pod_exec_mcp_base"
-DEFAULT_AGENT_TAG = "pod_exec_mcp_agent"
+DEFAULT_AGENT_TAG = DEFAULT_AGENT_IMAGE
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie-slim"
 PULL_POLICIES = ("missing", "always", "never", "newer")
 

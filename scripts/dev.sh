@@ -12,7 +12,7 @@
 #   3. provides the Debian base image: pulled from the registry, or, where no registry is
 #      reachable, made from the Debian mirror with mmdebstrap and imported under its tag;
 #   4. installs the project into .venv (editable, with test extras);
-#   5. builds the sandbox image with pod_exec_mcp_build itself.
+#   5. builds the sandbox image and the exec agent image with pod_exec_mcp_build itself.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -104,7 +104,7 @@ install_project() {
 }
 
 build_sandbox_image() {
-    say "building pod_exec_mcp_base with pod_exec_mcp_build"
+    say "building pod_exec_mcp_base and pod_exec_mcp_agent with pod_exec_mcp_build"
     mkdir -p "$STATE"
     "$VENV/bin/pod_exec_mcp_build" --base-image "$BASE_IMAGE" >"$STATE/build.log" 2>&1 || {
         cat "$STATE/build.log" >&2; exit 1; }

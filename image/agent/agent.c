@@ -329,13 +329,14 @@ static int sup_reap(struct sup_state *s) {
     }
 }
 
+/* Start a stop, or shorten the grace of one under way (e.g. SHUTDOWN after a long STOP). */
 static void sup_begin_stop(struct sup_state *s, uint32_t grace_ms) {
-    if (s->stopping) return;
+    uint64_t until = now_ms() + grace_ms;
+    if (s->stopping && until >= s->term_until) return;
+    s->term_until = until;
+    s->kill_until = until + KILL_PERSIST_MS;
+    if (!s->stopping) signal_subtree(SIGTERM);
     s->stopping = 1;
-    uint64_t t = now_ms();
-    s->term_until = t + grace_ms;
-    s->kill_until = s->term_until + KILL_PERSIST_MS;
-    signal_subtree(SIGTERM);
 }
 
 static void shell_child(const char *cmd, const char *cwd, char **env, int nenv, int in_fd,
@@ -541,7 +542,7 @@ static void job_free(struct job *j) {
 }
 
 static void job_stop(struct job *j, uint32_t grace_ms) {
-    if (j->stop_sent || j->ctl_w < 0) return;
+    if (j->ctl_w < 0) return;
     struct ctl_msg m = {CTL_STOP, 0, grace_ms, 0};
     if (write_all(j->ctl_w, &m, sizeof m) == 0) j->stop_sent = 1;
 }
@@ -616,7 +617,7 @@ static void job_report_exit(struct job *j, int32_t status, uint32_t flags, uint3
     /* The shell exited: what it wrote is already in the pipe. Drain it, then report.
      * Bounded by the pipe's capacity, since nothing the shell wrote can still be coming. */
     int rounds = 0;
-    while (j->out_fd >= 0 && rounds++ < 256 && job_read_output(j)) {}
+    while (j->out_fd >= 0 && rounds++ < 32 && job_read_output(j)) {} /* 2 MiB > any pipe */
     flags |= j->flags;
     unsigned char p[20];
     put32(p, (uint32_t)status);
@@ -797,6 +798,7 @@ static void handle_run(uint32_t id, const unsigned char *p, size_t len) {
     j->in_fd = inp[1];
     set_nonblock(j->out_fd);
     set_nonblock(j->ctl_r);
+    set_nonblock(j->ctl_w); /* a full control pipe means STOPs are queued already */
     if (j->in_fd >= 0) set_nonblock(j->in_fd);
     j->grace_ms = r.grace_ms;
     j->deadline = r.deadline_ms ? now_ms() + r.deadline_ms : 0;
@@ -908,10 +910,19 @@ static void parse_input(void) {
     inlen -= off;
 }
 
+/* The host stopped talking (stdin EOF or error, or no frame within the heartbeat): stop
+ * everything and exit, still flushing what is queued in case only its writing side closed. */
+static void host_is_silent(const char *why) {
+    if (input_closed) return;
+    diag("host gone (%s): stopping every command", why);
+    input_closed = 1;
+    begin_shutdown(HOST_GONE_GRACE_MS, 0);
+}
+
+/* The host's reading side is gone: nothing can be sent any more. */
 static void host_is_gone(const char *why) {
     if (host_gone) return;
-    diag("host gone (%s): stopping every command", why);
-    begin_shutdown(HOST_GONE_GRACE_MS, 0);
+    host_is_silent(why);
     host_gone = 1;
     bytes_free(&outq);
 }
@@ -919,7 +930,7 @@ static void host_is_gone(const char *why) {
 static void read_host(void) {
     ssize_t n = read(0, inbuf + inlen, sizeof inbuf - inlen);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
-    if (n <= 0) return host_is_gone(n == 0 ? "stdin closed" : strerror(errno));
+    if (n <= 0) return host_is_silent(n == 0 ? "stdin closed" : strerror(errno));
     inlen += (size_t)n;
     last_rx = now_ms();
     parse_input();
@@ -933,16 +944,17 @@ static void write_host(void) {
     if (bytes_pending(&outq) == 0) outq.off = outq.len = 0;
 }
 
+/* Jobs whose supervisor still runs. A job whose supervisor gave up (survivors hold its
+ * pipe) is not waited for at shutdown: nothing is left that could stop its survivors. */
 static int jobs_alive(void) {
     int n = 0;
-    for (int i = 0; i < MAX_JOBS; i++) n += jobs[i].used;
+    for (int i = 0; i < MAX_JOBS; i++) n += jobs[i].used && jobs[i].ctl_r >= 0;
     return n;
 }
 
 static void check_timers(void) {
     uint64_t t = now_ms();
-    if (!host_gone && !input_closed && t - last_rx > heartbeat_ms)
-        host_is_gone("heartbeat missed");
+    if (!input_closed && t - last_rx > heartbeat_ms) host_is_silent("heartbeat missed");
     for (int i = 0; i < MAX_JOBS; i++) {
         struct job *j = &jobs[i];
         if (j->used && !j->reported && j->deadline && t >= j->deadline && !j->stop_sent) {
