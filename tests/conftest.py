@@ -28,7 +28,11 @@ from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
 # Settings a CI run may give every test server, to run the same suites another way
 # (e.g. POD_EXEC_MCP_EXEC_CHANNEL=podman-exec, POD_EXEC_MCP_RUNTIME=runsc).
-PASSED_TO_SERVERS = ("POD_EXEC_MCP_EXEC_CHANNEL", "POD_EXEC_MCP_RUNTIME")
+PASSED_TO_SERVERS = (
+    "POD_EXEC_MCP_EXEC_CHANNEL",
+    "POD_EXEC_MCP_RUNTIME",
+    "POD_EXEC_MCP_AGENT_IMAGE",
+)
 STARTED_INSTANCES: list[str] = []
 # Figures measured by tests (not asserted on), printed at the end of the run.
 FIGURES: dict[str, Any] = {}
