@@ -191,6 +191,11 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     if removed:
         log.info("removed %d orphaned container(s) of dead servers", len(removed))
 
+    if settings.network == "isolated" and not settings.strict and settings.exec_channel != "agent":
+        log.warning(
+            "network isolated needs the exec agent (it runs the egress proxy); with "
+            "exec_channel podman-exec sandboxes have no network access at all"
+        )
     instance = Instance.acquire()
     mcp, _ = build_server(settings, PodmanEngine(podman), instance, auth)
     config = uvicorn.Config(

@@ -271,14 +271,23 @@ class PodmanEngine:
     async def _start_proxy(self, name: str, channel: AgentChannel) -> None:
         """Have the agent listen as the sandbox's proxy. Without it the sandbox simply has
         no egress (it has no network device), so a failure is logged, not fatal."""
-        try:
-            await channel.listen(PROXY_ADDRESS, PROXY_PORT)
-        except ConnectionError as exc:
-            log.warning(
-                "the exec agent in %s does not run the egress proxy (%s): the sandbox has no "
-                "network access; rebuild the agent image with pod_exec_mcp_build",
-                name, exc,
-            )  # fmt: skip
+        error: ConnectionError | None = None
+        for attempt in range(5):
+            try:
+                await channel.listen(PROXY_ADDRESS, PROXY_PORT)
+                return
+            except ConnectionError as exc:
+                error = exc
+            # A re-attach may race the previous agent, which closes its listener as it
+            # exits; anything else (an agent without streams) will not change.
+            if "in use" not in str(error):
+                break
+            await asyncio.sleep(0.2 * (attempt + 1))
+        log.warning(
+            "the egress proxy did not start in %s (%s): the sandbox has no network access "
+            "(an old agent image? rebuild it with pod_exec_mcp_build)",
+            name, error,
+        )  # fmt: skip
 
     def _keep_running(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
