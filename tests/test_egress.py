@@ -356,3 +356,33 @@ async def test_stream_flow_control_and_window_violation() -> None:
     # Frames for unknown streams are dropped, not fatal.
     mux.dispatch(st.T_STREAM_DATA_IN, 0x80000999, b"?")
     await mux.close()
+
+
+# --- the sessions layer: which policy each sandbox gets -------------------------------------
+
+
+async def test_sessions_set_each_sandbox_its_policy(tmp_path: Any) -> None:
+    from fake_engine import FakeEngine
+
+    from pod_exec_mcp.instances import Instance
+    from pod_exec_mcp.sessions import SessionError, Sessions
+
+    instance = Instance.acquire(tmp_path)
+    try:
+        engine = FakeEngine()
+        sessions = Sessions(engine, Settings(egress_allow=["public"], warm_pool=0), instance)
+        plain = sessions.explicit(None, await sessions.create_explicit(None))
+        narrow = sessions.explicit(None, await sessions.create_explicit(None, ["pypi.org"], None))
+        assert plain.sandbox is not None and narrow.sandbox is not None
+        assert engine.egress[plain.sandbox.name].check_name("github.com").allowed
+        refused = engine.egress[narrow.sandbox.name].check_name("github.com")
+        assert not refused.allowed and "this session's egress_allow" in refused.rule
+        with pytest.raises(SessionError, match="not a domain"):
+            await sessions.create_explicit(None, ["bad rule"], None)
+        bridge = Sessions(FakeEngine(), Settings(network="bridge"), instance)
+        with pytest.raises(SessionError, match="need the isolated network mode"):
+            await bridge.create_explicit(None, ["pypi.org"], None)
+        await sessions.close()
+        await bridge.close()
+    finally:
+        instance.release()
