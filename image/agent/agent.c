@@ -493,6 +493,9 @@ static size_t inlen;
 static int hello_done, host_gone, input_closed, shutting_down, shutdown_reply;
 static uint64_t last_rx, shutdown_until;
 static uint32_t heartbeat_ms = DEFAULT_HEARTBEAT_MS;
+/* The host's channel: stdin/stdout, or one socket passed down (`serve --fd N`, e.g. with
+ * `podman exec --preserve-fds`), which spares the copy through Podman's stdio relay. */
+static int host_in = 0, host_out = 1;
 
 static void send_frame(uint32_t type, uint32_t id, const void *payload, size_t len) {
     if (host_gone) return;
@@ -1143,7 +1146,7 @@ static void host_is_gone(const char *why) {
 }
 
 static void read_host(void) {
-    ssize_t n = read(0, inbuf + inlen, sizeof inbuf - inlen);
+    ssize_t n = read(host_in, inbuf + inlen, sizeof inbuf - inlen);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
     if (n <= 0) return host_is_silent(n == 0 ? "stdin closed" : strerror(errno));
     inlen += (size_t)n;
@@ -1153,7 +1156,7 @@ static void read_host(void) {
 
 static void write_host(void) {
     size_t left = bytes_pending(&outq);
-    ssize_t n = write(1, outq.buf + outq.off, left);
+    ssize_t n = write(host_out, outq.buf + outq.off, left);
     if (n > 0) outq.off += (size_t)n;
     else if (n < 0 && errno != EAGAIN && errno != EINTR) host_is_gone(strerror(errno));
     if (bytes_pending(&outq) == 0) outq.off = outq.len = 0;
@@ -1201,8 +1204,8 @@ static int serve_main(void) {
         j->out_fd = j->ctl_r = j->ctl_w = j->in_fd = j->spill_fd = -1;
     }
     for (int i = 0; i < MAX_STREAMS; i++) streams[i].fd = -1;
-    set_nonblock(0);
-    set_nonblock(1);
+    set_nonblock(host_in);
+    set_nonblock(host_out);
     last_rx = now_ms();
     struct pollfd pf[2 + 3 * MAX_JOBS + 1 + MAX_STREAMS];
     struct job *owner[2 + 3 * MAX_JOBS];
@@ -1217,7 +1220,7 @@ static int serve_main(void) {
         if (shutting_down && (jobs_alive() == 0 || now_ms() >= shutdown_until)) {
             if (shutdown_reply) send_frame(T_BYE, 0, NULL, 0);
             while (!host_gone && bytes_pending(&outq) > 0) {
-                struct pollfd o = {.fd = 1, .events = POLLOUT};
+                struct pollfd o = {.fd = host_out, .events = POLLOUT};
                 if (poll(&o, 1, 5000) <= 0) break;
                 write_host();
             }
@@ -1226,10 +1229,10 @@ static int serve_main(void) {
         int n = 0;
         int paused = bytes_pending(&outq) > OUT_HIGH; /* backpressure from the host */
         int read_in = !host_gone && !input_closed && inlen < sizeof inbuf;
-        pf[n] = (struct pollfd){.fd = read_in ? 0 : -1, .events = POLLIN};
+        pf[n] = (struct pollfd){.fd = read_in ? host_in : -1, .events = POLLIN};
         owner[n++] = NULL;
         int write_out = bytes_pending(&outq) && !host_gone;
-        pf[n] = (struct pollfd){.fd = write_out ? 1 : -1, .events = POLLOUT};
+        pf[n] = (struct pollfd){.fd = write_out ? host_out : -1, .events = POLLOUT};
         owner[n++] = NULL;
         for (int i = 0; i < MAX_JOBS; i++) {
             struct job *j = &jobs[i];
@@ -1282,7 +1285,7 @@ static int serve_main(void) {
 }
 
 static int usage(void) {
-    diag("usage: agent init LIFETIME_SECONDS | agent serve   (protocol version %d)",
+    diag("usage: agent init LIFETIME_SECONDS | agent serve [--fd N]   (protocol version %d)",
          PROTOCOL_VERSION);
     return 2;
 }
@@ -1295,6 +1298,14 @@ int main(int argc, char **argv) {
         return init_main(lifetime);
     }
     if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve_main();
+    if (argc == 4 && strcmp(argv[1], "serve") == 0 && strcmp(argv[2], "--fd") == 0) {
+        char *end;
+        long fd = strtol(argv[3], &end, 10);
+        if (*end || fd < 3 || fd > 1023 || fcntl((int)fd, F_GETFD) < 0) return usage();
+        host_in = host_out = (int)fd;
+        fcntl(host_in, F_SETFD, FD_CLOEXEC); /* never inherited by a command */
+        return serve_main();
+    }
     if (argc == 2 && strcmp(argv[1], "--version") == 0) {
         printf("pod_exec_mcp agent, protocol version %d\n", PROTOCOL_VERSION);
         return 0;
