@@ -36,11 +36,15 @@ T_LISTEN, T_STREAM_DATA, T_STREAM_END, T_STREAM_CREDIT, T_STREAM_RESET = range(0
 ) = range(0x90, 0x96)
 STREAM_FRAMES = frozenset(range(0x90, 0x96))
 
-WINDOW = 256 * 1024
-DATA_CHUNK = 64 * 1024
+# Per stream: what the agent may buffer of ours (downloads: large, for throughput; the
+# memory is the sandbox's), and what we buffer of the agent's (uploads: the server's memory,
+# so smaller).
+WINDOW_TO_AGENT = 1024 * 1024
+WINDOW_TO_HOST = 256 * 1024
+DATA_CHUNK = 256 * 1024
 # Streams open at once per channel on this side; more are reset at once (bounds memory:
-# MAX_STREAMS * WINDOW per sandbox).
-MAX_STREAMS = 64
+# MAX_STREAMS * WINDOW_TO_HOST per sandbox).
+MAX_STREAMS = 32
 # How long a closed stream waits for the sandbox's client to finish before it is reset.
 LINGER = 10.0
 
@@ -55,15 +59,15 @@ def frame(ftype: int, fid: int, payload: bytes = b"") -> bytes:
 class AgentStream:
     """One connection accepted by the agent in the sandbox (a proxy.ByteStream)."""
 
-    def __init__(self, mux: StreamMux, stream_id: int, window: int) -> None:
+    def __init__(self, mux: StreamMux, stream_id: int, send_window: int, window: int) -> None:
         self.id = stream_id
         self._mux = mux
-        self._window = window
+        self._window = window  # what we receive before crediting
         self._buf = bytearray()
         self._eof = False  # the agent sent END: the client will send nothing more
         self._reset: str | None = None
         self._readable = asyncio.Event()
-        self._credit = window  # bytes we may still send
+        self._credit = send_window  # bytes we may still send
         self._credited = asyncio.Event()
         self._consumed = 0  # bytes read here and not yet credited to the agent
         self._ended = False  # we sent END
@@ -158,10 +162,17 @@ class AgentStream:
 class StreamMux:
     """The streams of one agent channel."""
 
-    def __init__(self, send: Sender, handler: StreamHandler | None, window: int = WINDOW) -> None:
+    def __init__(
+        self,
+        send: Sender,
+        handler: StreamHandler | None,
+        window: int = WINDOW_TO_HOST,
+        send_window: int = WINDOW_TO_AGENT,
+    ) -> None:
         self._send = send
         self._handler = handler
         self.window = window
+        self.send_window = send_window
         self._streams: dict[int, AgentStream] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self._listening: dict[int, asyncio.Future[int]] = {}
@@ -192,7 +203,7 @@ class StreamMux:
         """Ask the agent to listen on address:port in the sandbox; the port it listens on.
         ConnectionError if it cannot (OSError subclass, message from the agent)."""
         packed = ipaddress.IPv4Address(address).packed
-        payload = packed + struct.pack(">HHI", port, 0, self.window)
+        payload = packed + struct.pack(">HHII", port, 0, self.send_window, self.window)
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._listening[request_id] = waiter
         try:
@@ -244,7 +255,7 @@ class StreamMux:
             log.warning("sandbox opened over %d connections at once; resetting", MAX_STREAMS)
             self.send_soon(frame(T_STREAM_RESET, fid, b"too many connections"))
             return
-        stream = self._streams[fid] = AgentStream(self, fid, self.window)
+        stream = self._streams[fid] = AgentStream(self, fid, self.send_window, self.window)
         handler = self._handler
 
         async def serve() -> None:

@@ -32,7 +32,7 @@ MAX_HEAD = 64 * 1024
 HEAD_TIMEOUT = 30.0
 RESOLVE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 
 # Headers meant for one hop only: never forwarded to the origin.
 _HOP_BY_HOP = {

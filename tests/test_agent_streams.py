@@ -71,14 +71,14 @@ def test_bad_stream_frames_get_errors_or_are_dropped(new_sandbox: Callable[..., 
     name = new_sandbox()
     hello = HEADER.pack(1, 0, 0, 0, 8) + struct.pack(">HHI", 1, 1, 0)
 
-    def listen(fid: int, address: bytes, port: int = 3128, size: int = 12) -> bytes:
-        payload = (address + struct.pack(">HHI", port, 0, 65536))[:size]
+    def listen(fid: int, address: bytes, port: int = 3128, size: int = 16) -> bytes:
+        payload = (address + struct.pack(">HHII", port, 0, 65536, 65536))[:size]
         return HEADER.pack(0x10, 0, 0, fid, len(payload)) + payload
 
     frames = [
         hello,
         listen(5, bytes([10, 0, 0, 1])),  # not loopback: refused
-        listen(6, bytes([127, 0, 0, 1]), size=7),  # short: refused
+        listen(6, bytes([127, 0, 0, 1]), size=12),  # short: refused
         listen(0x80000001, bytes([127, 0, 0, 1])),  # an agent-side id: refused
         listen(7, bytes([127, 0, 0, 1])),  # listens
         listen(8, bytes([127, 0, 0, 1])),  # twice: refused

@@ -330,7 +330,7 @@ async def test_stream_flow_control_and_window_violation() -> None:
         await got.put(stream)
         await asyncio.sleep(3600)
 
-    mux = st.StreamMux(send, handler, window=1000)
+    mux = st.StreamMux(send, handler, window=1000, send_window=1000)
     sid = 0x80000001
     mux.dispatch(st.T_STREAM_OPEN, sid, b"")
     stream = await got.get()

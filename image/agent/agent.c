@@ -849,7 +849,9 @@ struct stream {
 
 static struct stream streams[MAX_STREAMS];
 static int listen_fd = -1;
-static uint32_t stream_window, next_stream = 1;
+static uint32_t stream_window;   /* bytes from the host a stream may buffer here */
+static uint32_t host_window;     /* bytes a stream may send the host before it credits them */
+static uint32_t next_stream = 1;
 static uint64_t accept_pause_until;
 
 static struct stream *find_stream(uint32_t id) {
@@ -955,7 +957,7 @@ static void accept_streams(void) {
         s->used = 1;
         s->id = id;
         s->fd = fd;
-        s->credit = stream_window;
+        s->credit = host_window;
         send_frame(T_SOPEN, id, NULL, 0);
     }
 }
@@ -963,13 +965,14 @@ static void accept_streams(void) {
 static void handle_listen(uint32_t id, const unsigned char *p, size_t len) {
     if (id == 0 || (id & STREAM_ID_BIT))
         return send_error(0, E_BAD_FRAME, "LISTEN needs a host-chosen id (non-zero, top bit 0)");
-    if (len != 12) return send_error(id, E_BAD_FRAME, "LISTEN payload must be 12 bytes");
+    if (len != 16) return send_error(id, E_BAD_FRAME, "LISTEN payload must be 16 bytes");
     if (get16(p + 6) != 0) return send_error(id, E_BAD_FRAME, "LISTEN reserved field is not 0");
     if (p[0] != 127) return send_error(id, E_BAD_FRAME, "LISTEN only on loopback (127.0.0.0/8)");
     if (listen_fd >= 0) return send_error(id, E_LIMIT, "already listening");
     if (shutting_down) return send_error(id, E_START_FAILED, "the agent is shutting down");
-    uint32_t port = get16(p + 4), window = get32(p + 8);
+    uint32_t port = get16(p + 4), window = get32(p + 8), hwindow = get32(p + 12);
     stream_window = window < MIN_WINDOW ? MIN_WINDOW : window > MAX_WINDOW ? MAX_WINDOW : window;
+    host_window = hwindow < MIN_WINDOW ? MIN_WINDOW : hwindow > MAX_WINDOW ? MAX_WINDOW : hwindow;
     struct sockaddr_in a;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
@@ -1010,7 +1013,7 @@ static void handle_stream_frame(uint32_t type, uint32_t id, const unsigned char 
         s->host_end = 1;
         return stream_write(s); /* shuts the write side once everything is written */
     case T_SCREDIT:
-        if (len != 4 || (uint64_t)s->credit + get32(p) > stream_window)
+        if (len != 4 || (uint64_t)s->credit + get32(p) > host_window)
             return stream_reset(s, "bad credit");
         s->credit += get32(p);
         return;
