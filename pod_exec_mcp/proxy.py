@@ -257,7 +257,8 @@ async def open_upstream(
         raise ProxyError(
             502, "Bad Gateway", f"cannot resolve {request.host}: {exc or 'timed out'}\n"
         ) from None
-    allowed, refused = [], []
+    allowed: list[tuple[IPAddress, Decision]] = []
+    refused: list[tuple[IPAddress, Decision]] = []
     for address in addresses:
         decision = policy.check_address(request.host, address)
         (allowed if decision.allowed else refused).append((address, decision))
