@@ -74,6 +74,11 @@ ENV PATH=/opt/pod_exec_mcp/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/pod_exec_mcp
 EXPOSE 8000
+# Liveness: /healthz answers while the server serves (/readyz, for orchestrators, also needs
+# podman and the sandbox image). python3 is here already; curl is not. Podman keeps a
+# HEALTHCHECK only in images built with --format docker.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MCP_PORT', '8000'), timeout=4)"]
 # Off loopback the server refuses to start without a token: pass POD_EXEC_MCP_AUTH_TOKEN
 # (or mount a token file and set POD_EXEC_MCP_AUTH_TOKEN_FILE).
 ENTRYPOINT ["pod_exec_mcp"]

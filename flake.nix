@@ -187,6 +187,8 @@
         ps.fastmcp
         ps.pydantic
         ps.platformdirs
+        ps.structlog
+        ps.prometheus-client
       ];
 
       packageFor =

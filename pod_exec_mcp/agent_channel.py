@@ -52,9 +52,14 @@ STOP_REPORT_SLACK = 20.0
 STDERR_TAIL = 4096
 
 
-def mount_arguments(agent_image: str = DEFAULT_AGENT_IMAGE) -> list[str]:
-    """`podman run` arguments that give a sandbox the agent, read-only, at AGENT_PATH."""
-    return ["--mount", f"type=image,source={agent_image},destination={AGENT_DIR}"]
+def mount_arguments(agent_volume: str) -> list[str]:
+    """`podman run` arguments that give a sandbox the agent, read-only, at AGENT_PATH,
+    from a volume holding the agent image's files (podman_engine.agent_volume).
+
+    A volume, not `--mount type=image`: Podman 4.3 refuses an image mount in a
+    user-namespaced container (idmap), and gVisor sees it empty; a read-only named volume
+    works in both, rootless and through remote Podman alike."""
+    return ["--volume", f"{agent_volume}:{AGENT_DIR}:ro"]
 
 
 def init_command(lifetime: float | None) -> list[str]:

@@ -7,20 +7,25 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import uvicorn
 
-from pod_exec_mcp import __version__
+from pod_exec_mcp import __version__, logs
 from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
+from pod_exec_mcp.health import Readiness
 from pod_exec_mcp.http import MCP_PATH, http_app
-from pod_exec_mcp.instances import Instance, survey, sweep_orphans
+from pod_exec_mcp.instances import Instance, format_listing, survey, sweep_orphans, write_usage
+from pod_exec_mcp.metrics import Metrics
 from pod_exec_mcp.podman import Podman, PodmanError
 from pod_exec_mcp.podman_engine import PodmanEngine
+from pod_exec_mcp.preflight import bind_socket, check_sandbox_settings
 from pod_exec_mcp.server import build_server
+from pod_exec_mcp.sessions import Sessions
 
 log = logging.getLogger("pod_exec_mcp")
 
@@ -66,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         shown = ",".join(default) if isinstance(default, list) else default
         help_text = (
             f"{' '.join((field.description or '').split())} [env {env_var(name)}; default: {shown}]"
-        )
+        ).replace("%", "%%")  # argparse formats help text with %
         if field.annotation is bool:
             settings.add_argument(
                 cli_flag(name), dest=name, action=argparse.BooleanOptionalAction,
@@ -83,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def die(message: str, code: int = 1) -> NoReturn:
-    print(f"pod_exec_mcp: error: {message}", file=sys.stderr)
+    logs.fatal(message)
     raise SystemExit(code)
 
 
@@ -94,9 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(overrides)
     except SettingsError as exc:
         die(str(exc), 2)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure_logging(settings.log_format, settings.log_level)
 
     if args.generate_token:
         try:
@@ -138,9 +141,7 @@ async def _manage_containers(podman: Podman, args: argparse.Namespace) -> int:
             removed = await sweep_orphans(podman)
             print(f"removed {len(removed)} orphaned container(s)")
         else:
-            states = {True: "server alive", False: "ORPHANED", None: "other host's server"}
-            for c in await survey(podman):
-                print(f"{c.id[:12]}  {c.name:48}  {c.state:8}  {states[c.owner_alive]}")
+            print(format_listing(await survey(podman)))
     except PodmanError as exc:
         die(str(exc))
     return 0
@@ -148,7 +149,17 @@ async def _manage_containers(podman: Podman, args: argparse.Namespace) -> int:
 
 class _Server(uvicorn.Server):
     """uvicorn, minus its habit of re-raising SIGTERM/SIGINT after shutdown: that would kill
-    the process before our own cleanup ran. We stop on either signal and exit normally."""
+    the process before our own cleanup ran. We stop on either signal and exit normally.
+    `on_listening` runs once the socket accepts connections (our "serving" line)."""
+
+    def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_listening = on_listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.on_listening()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -163,7 +174,8 @@ class _Server(uvicorn.Server):
 
 
 async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
-    """Check the prerequisites, then serve until SIGINT or SIGTERM; always clean up."""
+    """Check the prerequisites and the settings, then serve until SIGINT or SIGTERM; always
+    clean up. Nothing listens, and nothing says "serving", until every check passed."""
     try:
         if not await podman.image_exists(settings.image):
             build = "pod_exec_mcp_build" + (
@@ -179,14 +191,15 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
                 "Podman storage. Build it (with the sandbox image) with `pod_exec_mcp_build`, "
                 f"set {env_var('agent_image')}, or set {env_var('exec_channel')}=podman-exec."
             )
-        if settings.exec_channel == "agent" and not await podman.image_exists(settings.agent_image):
-            die(
-                f"the exec agent's image {settings.agent_image!r} is not present in local "
-                "Podman storage. Build it (with the sandbox image) with `pod_exec_mcp_build`, "
-                f"set {env_var('agent_image')}, or set {env_var('exec_channel')}=podman-exec."
-            )
+        # Bound now, listening only once uvicorn starts: a taken port fails here, and no
+        # other process can take the port between this check and serving.
+        sock = bind_socket(settings.host, settings.port)
+    except (PodmanError, SettingsError) as exc:
+        die(str(exc))
+    try:
         removed = await sweep_orphans(podman)
     except PodmanError as exc:
+        sock.close()
         die(str(exc))
     if removed:
         log.info("removed %d orphaned container(s) of dead servers", len(removed))
@@ -197,29 +210,58 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
             "exec_channel podman-exec sandboxes have no network access at all"
         )
     instance = Instance.acquire()
-    mcp, _ = build_server(settings, PodmanEngine(podman), instance, auth)
+    try:
+        await check_sandbox_settings(podman, settings, instance)
+    except (PodmanError, SettingsError) as exc:
+        sock.close()
+        instance.release()
+        die(str(exc))
+    mcp, sessions = build_server(settings, PodmanEngine(podman), instance, auth)
+    metrics = Metrics.for_server(podman, sessions, sessions.exec_slots)
     config = uvicorn.Config(
-        http_app(mcp, settings),
-        host=settings.host,
-        port=settings.port,
+        http_app(mcp, settings, metrics, Readiness(podman, settings.image).check),
         lifespan="on",
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
-        log_level="info",
+        # Our logging (logs.py) formats uvicorn's loggers; uvicorn must not set its own.
+        log_config=None,
+        log_level=None,
     )
-    server = _Server(config)
-    log.info(
-        "serving MCP at http://%s:%d%s (instance %s, image %s, auth %s)",
-        settings.host, settings.port, MCP_PATH, instance.id, settings.image,
-        "on" if auth else "off",
-    )  # fmt: skip
+    port = sock.getsockname()[1]
+
+    def serving() -> None:
+        log.info(
+            "serving MCP at http://%s:%d%s (instance %s, image %s, auth %s)",
+            settings.host, port, MCP_PATH, instance.id, settings.image,
+            "on" if auth else "off",
+            extra={"instance": instance.id, "port": port, "image": settings.image},
+        )  # fmt: skip
+
+    server = _Server(config, serving)
+    usage_writer = asyncio.create_task(_record_usage_forever(sessions, instance))
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
+        usage_writer.cancel()
+        metrics.close()
         # The lifespan's shutdown removed every sandbox (uvicorn runs it on a failed bind
         # too); releasing the lock lets a later sweep judge anything left by a crash.
         instance.release()
+        sock.close()
         log.info("stopped; every sandbox of this server was removed")
     return 0 if server.started else 1
+
+
+# How often a server records its sandboxes' kind and last use for `--list-containers`.
+_USAGE_PERIOD = 5.0
+
+
+async def _record_usage_forever(sessions: Sessions, instance: Instance) -> None:
+    while True:
+        try:
+            write_usage(instance, *sessions.census())
+        except OSError as exc:
+            log.warning("could not record sandbox usage for --list-containers: %s", exc)
+        await asyncio.sleep(_USAGE_PERIOD)
 
 
 if __name__ == "__main__":

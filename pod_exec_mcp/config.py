@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -19,6 +20,12 @@ ENV_PREFIX = "POD_EXEC_MCP_"
 
 # The two settings the MCP world already has names for keep those names.
 _ENV_OVERRIDES = {"host": "MCP_HOST", "port": "MCP_PORT"}
+
+# What podman accepts for --memory (go-units' RAMInBytes): a number, an optional unit, an
+# optional "i" and "b", e.g. 512m, 2g, 1.5GiB, 2 g.
+_PODMAN_SIZE = re.compile(r"^\d+(\.\d+)* ?[kmgtp]?i?b?$", re.IGNORECASE)
+# What the kernel accepts for a tmpfs size= option (memparse, or a share of RAM): 512m, 50%.
+_TMPFS_SIZE = re.compile(r"^(\d+[kmgtpe]?|\d+%)$", re.IGNORECASE)
 
 
 class Settings(BaseModel):
@@ -126,7 +133,8 @@ class Settings(BaseModel):
     network none, whatever `network` says."""
 
     tmpfs_size: str = "512m"
-    """Size of each tmpfs in the strict profile."""
+    """Size of each tmpfs in the strict profile (a number with an optional k, m or g; or a
+    percentage of RAM, e.g. 50%)."""
 
     extra_run_args: list[str] = Field(default_factory=list)
     """Extra `podman run` arguments for what we did not foresee, shell-quoted in one
@@ -175,6 +183,18 @@ class Settings(BaseModel):
     max_file_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest file read_file reads or write_file writes, in bytes."""
 
+    # --- Operating ------------------------------------------------------------------------
+    log_format: Literal["auto", "text", "json"] = "auto"
+    """Log format of everything the server logs (ours, uvicorn's, fastmcp's): text (one
+    line per event) or json (one object per line). auto: text on a terminal, else json."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe log level written. The audit trail is logged at info."""
+
+    audit_command_chars: int = Field(default=1000, ge=0)
+    """Most characters of a command the audit trail records (longer ones are cut, their
+    length kept). 0 leaves command text out of the logs altogether."""
+
     @field_validator("network", mode="before")
     @classmethod
     def _network_from_bool(cls, value: Any) -> Any:
@@ -204,6 +224,31 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("memory")
+    @classmethod
+    def _podman_size(cls, value: str) -> str:
+        if not _PODMAN_SIZE.match(value.strip()):
+            raise ValueError(
+                f"{value!r} is not a size podman accepts: a number with an optional unit "
+                "b, k, m or g (e.g. 512m, 2g)"
+            )
+        return value.strip()
+
+    @field_validator("tmpfs_size")
+    @classmethod
+    def _tmpfs_size(cls, value: str) -> str:
+        if not _TMPFS_SIZE.match(value.strip()):
+            raise ValueError(
+                f"{value!r} is not a tmpfs size: a whole number with an optional unit "
+                "k, m or g (e.g. 512m), or a percentage of RAM (e.g. 50%)"
+            )
+        return value.strip()
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("extra_run_args", mode="before")
     @classmethod

@@ -1,17 +1,27 @@
-"""The HTTP layer: the streamable-HTTP app and the guards in front of it."""
+"""The HTTP layer: the streamable-HTTP app, the guards in front of it, and the operator's
+endpoints (/healthz, /readyz, /metrics)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastmcp import FastMCP
+from fastmcp.server.auth.middleware import RequireAuthMiddleware
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.responses import PlainTextResponse
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pod_exec_mcp.config import Settings
+from pod_exec_mcp.metrics import CONTENT_TYPE, Metrics
 
 MCP_PATH = "/mcp"
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
 
 
 class _TooLarge(Exception):
@@ -64,9 +74,51 @@ class RequestSizeLimit:
         await response(scope, receive, send)
 
 
-def http_app(mcp: FastMCP, settings: Settings) -> Starlette:
-    """The streamable-HTTP app, with Host/Origin (DNS rebinding) protection always on."""
-    return mcp.http_app(
+class _MetricsApp:
+    """/metrics as a plain ASGI app, so that the bearer-token guard of /mcp can wrap it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        await response(scope, receive, send)
+
+
+def ops_routes(
+    mcp: FastMCP, metrics: Metrics | None, ready: Callable[[], Awaitable[bool]] | None
+) -> list[BaseRoute]:
+    """/healthz and /readyz (no auth, no details: ok or not ok), and /metrics behind the same
+    bearer-token check as /mcp when auth is on."""
+
+    async def healthz(_: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(_: Request) -> Response:
+        ok = ready is None or await ready()
+        return PlainTextResponse("ok\n" if ok else "not ok\n", status_code=200 if ok else 503)
+
+    routes: list[BaseRoute] = [
+        Route(HEALTH_PATH, healthz, methods=["GET"]),
+        Route(READY_PATH, readyz, methods=["GET"]),
+    ]
+    if metrics is not None:
+        app: ASGIApp = _MetricsApp(metrics)
+        if mcp.auth is not None:
+            app = RequireAuthMiddleware(app, mcp.auth.required_scopes)
+        routes.append(Route(METRICS_PATH, app, methods=["GET"]))
+    return routes
+
+
+def http_app(
+    mcp: FastMCP,
+    settings: Settings,
+    metrics: Metrics | None = None,
+    ready: Callable[[], Awaitable[bool]] | None = None,
+) -> Starlette:
+    """The streamable-HTTP app, with Host/Origin (DNS rebinding) protection always on, and
+    the operator's endpoints beside /mcp."""
+    app = mcp.http_app(
         path=MCP_PATH,
         transport="http",
         host_origin_protection=True,
@@ -74,3 +126,6 @@ def http_app(mcp: FastMCP, settings: Settings) -> Starlette:
         allowed_origins=settings.allowed_origins or None,
         middleware=[Middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)],
     )
+    # The app-wide middleware (Host/Origin guard, size limit, token parsing) wraps these too.
+    app.router.routes.extend(ops_routes(mcp, metrics, ready))
+    return app

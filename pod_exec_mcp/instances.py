@@ -19,15 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import platformdirs
 
-from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER, Podman
+from pod_exec_mcp.podman import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_SESSION,
+    Podman,
+)
 
 APP_NAME = "pod_exec_mcp"
 
@@ -81,6 +90,10 @@ class Instance:
     def lock_path(self) -> Path:
         return self.lock_dir / f"{self.id}.lock"
 
+    @property
+    def usage_path(self) -> Path:
+        return usage_path(self.lock_dir, self.id)
+
     def labels(self) -> dict[str, str]:
         return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.id, LABEL_OWNER: self.owner}
 
@@ -90,6 +103,8 @@ class Instance:
 
     def release(self) -> None:
         if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                self.usage_path.unlink()
             with contextlib.suppress(OSError):
                 self.lock_path.unlink()
             os.close(self._lock_fd)
@@ -112,10 +127,57 @@ def instance_alive(lock_dir: Path, instance_id: str) -> bool:
     else:
         # Nobody holds it: a dead instance's leftover. Remove it while we hold the lock.
         with contextlib.suppress(OSError):
+            usage_path(lock_dir, instance_id).unlink()
+        with contextlib.suppress(OSError):
             path.unlink()
         return False
     finally:
         os.close(fd)
+
+
+# --- usage: what only the server knows, kept beside its lock for --list-containers ---------
+
+
+def usage_path(lock_dir: Path, instance_id: str) -> Path:
+    return lock_dir / f"{instance_id}.usage.json"
+
+
+class _Session(Protocol):
+    """What write_usage reads of a registry's SessionEntry."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def last_used(self) -> float: ...
+    @property
+    def busy(self) -> int: ...
+    @property
+    def sandbox(self) -> Any: ...
+
+
+def write_usage(instance: Instance, sessions: Iterable[_Session], pooled: Iterable[str]) -> None:
+    """Record, for each sandbox of this instance, its session kind and last use (wall clock,
+    from the registry's monotonic clock). Written aside and renamed: readers never see half."""
+    now_wall, now_mono = time.time(), time.monotonic()
+    containers: dict[str, dict[str, Any]] = {name: {"kind": "pool"} for name in pooled}
+    for s in sessions:
+        if s.sandbox is not None:
+            last = now_wall if s.busy else now_wall - (now_mono - s.last_used)
+            containers[s.sandbox.name] = {"kind": s.kind, "last_use": round(last, 1)}
+    draft = instance.usage_path.with_suffix(f".{secrets.token_hex(4)}")
+    draft.write_text(json.dumps({"written": round(now_wall, 1), "containers": containers}))
+    draft.replace(instance.usage_path)
+
+
+def read_usage(lock_dir: Path, instance_id: str) -> dict[str, dict[str, Any]]:
+    """The usage a live instance last wrote ({} if none, or not readable)."""
+    if not instance_id.isalnum():
+        return {}
+    try:
+        data = json.loads(usage_path(lock_dir, instance_id).read_text())
+        return dict(data.get("containers") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 @dataclass(frozen=True)
@@ -127,6 +189,9 @@ class ContainerStatus:
     instance: str
     state: str
     owner_alive: bool | None  # None: another owner's container, whose liveness we cannot see
+    created: float | None = None  # wall clock
+    kind: str = "?"  # explicit, legacy, pool, preflight; "?" when only its server knows
+    last_use: float | None = None  # wall clock, as its server last recorded it
 
     @property
     def orphaned(self) -> bool:
@@ -134,17 +199,74 @@ class ContainerStatus:
 
 
 async def survey(podman: Podman, lock_dir: Path | None = None) -> list[ContainerStatus]:
-    """Every container that carries our label, with its owner's liveness where we can see it."""
+    """Every container that carries our label, with its owner's liveness where we can see it
+    and, for live servers of this state dir, its session kind and last use."""
     lock_dir = lock_dir or default_lock_dir()
     mine = owner_key(lock_dir)
     found = []
+    usage: dict[str, dict[str, dict[str, Any]]] = {}
     for c in await podman.list_containers(f"{LABEL_MANAGED}=true"):
         labels = c.get("Labels") or {}
         instance = labels.get(LABEL_INSTANCE, "")
         alive = instance_alive(lock_dir, instance) if labels.get(LABEL_OWNER) == mine else None
         names = c.get("Names") or [""]
-        found.append(ContainerStatus(c["Id"], names[0], instance, c.get("State", "?"), alive))
+        if alive and instance not in usage:
+            usage[instance] = read_usage(lock_dir, instance)
+        used = usage.get(instance, {}).get(names[0], {})
+        session_label = labels.get(LABEL_SESSION, "")
+        kind = used.get("kind") or (
+            session_label if session_label in ("pool", "preflight") else "?"
+        )
+        created = c.get("Created")
+        found.append(
+            ContainerStatus(
+                c["Id"],
+                names[0],
+                instance,
+                c.get("State", "?"),
+                alive,
+                created=float(created) if isinstance(created, int | float) else None,
+                kind=kind,
+                last_use=used.get("last_use"),
+            )
+        )
     return found
+
+
+_OWNER_STATES = {True: "server alive", False: "ORPHANED", None: "another state dir"}
+
+
+def _ago(moment: float | None, now: float) -> str:
+    if moment is None:
+        return "-"
+    seconds = max(0, int(now - moment))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def format_listing(statuses: list[ContainerStatus], now: float | None = None) -> str:
+    """The --list-containers table: one header row, one row per container."""
+    now = time.time() if now is None else now
+    rows = [("CONTAINER", "NAME", "STATE", "AGE", "LAST USE", "KIND", "SERVER")]
+    for c in statuses:
+        rows.append(
+            (
+                c.id[:12],
+                c.name,
+                c.state,
+                _ago(c.created, now),
+                _ago(c.last_use, now) + (" ago" if c.last_use is not None else ""),
+                c.kind,
+                _OWNER_STATES[c.owner_alive],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 async def sweep_orphans(podman: Podman, lock_dir: Path | None = None) -> list[ContainerStatus]:

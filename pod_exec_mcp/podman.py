@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+# The exit status podman uses for its own failures (as opposed to a command's, for exec).
+PODMAN_OWN_FAILURE = 125
 
 # Labels that mark our containers, so that they can be found and cleaned.
 LABEL_MANAGED = "io.pod_exec_mcp.managed"
@@ -63,6 +67,8 @@ class Podman:
         self.path = find_podman(executable)
         # Tasks writing stdin to podman clients (kept referenced until done).
         self._feeders: set[asyncio.Task[None]] = set()
+        # Told the subcommand of every podman invocation that failed (for the metrics).
+        self.on_failure: Callable[[str], None] | None = None
 
     async def spawn(self, *args: str, stdin: bytes | None = None) -> asyncio.subprocess.Process:
         """Start `podman ARGS` with stdout/stderr piped and stdin from /dev/null, or fed
@@ -84,17 +90,28 @@ class Podman:
             self._feeders = {t for t in self._feeders if not t.done()}
         return proc
 
-    async def run(self, *args: str, check: bool = True) -> Completed:
-        """Run `podman ARGS` to completion; with `check`, a non-zero exit raises PodmanError."""
-        proc = await self.spawn(*args)
+    async def run(self, *args: str, check: bool = True, stdin: bytes | None = None) -> Completed:
+        """Run `podman ARGS` to completion, feeding it `stdin` if given; with `check`, a
+        non-zero exit raises PodmanError."""
+        proc = await asyncio.create_subprocess_exec(
+            self.path,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
-            stdout, stderr = await proc.communicate()
+            stdout, stderr = await proc.communicate(stdin)
         except asyncio.CancelledError:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
             raise
         done = Completed(proc.returncode or 0, stdout, stderr)
+        failed = done.returncode == PODMAN_OWN_FAILURE or (check and done.returncode != 0)
+        if failed and self.on_failure is not None:
+            self.on_failure(args[0] if args else "?")
         if check and done.returncode != 0:
             raise PodmanError(f"podman {args[0]} failed: {done.error_text}")
         return done

@@ -18,10 +18,14 @@ from collections.abc import Awaitable
 from typing import Any
 
 from pod_exec_mcp.agent_channel import (
+    AGENT_PATH,
     AgentChannel,
     AgentCommandError,
     AgentError,
     fd_serve_argv,
+    init_command,
+    mount_arguments,
+    serve_argv,
 )
 from pod_exec_mcp.agent_streams import AgentStream
 from pod_exec_mcp.egress import DENY_ALL, EgressPolicy
@@ -42,10 +46,6 @@ from pod_exec_mcp.podman import Podman, PodmanError
 from pod_exec_mcp.proxy import serve_connection
 
 log = logging.getLogger(__name__)
-
-# Where the agent image is mounted in every sandbox, and the agent binary in it.
-AGENT_DIR = "/.pod_exec_mcp"
-AGENT_BINARY = f"{AGENT_DIR}/agent"
 
 # Network mode isolated: the agent's egress proxy inside every sandbox, and the environment
 # that points apt, curl, pip, git and npm at it (curl reads only the lower-case http_proxy;
@@ -111,11 +111,37 @@ _KILL_EXEC_TIMEOUT = 15.0
 _AMBIGUOUS_STATUSES = frozenset({125, 137, 255})
 
 
-def run_arguments(spec: SandboxSpec) -> list[str]:
+async def agent_volume(podman: Podman, agent_image: str) -> str:
+    """A read-only-mountable volume holding the agent image's files, made once per agent
+    image (its name carries the image id, so a rebuilt agent gets a new volume).
+
+    Filled from the image itself, through podman alone (create, export, volume import), so
+    it works the same with remote Podman."""
+    done = await podman.run("image", "inspect", "--format", "{{.Id}}", agent_image)
+    volume = f"pod_exec_mcp_agent_{done.stdout.decode().strip()[:12]}"
+    if (await podman.run("volume", "exists", volume, check=False)).returncode == 0:
+        return volume
+    filler = f"{volume}_fill_{secrets.token_hex(3)}"
+    await podman.run("create", "--name", filler, agent_image, AGENT_PATH)
+    try:
+        files = (await podman.run("export", filler)).stdout
+    finally:
+        await podman.remove(filler)
+    # Whoever creates the volume fills it; a server starting at the same moment skips.
+    if (await podman.run("volume", "create", volume, check=False)).returncode == 0:
+        try:
+            await podman.run("volume", "import", volume, "-", stdin=files)
+        except PodmanError:
+            await podman.run("volume", "rm", "--force", volume, check=False)
+            raise
+    return volume
+
+
+def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[str]:
     """The `podman run` arguments that start one sandbox."""
     # With the agent, its `init` mode is PID 1 (zombie reaper and lifetime bound, immune
     # to signals from inside); without it, podman's own init runs a plain sleep.
-    init = [] if spec.agent_image else ["--init"]
+    init = [] if agent_volume else ["--init"]
     args = ["run", "--detach", "--rm", *init, "--name", spec.name]
     for key, value in spec.labels.items():
         args += ["--label", f"{key}={value}"]
@@ -143,15 +169,15 @@ def run_arguments(spec: SandboxSpec) -> list[str]:
     if spec.network == "isolated":
         for name, value in PROXY_ENV.items():
             args += ["--env", f"{name}={value}"]
-    if spec.agent_image:
+    if agent_volume:
         # Read-only, out of reach of the sandbox's root, and in the engine's own storage,
         # so it works for any sandbox image and through remote Podman too.
-        args += ["--mount", f"type=image,source={spec.agent_image},destination={AGENT_DIR}"]
+        args += mount_arguments(agent_volume)
     args += spec.extra_run_args
     # The init's own lifetime bound: if this server dies without cleaning up, the
     # container still exits (and --rm removes it) after `lifetime` seconds.
-    if spec.agent_image:
-        args += [spec.image, AGENT_BINARY, "init", f"{spec.lifetime:.0f}"]
+    if agent_volume:
+        args += [spec.image, *init_command(spec.lifetime)]
     else:
         lifetime = f"{spec.lifetime:.0f}" if spec.lifetime else "infinity"
         args += [spec.image, "sleep", lifetime]
@@ -180,11 +206,17 @@ class PodmanEngine:
         self._with_agent: set[str] = set()
         self._channels: dict[str, AgentChannel] = {}
         self._attaching: dict[str, asyncio.Lock] = {}
+        # Agent image -> the volume holding its files (made once per image id).
+        self._agent_volumes: dict[str, str] = {}
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         sandbox = Sandbox(spec.name, spec.labels)
         try:
-            await self.podman.run(*run_arguments(spec))
+            volume = await self._agent_volume(spec.agent_image) if spec.agent_image else None
+        except PodmanError as exc:
+            raise EngineError(f"could not provide the exec agent: {exc}") from None
+        try:
+            await self.podman.run(*run_arguments(spec, volume))
         except BaseException as exc:
             # A failed or cancelled start may have left a container behind.
             with contextlib.suppress(Exception):
@@ -199,6 +231,12 @@ class PodmanEngine:
             # Attached now, so that the first command (and a pooled sandbox) is fast.
             await self._channel(sandbox)
         return sandbox
+
+    async def _agent_volume(self, agent_image: str) -> str:
+        volume = self._agent_volumes.get(agent_image)
+        if volume is None:
+            volume = self._agent_volumes[agent_image] = await agent_volume(self.podman, agent_image)
+        return volume
 
     async def remove(self, *sandboxes: Sandbox) -> None:
         # The container first: its end ends each agent at once, with no stop grace.
@@ -294,7 +332,7 @@ class PodmanEngine:
                 # Remote Podman, or an agent without `serve --fd`: stdio from now on.
                 self._socket_channel = False
                 log.info("exec agent over a passed socket failed (%s); using stdio", exc)
-        argv = [self.podman.path, "exec", "--interactive", name, AGENT_BINARY, "serve"]
+        argv = serve_argv([self.podman.path], name)
         return await AgentChannel.attach(argv, on_stream=on_stream)
 
     async def _start_proxy(self, name: str, channel: AgentChannel) -> None:
@@ -481,10 +519,13 @@ class PodmanEngine:
         if not finished:
             if stop is None or not stop.is_set():
                 retval = TIMEOUT_STATUS
+            # Without the agent's supervisor, the kill finds processes by process group
+            # and exec id only: say exactly that, not more.
             kill_note = (
                 "the command could not be verifiably killed"
                 if unkillable
-                else "the command and every process it started were killed"
+                else "the command's process group and every process carrying its exec id "
+                "were killed"
             )
             text += _notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
         return RunResult(

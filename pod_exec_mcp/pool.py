@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pod_exec_mcp import audit  # ops: audit
 from pod_exec_mcp.engine import Sandbox, SandboxEngine, SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class WarmPool:
         self._filler: asyncio.Task[None] | None = None
         self._closed = False
 
+    def names(self) -> list[str]:  # ops: metrics, --list-containers
+        return [p.sandbox.name for p in self._ready]
+
     def __len__(self) -> int:
         return len(self._ready)
 
@@ -74,6 +78,7 @@ class WarmPool:
                 await self.engine.remove(sandbox)
                 return
             self._ready.append(_Pooled(sandbox, time.monotonic()))
+            audit.sandbox_event("started", None, sandbox.name, "warm pool")  # ops: audit
 
     async def take(self) -> Sandbox | None:
         """A live pooled sandbox (the pool then refills in the background), or None."""
@@ -86,6 +91,7 @@ class WarmPool:
             else:
                 log.warning("pooled sandbox %s had died; dropped it", candidate.name)
                 await self.engine.remove(candidate)
+                audit.sandbox_event("removed", None, candidate.name, "died in the warm pool")
         self.fill()
         return taken
 
@@ -96,6 +102,8 @@ class WarmPool:
         if stale:
             self._ready = [p for p in self._ready if p.started >= cutoff]
             await self.engine.remove(*stale)
+            for s in stale:  # ops: audit
+                audit.sandbox_event("removed", None, s.name, "too old for the warm pool")
         self.fill()
 
     async def close(self) -> None:
@@ -106,3 +114,5 @@ class WarmPool:
                 await self._filler
         pooled, self._ready = [p.sandbox for p in self._ready], []
         await self.engine.remove(*pooled)
+        for s in pooled:  # ops: audit
+            audit.sandbox_event("removed", None, s.name, "server shut down")

@@ -34,12 +34,18 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from pod_exec_mcp import __version__
+from pod_exec_mcp import __version__, audit  # ops: audit
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.engine import SandboxEngine
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import Job, JobRead
-from pod_exec_mcp.sessions import Session, SessionError, Sessions, describe_seconds
+from pod_exec_mcp.sessions import (
+    Session,
+    SessionError,
+    Sessions,
+    describe_seconds,
+    session_key,  # ops: audit
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -187,7 +193,9 @@ def _session_of(ctx: Context, session_id: str | None) -> Session:
     sessions = _sessions(ctx)
     principal = current_principal()
     if session_id is not None:
-        return sessions.explicit(principal, _checked_id(session_id, "session_id"))
+        explicit = sessions.explicit(principal, _checked_id(session_id, "session_id"))
+        audit.note(session=explicit.key)  # ops: audit
+        return explicit
     if _is_modern(ctx):
         raise SessionError(
             "no session_id given. This connection is stateless (MCP 2026-07-28), so "
@@ -196,6 +204,7 @@ def _session_of(ctx: Context, session_id: str | None) -> Session:
             "write_file)."
         )
     found = sessions.legacy(principal, ctx.session_id)
+    audit.note(session=found.session.key)  # ops: audit
     if found.is_new:
         key = found.session.key
 
@@ -255,6 +264,7 @@ async def shell_exec(
 
     session = _session_of(ctx, session_id)
     result = await _until_disconnected(ctx, _sessions(ctx).run(session, command, limit, progress))
+    audit.note(queue_wait=result.queue_wait)  # ops: audit
     return ShellExecResult(
         output=result.output,
         retval=result.retval,
@@ -283,6 +293,7 @@ async def create_session(
     session_id = await _sessions(ctx).create_explicit(
         current_principal(), egress_allow, egress_deny
     )
+    audit.note(session=session_key(current_principal(), "explicit", session_id))  # ops: audit
     return CreatedSession(session_id=session_id)
 
 
@@ -292,6 +303,7 @@ async def end_session(
 ) -> EndedSession:
     sessions = _sessions(ctx)
     session = sessions.explicit(current_principal(), _checked_id(session_id, "session_id"))
+    audit.note(session=session.key)  # ops: audit
     await sessions.end(session, "ended by end_session")
     return EndedSession(session_id=session_id)
 
@@ -533,7 +545,7 @@ def _shell_exec_description(settings: Settings) -> str:
         f"you). {shell}"
         "Files, installed packages and background processes persist in the session. stdout "
         "and stderr come back merged in order, with the exit status. Long output keeps its "
-        "head and tail, and the whole of it is kept in the file named by output_file. "
+        "head and tail; output_file then names a file in the sandbox that holds all of it. "
         f"A command is killed, with every process it started, after `timeout` seconds "
         f"(default {settings.default_timeout:g}, at most {settings.max_timeout:g}) and then "
         "returns retval 124. Many clients give up on a call after 60 s: run anything that "
@@ -555,6 +567,13 @@ def _network_line(settings: Settings) -> str:
     if mode == "bridge":
         return "Network: full TCP/UDP access (Podman bridge)."
     return "Network: none (no connections at all)."
+
+
+def _describe_bytes(size: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
 
 
 def _annotations(title: str, *, read_only: bool, destructive: bool, idempotent: bool) -> Any:
@@ -596,7 +615,7 @@ def build_server(
         ),
         lifespan=lifespan,
         auth=auth,
-        middleware=[ArgumentErrors()],
+        middleware=[audit.AuditMiddleware(settings.audit_command_chars), ArgumentErrors()],  # ops
     )
     idle = describe_seconds(settings.idle_timeout)
     mcp.tool(
@@ -671,7 +690,7 @@ def build_server(
         description=(
             f"Read a file in your sandbox, as text by lines (offset from 1, limit lines, "
             f"with the total line count) or as base64 bytes (offset and limit in bytes). "
-            f"Files up to {settings.max_file_bytes} bytes. {_SESSION_HINT}"
+            f"Files up to {_describe_bytes(settings.max_file_bytes)}. {_SESSION_HINT}"
         ),
         annotations=_annotations("Read a file", read_only=True, destructive=False, idempotent=True),
     )

@@ -24,6 +24,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from pod_exec_mcp import audit  # ops: audit
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.egress import EgressPolicy, RuleError
 from pod_exec_mcp.engine import (
@@ -133,7 +134,7 @@ class Sessions:
         self._live: dict[str, Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._closed = False
-        self._exec_slots = asyncio.Semaphore(settings.max_concurrent_execs)
+        self._exec_slots = audit.ExecSlots(settings.max_concurrent_execs)  # ops: was a Semaphore
         self.egress = EgressPolicy.from_rules(settings.egress_allow, settings.egress_deny)
         self.pool = WarmPool(
             engine, lambda: self._spec("pool"), settings.warm_pool, settings.sandbox_lifetime
@@ -144,6 +145,14 @@ class Sessions:
         self._background: set[asyncio.Future[None]] = set()
 
     # --- lifecycle of the service -------------------------------------------------------
+
+    @property
+    def exec_slots(self) -> audit.ExecSlots:  # ops: metrics
+        return self._exec_slots
+
+    def census(self) -> tuple[list[Session], list[str]]:  # ops: metrics, --list-containers
+        """The live sessions, and the names of the pooled sandboxes."""
+        return list(self._live.values()), self.pool.names()
 
     def start_background(self) -> None:
         """Start the reaper and fill the warm pool (needs a running event loop)."""
@@ -498,7 +507,8 @@ class Sessions:
             if session.sandbox is None:
                 sandbox = await self.pool.take()
                 if sandbox is not None:
-                    log.info("took pooled sandbox %s", sandbox.name)
+                    # ops: audit
+                    audit.sandbox_event("started", session.key, sandbox.name, "from the warm pool")
                 else:
                     try:
                         sandbox = await self.engine.start(self._spec(session.key))
@@ -508,13 +518,14 @@ class Sessions:
                     except BaseException:
                         self._forget(session, "its sandbox failed to start")
                         raise
-                    log.info("started sandbox %s", sandbox.name)
+                    audit.sandbox_event("started", session.key, sandbox.name, "new")  # ops: audit
                 self.engine.set_egress(sandbox, session.egress or self.egress)
                 session.sandbox = sandbox
             return session.sandbox
 
     async def _recover(self, session: Session, broken: Sandbox, reason: str) -> str:
         """Replace a broken sandbox; returns the sentence that tells the agent what happened."""
+        audit.sandbox_event("replaced", session.key, broken.name, reason)  # ops: audit
         async with session.lock:
             if session.sandbox is broken:
                 session.sandbox = None
@@ -553,7 +564,7 @@ class Sessions:
         async with session.lock:
             if session.sandbox is not None:
                 await self.engine.remove(session.sandbox)
-                log.info("removed sandbox %s (%s)", session.sandbox.name, why)
+                audit.sandbox_event("removed", session.key, session.sandbox.name, why)  # ops
                 session.sandbox = None
         # The container is gone, so the jobs' processes are too; end their tasks.
         jobs = {k: j for k, j in self._jobs.items() if j.session_key == session.key}

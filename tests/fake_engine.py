@@ -14,6 +14,7 @@ from typing import Any
 from pod_exec_mcp.egress import EgressPolicy
 from pod_exec_mcp.engine import (
     EngineError,
+    OutputCallback,
     ProgressCallback,
     RunRequest,
     RunResult,
@@ -22,6 +23,7 @@ from pod_exec_mcp.engine import (
     SandboxInfo,
     SandboxSpec,
 )
+from pod_exec_mcp.shell_state import COMMAND_ENV
 
 
 @dataclass
@@ -51,22 +53,24 @@ class FakeEngine:
         sandbox: Sandbox,
         request: RunRequest,
         on_progress: ProgressCallback | None = None,
-        on_output: Any = None,
+        on_output: OutputCallback | None = None,
         stop: asyncio.Event | None = None,
     ) -> RunResult:
         if sandbox.name not in self.running:
             raise SandboxBroken(f"the sandbox container {sandbox.name} is gone")
+        # The agent's command, whether or not the persistent-shell script wraps it.
+        command = request.env.get(COMMAND_ENV, request.command)
         self.active_runs += 1
         self.most_active_runs = max(self.most_active_runs, self.active_runs)
         try:
-            act = self.behaviour.get(request.command)
+            act = self.behaviour.get(command)
             if act is not None:
-                outcome = act(sandbox)
+                outcome = act(sandbox, on_output or (lambda _: None), stop or asyncio.Event())
                 if asyncio.iscoroutine(outcome):
                     outcome = await outcome
                 if isinstance(outcome, RunResult):
                     return outcome
-            return RunResult(request.command, 0, False, False, 0.0)
+            return RunResult(command, 0, False, False, 0.0)
         finally:
             self.active_runs -= 1
 

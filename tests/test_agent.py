@@ -45,6 +45,8 @@ from pod_exec_mcp.agent_channel import (
     mount_arguments,
     serve_argv,
 )
+from pod_exec_mcp.podman import Podman
+from pod_exec_mcp.podman_engine import agent_volume
 
 AGENT_IMAGE = os.environ.get("POD_EXEC_MCP_AGENT_IMAGE", DEFAULT_AGENT_IMAGE)
 LABEL = "io.pod_exec_mcp.test.agent"
@@ -67,20 +69,31 @@ STRICT = [
 
 
 def run_arguments(
-    name: str, pids_limit: int, lifetime: int = 3600, image: str = IMAGE, extra: Sequence[str] = ()
+    name: str,
+    volume: str,
+    pids_limit: int,
+    lifetime: int = 3600,
+    image: str = IMAGE,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """`podman run` arguments for a sandbox with the agent (as the server is to use them)."""
+    """`podman run` arguments for a sandbox with the agent (as the server uses them)."""
     return [
         "run", "--detach", "--rm", "--name", name, "--label", f"{LABEL}={RUN_ID}",
         "--pids-limit", str(pids_limit), "--memory", "1g",
         "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
         "--security-opt", "no-new-privileges",
-        *mount_arguments(AGENT_IMAGE), *extra, image, *init_command(lifetime),
+        *mount_arguments(volume), *extra, image, *init_command(lifetime),
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def new_sandbox() -> Iterator[Callable[..., str]]:
+def agent_vol() -> str:
+    """The volume holding the agent, made from its image as the server makes it."""
+    return asyncio.run(agent_volume(Podman(), AGENT_IMAGE))
+
+
+@pytest.fixture(scope="module")
+def new_sandbox(agent_vol: str) -> Iterator[Callable[..., str]]:
     """Start sandboxes on demand; every one is removed at teardown."""
     names: list[str] = []
 
@@ -89,7 +102,7 @@ def new_sandbox() -> Iterator[Callable[..., str]]:
     ) -> str:
         name = f"pem-agent-test-{RUN_ID}-{len(names)}"
         names.append(name)
-        podman(*run_arguments(name, pids_limit, lifetime, image, extra))
+        podman(*run_arguments(name, agent_vol, pids_limit, lifetime, image, extra))
         return name
 
     yield start

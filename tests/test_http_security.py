@@ -91,7 +91,7 @@ def test_non_loopback_bind_requires_a_token(
     refused = start_server(server_env, run_dir, host="0.0.0.0", wait=False)
     assert refused.proc.wait(timeout=60) != 0
     assert "refusing to listen on 0.0.0.0 without authentication" in refused.log()
-    assert "Uvicorn running" not in refused.log()
+    assert "serving MCP" not in refused.log()
     served = launch(host="0.0.0.0", env={"POD_EXEC_MCP_AUTH_TOKEN": TOKEN_A})
     assert post(served, INITIALIZE).status_code == 401
     assert post(served, INITIALIZE, Authorization=f"Bearer {TOKEN_A}").status_code == 200

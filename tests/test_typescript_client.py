@@ -33,7 +33,10 @@ def test_typescript_sdk_gets_a_private_persistent_shell(
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["protocol"] == "2025-11-25"
-    assert report["tools"] == ["create_session", "end_session", "shell_exec"]
+    assert report["tools"] == [
+        "create_session", "end_session", "read_file", "read_job", "shell_exec", "start_job",
+        "stop_job", "write_file",
+    ]  # fmt: skip
     assert report["write"] == {
         "isError": False,
         "structured": {**report["write"]["structured"], "output": "err\n", "retval": 3},

@@ -116,14 +116,14 @@ def test_session_keys_hash_ids_and_separate_principals() -> None:
 
 
 def test_run_arguments_default_and_strict() -> None:
-    args = run_arguments(sandbox_spec(Settings(), "name", {"k": "v"}))
+    args = run_arguments(sandbox_spec(Settings(), "name", {"k": "v"}), "agentvol")
     assert args[:4] == ["run", "--detach", "--rm", "--name"]
     assert "--label" in args and "k=v" in args
     assert args[args.index("nofile=4096:4096") - 1 :][:2] == ["--ulimit", "nofile=4096:4096"]
     assert "nproc=4096:4096" in args and "no-new-privileges" in args
-    # The agent, mounted read-only from its image, is the sandbox's init (no --init).
-    mount = "type=image,source=pod_exec_mcp_agent,destination=/.pod_exec_mcp"
-    assert args[args.index(mount) - 1] == "--mount" and "--init" not in args
+    # The agent, mounted read-only from its volume, is the sandbox's init (no --init).
+    mount = "agentvol:/.pod_exec_mcp:ro"
+    assert args[args.index(mount) - 1] == "--volume" and "--init" not in args
     assert args[-4:] == ["pod_exec_mcp_base", "/.pod_exec_mcp/agent", "init", "86400"]
     # Default: isolated, i.e. no network device, and the proxy in the environment.
     assert "--network=none" in args
@@ -131,7 +131,7 @@ def test_run_arguments_default_and_strict() -> None:
     assert "http_proxy=http://127.0.0.1:3128" in args and "no_proxy=localhost,127.0.0.1,::1" in args
     bridge = run_arguments(sandbox_spec(Settings(network="bridge"), "n", {}))
     assert not any(a.startswith("--network") or "PROXY" in a.upper() for a in bridge)
-    strict = run_arguments(sandbox_spec(Settings(strict=True, sandbox_lifetime=0), "n", {}))
+    strict = run_arguments(sandbox_spec(Settings(strict=True, sandbox_lifetime=0), "n", {}), "v")
     assert {"--cap-drop=ALL", "--read-only", "--network=none"} <= set(strict)
     assert strict[-1] == "0"
     for off in (Settings(network=False), Settings(network="none")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fake_engine import FakeEngine
@@ -102,7 +103,7 @@ async def test_busy_session_is_not_reaped(instance: Instance) -> None:
     session = sessions.explicit(None, sid)
     release = asyncio.Event()
 
-    async def slow(_: Sandbox) -> None:
+    async def slow(*_: object) -> None:
         await release.wait()
 
     engine.behaviour["slow"] = slow
@@ -130,7 +131,7 @@ async def test_engine_failure_keeps_the_sandbox(instance: Instance) -> None:
     sid = await sessions.create_explicit(None)
     session = sessions.explicit(None, sid)
 
-    def flaky(_: Sandbox) -> None:
+    def flaky(*_: object) -> None:
         raise EngineError("podman exec failed: exit status 125")
 
     engine.behaviour["flaky"] = flaky
@@ -143,7 +144,7 @@ async def test_unkillable_command_replaces_the_sandbox_and_says_so(instance: Ins
     sessions, engine = make(instance)
     sid = await sessions.create_explicit(None)
     session = sessions.explicit(None, sid)
-    engine.behaviour["bomb"] = lambda _: RunResult("x", 124, False, True, 1.0, unkillable=True)
+    engine.behaviour["bomb"] = lambda *_: RunResult("x", 124, False, True, 1.0, unkillable=True)
     result = await sessions.run(session, "bomb", 1)
     assert result.timed_out and "could not be killed" in result.output
     assert "fresh sandbox was started" in result.output
@@ -168,7 +169,7 @@ async def test_one_session_cannot_take_every_exec_slot(instance: Instance) -> No
     other = sessions.explicit(None, await sessions.create_explicit(None))
     release = asyncio.Event()
 
-    async def slow(_: Sandbox) -> None:
+    async def slow(*_: object) -> None:
         await release.wait()
 
     engine.behaviour["sleep"] = slow
@@ -220,3 +221,62 @@ def test_durations_read_as_people_write_them() -> None:
     assert describe_seconds(1800) == "30 min"
     assert describe_seconds(86400) == "24 h"
     assert describe_seconds(7260) == "121 min"
+
+
+async def test_job_output_is_read_in_windows_and_stop_reports_the_kill(
+    instance: Instance,
+) -> None:
+    sessions, engine = make(instance, max_jobs_per_session=1)
+    session = sessions.explicit(None, await sessions.create_explicit(None))
+
+    async def server(_: Sandbox, on_output: Any, stop: asyncio.Event) -> RunResult:
+        on_output(b"listening\n")
+        await stop.wait()
+        return RunResult("", 143, False, True, 1.0, kill_note="all killed")
+
+    engine.behaviour["serve"] = server
+    job_id = await sessions.start_job(session, "alice", "serve")
+    with pytest.raises(SessionError, match="already runs 1 jobs"):
+        await sessions.start_job(session, "alice", "serve")
+    with pytest.raises(SessionError, match="unknown job_id"):
+        sessions.job("mallory", job_id)
+    job = sessions.job("alice", job_id)
+    first = await sessions.read_job(job, wait=5)
+    assert (first.output, first.running, first.retval) == ("listening\n", True, None)
+    empty = await sessions.read_job(job, wait=0)
+    assert (empty.output, empty.running) == ("", True)
+    final = await sessions.stop_job(job)
+    assert final.running is False and final.retval == 143
+    assert "stopped by stop_job; all killed" in final.output
+    await sessions.end(session, "ended by end_session")
+    with pytest.raises(SessionError, match="unknown job_id"):
+        sessions.job("alice", job_id)
+
+
+async def test_jobs_end_with_their_session(instance: Instance) -> None:
+    sessions, engine = make(instance)
+    session = sessions.explicit(None, await sessions.create_explicit(None))
+
+    async def forever(*_: object) -> None:
+        await asyncio.Event().wait()
+
+    engine.behaviour["forever"] = forever
+    job = sessions.job(None, await sessions.start_job(session, None, "forever"))
+    await sessions.end(session, "ended by end_session")
+    assert job.task is not None and job.task.done()
+
+
+def test_text_and_base64_slices() -> None:
+    from pod_exec_mcp.server import _base64_slice, _text_slice
+
+    data = b"one\ntwo\nthree\n\xff\n"
+    piece = _text_slice("f", data, 2, 2, 1000)
+    assert (piece.content, piece.total_lines, piece.next_offset) == ("two\nthree\n", 4, 4)
+    last = _text_slice("f", data, 4, 10, 1000)
+    assert (last.content, last.next_offset) == ("\ufffd\n", None)
+    cut = _text_slice("f", data, 1, 10, 8)
+    assert (cut.content, cut.truncated, cut.next_offset) == ("one\ntwo\n", True, 3)
+    chunk = _base64_slice("f", data, 4, 4)
+    assert (chunk.content, chunk.next_offset, chunk.total_bytes) == ("dHdvCg==", 8, 16)
+    with pytest.raises(SessionError, match="line number from 1"):
+        _text_slice("f", data, 0, 1, 10)

@@ -214,7 +214,7 @@ def deploy(server_image: str, podman_socket: Path) -> Iterator[Callable[..., Dep
 
         def started() -> bool:
             logs = dep.logs()
-            if "Uvicorn running" in logs:
+            if "serving MCP at" in logs:
                 return True
             state = podman("inspect", "--format", "{{.State.Running}}", dep.name, check=False)
             if state.stdout.strip() != "true":

@@ -46,10 +46,10 @@ let
     "anyio" "authlib" "build" "certifi" "cyclopts" "exceptiongroup" "fastmcp" "fastmcp-slim"
     "griffelib" "h11" "hatchling" "httpcore2" "httpx2" "idna" "joserfc" "jsonref" "jsonschema"
     "jsonschema-path" "mcp" "mcp-types" "openapi-pydantic" "opentelemetry-api" "packaging"
-    "pip" "platformdirs" "py-key-value-aio" "pydantic" "pydantic-settings" "pyjwt" "pyperclip"
-    "pytest" "pytest-asyncio" "python-dotenv" "python-multipart" "pyyaml" "rich" "sse-starlette"
-    "starlette" "truststore" "typing-extensions" "typing-inspection" "uncalled-for" "uvicorn"
-    "watchfiles" "websockets"
+    "pip" "platformdirs" "prometheus-client" "py-key-value-aio" "pydantic" "pydantic-settings"
+    "pyjwt" "pyperclip" "pytest" "pytest-asyncio" "python-dotenv" "python-multipart" "pyyaml"
+    "rich" "sse-starlette" "starlette" "structlog" "truststore" "typing-extensions"
+    "typing-inspection" "uncalled-for" "uvicorn" "watchfiles" "websockets"
   ];
   optionalDeps = {
     pydantic.email = [ "email-validator" ];

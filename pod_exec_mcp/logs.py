@@ -1,0 +1,169 @@
+"""One log format for everything the server logs: ours, uvicorn's and fastmcp's.
+
+Every logger stays a plain stdlib logger; one handler on the root logger renders every
+record through structlog's ProcessorFormatter, as JSON (one object per line) or as text
+(one line per event, `key=value` fields after the message). Extra fields given with
+`logger.info(..., extra={...})` become fields of the event (that is how the audit trail
+carries its data). uvicorn and fastmcp install handlers of their own (fastmcp a Rich
+console handler that wraps at 80 columns); they are removed, and their records propagate
+to the root handler like everyone else's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+LogFormat = Literal["text", "json"]
+
+# Loggers that libraries configure with handlers of their own; we take those away.
+_LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "fastmcp", "mcp")
+
+# The MCP SDK logs raw Mcp-Session-Id values at info; on a server without auth such an id
+# is all it takes to drive that session's sandbox. Shown at debug level only.
+_SESSION_ID_LOGGERS = ("mcp.server.streamable_http", "mcp.server.streamable_http_manager")
+
+# Extra record attributes that only make sense to a colour terminal.
+_DROPPED = ("color_message",)
+
+# The fields every event starts with, in this order; the rest follow as they come.
+_FIRST = ("time", "level", "logger", "event")
+
+_configured: LogFormat | None = None
+
+
+def resolve_format(fmt: str, stream: TextIO) -> LogFormat:
+    """`auto` is text on a terminal (a person reads it) and JSON otherwise (a collector)."""
+    if fmt == "auto":
+        return "text" if stream.isatty() else "json"
+    if fmt not in ("text", "json"):
+        raise ValueError(f"unknown log format {fmt!r}")
+    return fmt  # type: ignore[return-value]
+
+
+def _record_time(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """The record's own creation time (not the time it was formatted), UTC, ISO 8601."""
+    record = event.get("_record")
+    created = record.created if record is not None else dt.datetime.now(dt.UTC).timestamp()
+    stamp = dt.datetime.fromtimestamp(created, dt.UTC)
+    event["time"] = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return event
+
+
+def _uvicorn_access_fields(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """uvicorn's access line, as fields: its args are (client, method, path, version, status)."""
+    record = event.get("_record")
+    args = event.pop("positional_args", None)
+    is_access = record is not None and record.name == "uvicorn.access"
+    if is_access and isinstance(args, tuple) and len(args) == 5:
+        client, method, path, _version, status = args
+        event.update(client=client, method=method, path=path, status=status)
+    for name in _DROPPED:
+        event.pop(name, None)
+    return event
+
+
+def _ordered(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    first = {key: event.pop(key) for key in _FIRST if key in event}
+    return {**first, **event}
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c in value for c in ' "=\\\n\r\t'):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _render_text(_: WrappedLogger, __: str, event: EventDict) -> str:
+    """`TIME LEVEL LOGGER: MESSAGE key=value ...` on exactly one line (tracebacks included:
+    their newlines are escaped inside a quoted field)."""
+    time = event.pop("time", "")
+    level = str(event.pop("level", "")).upper()
+    logger = event.pop("logger", "")
+    message = str(event.pop("event", "")).replace("\r", "\\r").replace("\n", "\\n")
+    fields = " ".join(f"{key}={_text_value(value)}" for key, value in event.items())
+    return f"{time} {level:<7} {logger}: {message}" + (f" {fields}" if fields else "")
+
+
+def _formatter(fmt: LogFormat) -> logging.Formatter:
+    pre_chain: list[Any] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.ExtraAdder(),
+        _uvicorn_access_fields,
+        _record_time,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer(ensure_ascii=False, default=str)
+        if fmt == "json"
+        else _render_text
+    )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        pass_foreign_args=True,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _ordered,
+            renderer,
+        ],
+    )
+
+
+def configure_logging(
+    fmt: str = "auto", level: str = "info", stream: TextIO | None = None
+) -> LogFormat:
+    """Route every logger of the process through one handler and one format; returns the
+    format chosen (auto resolved). Safe to call again (it replaces what it set before)."""
+    global _configured
+    # Imported first: importing fastmcp installs its own handlers, which we then remove.
+    import fastmcp  # noqa: F401
+
+    stream = stream or sys.stderr
+    chosen = resolve_format(fmt, stream)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_formatter(chosen))
+    handler.setLevel(level.upper())
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for old in library.handlers[:]:
+            library.removeHandler(old)
+        library.propagate = True
+        library.setLevel(logging.NOTSET)
+    for name in _SESSION_ID_LOGGERS:
+        quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+        logging.getLogger(name).setLevel(quiet)
+    _quiet_fastmcp()
+    _configured = chosen
+    return chosen
+
+
+def _quiet_fastmcp() -> None:
+    """fastmcp re-installs its Rich handlers whenever it reconfigures its logger (e.g. in
+    `temporary_log_level`), unless its `log_enabled` setting is off."""
+    import fastmcp
+
+    try:
+        fastmcp.settings.log_enabled = False
+    except Exception:  # a frozen settings object in some future release: nothing to undo
+        logging.getLogger(__name__).debug("could not turn fastmcp's own logging off")
+
+
+def fatal(message: str) -> None:
+    """A start-up failure, on one line: plain `pod_exec_mcp: error: ...` on a terminal or
+    before logging is set up, a JSON event when the logs are JSON."""
+    if _configured == "json":
+        logging.getLogger("pod_exec_mcp").critical(message)
+    else:
+        print(f"pod_exec_mcp: error: {message}", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""Checks made before the port opens, so that a bad setting stops the server at start-up
+with one line instead of failing every session later.
+
+Cheap syntax checks live in config.py's validators; this module asks the authorities for
+the rest: the kernel (can the port be bound?) and podman (does a sandbox start with these
+settings?). Only a real start can tell: `podman create` accepts a memory limit below what
+the runtime can set, rlimits above the host's hard limit and a malformed tmpfs size, and
+`podman run` refuses all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import secrets
+import socket
+
+from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var
+from pod_exec_mcp.engine import sandbox_spec
+from pod_exec_mcp.instances import Instance
+from pod_exec_mcp.podman import LABEL_SESSION, Podman
+from pod_exec_mcp.podman_engine import run_arguments
+
+# The longest a throw-away sandbox may take to start and exit before we call podman stuck.
+DRY_RUN_TIMEOUT = 120.0
+
+# Words in podman's (or the runtime's) complaint, and the settings they point at.
+_SUSPECTS = (
+    ("tmpfs", ("tmpfs_size",)),
+    ("memory", ("memory",)),
+    ("rlimit", ("nofile", "nproc")),
+    ("ulimit", ("nofile", "nproc")),
+    ("cpu", ("cpus",)),
+    ("pids", ("pids_limit",)),
+)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound (not yet listening) as uvicorn would bind it; a taken
+    port or an address that is not ours is a SettingsError naming the setting."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SettingsError(
+                f"port {port} on {host} is already in use by another process: stop it, or "
+                f"choose another port with {cli_flag('port')} / {env_var('port')}"
+            ) from None
+        raise SettingsError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): check "
+            f"{cli_flag('host')} / {env_var('host')} and {cli_flag('port')} / {env_var('port')}"
+        ) from None
+    return sock
+
+
+def dry_run_arguments(settings: Settings, instance: Instance) -> list[str]:
+    """The full sandbox `podman run` arguments, attached and running `true` instead of the
+    long sleep, in a container labelled as this instance's (so any leftover is swept)."""
+    name = f"pod_exec_mcp-{instance.id[:8]}-preflight-{secrets.token_hex(2)}"
+    labels = {**instance.labels(), LABEL_SESSION: "preflight"}
+    args = run_arguments(sandbox_spec(settings, name, labels))
+    # run_arguments detaches and ends with IMAGE and its long-running init (sleep, or the
+    # exec agent's init); we wait for `true` instead.
+    if args[0] != "run" or settings.image not in args:
+        raise RuntimeError(f"unexpected sandbox arguments: {args}")
+    image_at = len(args) - 1 - args[::-1].index(settings.image)
+    return [a for a in args[: image_at + 1] if a != "--detach"] + ["true"]
+
+
+def _suspects(complaint: str, settings: Settings) -> list[str]:
+    lowered = complaint.lower()
+    names: list[str] = []
+    for word, fields in _SUSPECTS:
+        if word in lowered:
+            names += [f for f in fields if f not in names]
+    if settings.exec_channel == "agent" and settings.agent_image.lower() in lowered:
+        names.append("agent_image")
+    if not names or (settings.extra_run_args and "flag" in lowered):
+        names.append("extra_run_args")
+    return names
+
+
+async def check_sandbox_settings(podman: Podman, settings: Settings, instance: Instance) -> None:
+    """Start (and remove) one throw-away sandbox with the configured settings; SettingsError
+    naming the likely settings and quoting podman if it refuses."""
+    args = dry_run_arguments(settings, instance)
+    name = args[args.index("--name") + 1]
+    try:
+        done = await asyncio.wait_for(podman.run(*args, check=False), DRY_RUN_TIMEOUT)
+    except TimeoutError:
+        raise SettingsError(
+            f"podman did not start a test sandbox within {DRY_RUN_TIMEOUT:g} s; is podman "
+            "working (`podman info`)?"
+        ) from None
+    finally:
+        await podman.remove(name)
+    if done.returncode == 0:
+        return
+    names = _suspects(done.error_text, settings)
+    where = ", ".join(f"{cli_flag(n)} / {env_var(n)}" for n in names)
+    raise SettingsError(
+        f"a sandbox cannot start with these settings; check {where}. podman said: {done.error_text}"
+    )
