@@ -9,12 +9,12 @@ import struct
 import subprocess
 from collections.abc import Callable
 
-from test_agent import attach_argv, channel, new_sandbox, parse_frames, run, sandbox
+from test_agent import agent_vol, attach_argv, channel, new_sandbox, parse_frames, run, sandbox
 
 from pod_exec_mcp.agent_channel import HEADER, T_BYE, T_ERROR, T_HELLO_OK, T_PONG
 from pod_exec_mcp.agent_streams import T_LISTENING, T_STREAM_OPEN, AgentStream
 
-__all__ = ["new_sandbox", "sandbox"]  # fixtures, re-exported for pytest
+__all__ = ["agent_vol", "new_sandbox", "sandbox"]  # fixtures, re-exported for pytest
 
 CLIENT = """
 import socket, sys, hashlib
