@@ -399,13 +399,15 @@ class AgentChannel:
         with contextlib.suppress(Exception):
             stop.result()
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, more: bytes | memoryview = b"") -> None:
         if self._dead is not None:
             raise AgentError(f"the agent channel is gone{self._why()}")
         stdin = self._writer
         assert stdin is not None
         try:
             stdin.write(data)
+            if more:
+                stdin.write(more)  # a stream's data, not copied into one frame first
             await stdin.drain()
         except (ConnectionError, OSError) as exc:
             self._fail(f"writing to the agent failed: {exc}")

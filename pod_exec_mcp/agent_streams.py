@@ -48,7 +48,8 @@ MAX_STREAMS = 32
 # How long a closed stream waits for the sandbox's client to finish before it is reset.
 LINGER = 10.0
 
-Sender = Callable[[bytes], Awaitable[None]]
+# Sends a frame: its header (or the whole frame) and, optionally, the rest of it.
+Sender = Callable[[bytes, bytes | memoryview], Awaitable[None]]
 StreamHandler = Callable[["AgentStream"], Awaitable[None]]
 
 
@@ -130,7 +131,8 @@ class AgentStream:
                 raise ConnectionError("write after end of stream")
             size = min(len(view), self._credit, DATA_CHUNK)
             self._credit -= size
-            await self._mux.send(frame(T_STREAM_DATA, self.id, bytes(view[:size])))
+            header = HEADER.pack(T_STREAM_DATA, 0, 0, self.id, size)
+            await self._mux.send(header, view[:size])  # no copy of the data here
             view = view[size:]
 
     async def write_eof(self) -> None:
@@ -178,11 +180,11 @@ class StreamMux:
         self._listening: dict[int, asyncio.Future[int]] = {}
         self._dead: str | None = None
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, more: bytes | memoryview = b"") -> None:
         if self._dead is not None:
             raise ConnectionResetError(f"the agent channel is gone: {self._dead}")
         try:
-            await self._send(data)
+            await self._send(data, more)
         except Exception as exc:  # AgentError: the channel died
             raise ConnectionResetError(f"the agent channel is gone: {exc}") from None
 

@@ -320,9 +320,11 @@ async def test_bad_requests_get_an_answer_not_a_hang(
 async def test_stream_flow_control_and_window_violation() -> None:
     sent: list[tuple[int, int, bytes]] = []
 
-    async def send(data: bytes) -> None:
-        ftype, _, _, fid, _length = st.HEADER.unpack(data[:12])
-        sent.append((ftype, fid, data[12:]))
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        frame = data + bytes(more)
+        ftype, _, _, fid, length = st.HEADER.unpack(frame[:12])
+        assert length == len(frame) - 12
+        sent.append((ftype, fid, frame[12:]))
 
     got: asyncio.Queue[Any] = asyncio.Queue()
 
