@@ -14,11 +14,10 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from pod_exec_mcp.agent_channel import (
-    AGENT_PATH,
     AgentChannel,
     AgentCommandError,
     AgentError,
@@ -111,30 +110,34 @@ _KILL_EXEC_TIMEOUT = 15.0
 _AMBIGUOUS_STATUSES = frozenset({125, 137, 255})
 
 
-async def agent_volume(podman: Podman, agent_image: str) -> str:
-    """A read-only-mountable volume holding the agent image's files, made once per agent
+async def agent_volume(podman: Podman, agent_image: str, rlimits: Sequence[str] = ()) -> str:
+    """A volume holding the agent binary, for sandboxes to mount read-only; one per agent
     image (its name carries the image id, so a rebuilt agent gets a new volume).
 
-    Filled from the image itself, through podman alone (create, export, volume import), so
-    it works the same with remote Podman."""
+    Filled by the agent itself (`agent install`, an atomic rename) in a throw-away
+    container of its own image: nothing but `podman run`, so it works through remote
+    Podman too, and filling again (each server start does) is harmless."""
     done = await podman.run("image", "inspect", "--format", "{{.Id}}", agent_image)
     volume = f"pod_exec_mcp_agent_{done.stdout.decode().strip()[:12]}"
-    if (await podman.run("volume", "exists", volume, check=False)).returncode == 0:
-        return volume
-    filler = f"{volume}_fill_{secrets.token_hex(3)}"
-    await podman.run("create", "--name", filler, agent_image, AGENT_PATH)
-    try:
-        files = (await podman.run("export", filler)).stdout
-    finally:
-        await podman.remove(filler)
-    # Whoever creates the volume fills it; a server starting at the same moment skips.
-    if (await podman.run("volume", "create", volume, check=False)).returncode == 0:
-        try:
-            await podman.run("volume", "import", volume, "-", stdin=files)
-        except PodmanError:
-            await podman.run("volume", "rm", "--force", volume, check=False)
-            raise
+    if (await podman.run("volume", "exists", volume, check=False)).returncode != 0:
+        # (No --ignore on Podman 4.3: a server creating it at the same moment wins.)
+        created = await podman.run("volume", "create", volume, check=False)
+        if created.returncode != 0 and "already exists" not in created.error_text:
+            raise PodmanError(f"podman volume create failed: {created.error_text}")
+    await podman.run(
+        "run", "--rm", "--network=none", "--userns=host", *rlimits,
+        "--volume", f"{volume}:/install", agent_image, "/agent", "install", "/install/agent",
+    )  # fmt: skip
     return volume
+
+
+def _rlimit_arguments(spec: SandboxSpec) -> list[str]:
+    # Both rlimits, always: Podman 4.3 fills any unset one with 1048576, which hosts
+    # without CAP_SYS_RESOURCE refuse.
+    return [
+        "--ulimit", f"nofile={spec.nofile}:{spec.nofile}",
+        "--ulimit", f"nproc={spec.nproc}:{spec.nproc}",
+    ]  # fmt: skip
 
 
 def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[str]:
@@ -149,10 +152,7 @@ def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[st
         "--memory", spec.memory,
         "--cpus", f"{spec.cpus:g}",
         "--pids-limit", str(spec.pids_limit),
-        # Both rlimits, always: Podman 4.3 fills any unset one with 1048576, which hosts
-        # without CAP_SYS_RESOURCE refuse.
-        "--ulimit", f"nofile={spec.nofile}:{spec.nofile}",
-        "--ulimit", f"nproc={spec.nproc}:{spec.nproc}",
+        *_rlimit_arguments(spec),
         "--security-opt", "no-new-privileges",
     ]  # fmt: skip
     if spec.strict:
@@ -212,7 +212,7 @@ class PodmanEngine:
     async def start(self, spec: SandboxSpec) -> Sandbox:
         sandbox = Sandbox(spec.name, spec.labels)
         try:
-            volume = await self._agent_volume(spec.agent_image) if spec.agent_image else None
+            volume = await self._agent_volume(spec) if spec.agent_image else None
         except PodmanError as exc:
             raise EngineError(f"could not provide the exec agent: {exc}") from None
         try:
@@ -232,10 +232,13 @@ class PodmanEngine:
             await self._channel(sandbox)
         return sandbox
 
-    async def _agent_volume(self, agent_image: str) -> str:
-        volume = self._agent_volumes.get(agent_image)
+    async def _agent_volume(self, spec: SandboxSpec) -> str:
+        assert spec.agent_image is not None
+        volume = self._agent_volumes.get(spec.agent_image)
         if volume is None:
-            volume = self._agent_volumes[agent_image] = await agent_volume(self.podman, agent_image)
+            rlimits = _rlimit_arguments(spec)
+            volume = await agent_volume(self.podman, spec.agent_image, rlimits)
+            self._agent_volumes[spec.agent_image] = volume
         return volume
 
     async def remove(self, *sandboxes: Sandbox) -> None:

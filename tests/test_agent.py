@@ -89,7 +89,8 @@ def run_arguments(
 @pytest.fixture(scope="module")
 def agent_vol() -> str:
     """The volume holding the agent, made from its image as the server makes it."""
-    return asyncio.run(agent_volume(Podman(), AGENT_IMAGE))
+    rlimits = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+    return asyncio.run(agent_volume(Podman(), AGENT_IMAGE, rlimits))
 
 
 @pytest.fixture(scope="module")
@@ -606,7 +607,7 @@ async def test_strict_sandbox(new_sandbox: Callable[..., str]) -> None:
 
 
 @pytest.fixture
-def remote_sandbox(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
+def remote_sandbox(tmp_path: Path, agent_vol: str) -> Iterator[tuple[list[str], str]]:
     """A sandbox started through a Podman API socket, as with CONTAINER_HOST."""
     sock = tmp_path / "podman.sock"
     service = subprocess.Popen(
@@ -618,7 +619,9 @@ def remote_sandbox(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
     name = f"pem-agent-test-{RUN_ID}-remote"
     try:
         assert wait_until(sock.exists, 30)
-        subprocess.run([*remote, *run_arguments(name, 256)], check=True, capture_output=True)
+        subprocess.run(
+            [*remote, *run_arguments(name, agent_vol, 256)], check=True, capture_output=True
+        )
         yield remote, name
     finally:
         podman("rm", "--force", "--ignore", "--time", "0", name, check=False)

@@ -1297,8 +1297,49 @@ static int serve_main(void) {
     }
 }
 
+/* `agent install DEST`: copy this binary to DEST (mode 0755), atomically: written beside
+ * it, then renamed over it, so a sandbox starting meanwhile sees the old file or the new
+ * one, never half of one. This is how the host fills the volume that sandboxes mount
+ * read-only, with nothing but `podman run` (which also works through remote Podman). */
+static int install_main(const char *dest) {
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.%ld.tmp", dest, (long)getpid()) >= (int)sizeof tmp) {
+        diag("install: destination path too long");
+        return 1;
+    }
+    int in = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    int out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0755);
+    if (in < 0 || out < 0) {
+        diag("install: cannot open /proc/self/exe or %s: %s", tmp, strerror(errno));
+        return 1;
+    }
+    char buf[65536];
+    ssize_t got;
+    while ((got = read(in, buf, sizeof buf)) > 0) {
+        for (ssize_t done = 0; done < got;) {
+            ssize_t put = write(out, buf + done, (size_t)(got - done));
+            if (put < 0) {
+                if (errno == EINTR) continue;
+                diag("install: write %s: %s", tmp, strerror(errno));
+                unlink(tmp);
+                return 1;
+            }
+            done += put;
+        }
+    }
+    if (got < 0 || fchmod(out, 0755) < 0 || fsync(out) < 0 || close(out) < 0 ||
+        rename(tmp, dest) < 0) {
+        diag("install: %s: %s", dest, strerror(errno));
+        unlink(tmp);
+        return 1;
+    }
+    close(in);
+    return 0;
+}
+
 static int usage(void) {
-    diag("usage: agent init LIFETIME_SECONDS | agent serve [--fd N]   (protocol version %d)",
+    diag("usage: agent init LIFETIME_SECONDS | agent serve [--fd N] | agent install DEST"
+         "   (protocol version %d)",
          PROTOCOL_VERSION);
     return 2;
 }
@@ -1319,6 +1360,7 @@ int main(int argc, char **argv) {
         fcntl(host_in, F_SETFD, FD_CLOEXEC); /* never inherited by a command */
         return serve_main();
     }
+    if (argc == 3 && strcmp(argv[1], "install") == 0) return install_main(argv[2]);
     if (argc == 2 && strcmp(argv[1], "--version") == 0) {
         printf("pod_exec_mcp agent, protocol version %d\n", PROTOCOL_VERSION);
         return 0;
