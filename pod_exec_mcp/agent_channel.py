@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import struct
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pod_exec_mcp.agent_streams import STREAM_FRAMES, StreamHandler, StreamMux
 
 PROTOCOL_VERSION = 1
 # Where sandboxes get the agent: its image mounted read-only (docs/agent-protocol.md).
@@ -67,6 +71,23 @@ def init_command(lifetime: float | None) -> list[str]:
 def serve_argv(podman: Sequence[str], container: str) -> list[str]:
     """The argv for `AgentChannel.attach`; `podman` may carry options (e.g. --url)."""
     return [*podman, "exec", "-i", container, AGENT_PATH, "serve"]
+
+
+def fd_serve_argv(podman: Sequence[str], container: str, child_fd: int) -> list[str]:
+    """The argv for `AgentChannel.attach(..., sock=...)`: the agent's channel is the socket
+    `child_fd`, moved to fd 3 (by a small Python exec wrapper: POSIX shells cannot name fds
+    above 9) and passed into the sandbox with `podman exec --preserve-fds`, so frames skip
+    the copy through Podman's stdio relay. Local Podman only: a remote client cannot pass
+    descriptors."""
+    move = (
+        "import os, sys; fd = int(sys.argv[1]); "
+        "fd != 3 and (os.dup2(fd, 3, inheritable=True), os.close(fd)); "
+        "os.execvp(sys.argv[2], sys.argv[2:])"
+    )
+    return [
+        sys.executable, "-c", move, str(child_fd),
+        *podman, "exec", "--preserve-fds=1", container, AGENT_PATH, "serve", "--fd", "3",
+    ]  # fmt: skip
 
 
 class AgentError(Exception):
@@ -190,6 +211,11 @@ class AgentChannel:
         self.agent_pid = 0
         self.protocol_version = 0
         self._last_rx = asyncio.get_running_loop().time()
+        # Multiplexed byte streams (the egress proxy's connections): agent_streams.py.
+        self._mux = StreamMux(self._send, None)
+        # Where frames come from and go to: the agent's stdio, or a passed-down socket.
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
 
     @classmethod
     async def attach(
@@ -199,24 +225,46 @@ class AgentChannel:
         handshake_timeout: float = 10.0,
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 30.0,
+        on_stream: StreamHandler | None = None,
+        sock: socket.socket | None = None,
+        child_sock: socket.socket | None = None,
     ) -> AgentChannel:
         """Start the agent (argv is the full command, e.g. [podman, exec, -i, CTR,
         /.pod_exec_mcp/agent, serve]), handshake; AgentError if it cannot.
 
         The agent stops every command and exits if no frame arrives for heartbeat_timeout
-        seconds; this side sends a PING every heartbeat_interval seconds.
+        seconds; this side sends a PING every heartbeat_interval seconds. `on_stream`
+        serves each connection the agent accepts once `listen` was called.
+
+        With `sock` and `child_sock` (a socketpair; argv from `fd_serve_argv`), frames go
+        over `sock` instead of the agent's stdio; both are owned by the channel from here.
         """
+        pipe = asyncio.subprocess.PIPE
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=pipe if sock is None else asyncio.subprocess.DEVNULL,
+                stdout=pipe if sock is None else asyncio.subprocess.DEVNULL,
+                stderr=pipe,
                 limit=4 * MAX_PAYLOAD,
+                pass_fds=(child_sock.fileno(),) if child_sock is not None else (),
             )
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             raise AgentError(f"cannot start the agent ({argv[0]}): {exc}") from exc
+        finally:
+            if child_sock is not None:
+                child_sock.close()  # the agent's end now lives in podman and the agent only
         chan = cls(proc, heartbeat_interval, heartbeat_timeout)
+        if sock is not None:
+            chan._reader, chan._writer = await asyncio.open_connection(
+                sock=sock, limit=4 * MAX_PAYLOAD
+            )
+        else:
+            assert proc.stdout is not None and proc.stdin is not None
+            chan._reader, chan._writer = proc.stdout, proc.stdin
+        chan._mux = StreamMux(chan._send, on_stream)
         chan._tasks = [
             asyncio.create_task(chan._read_frames()),
             asyncio.create_task(chan._read_stderr()),
@@ -305,6 +353,15 @@ class AgentChannel:
         finally:
             self._pending.pop(rid, None)
 
+    async def listen(self, address: str, port: int, timeout: float = 10.0) -> int:
+        """Have the agent listen on address:port (loopback) in the sandbox and relay each
+        connection as a stream to `on_stream`; returns the port. ConnectionError (with the
+        agent's reason) if it cannot, e.g. an agent without stream support."""
+        if not self.alive:
+            raise AgentError(f"the agent channel is closed{self._why()}")
+        rid = next(self._ids) % 0xFFFFFFFF + 1
+        return await self._mux.listen(rid, address, port, timeout)
+
     async def close(self) -> None:
         """Ask the agent to stop everything and exit; then end the podman exec client.
 
@@ -342,13 +399,15 @@ class AgentChannel:
         with contextlib.suppress(Exception):
             stop.result()
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, more: bytes | memoryview = b"") -> None:
         if self._dead is not None:
             raise AgentError(f"the agent channel is gone{self._why()}")
-        stdin = self._proc.stdin
+        stdin = self._writer
         assert stdin is not None
         try:
             stdin.write(data)
+            if more:
+                stdin.write(more)  # a stream's data, not copied into one frame first
             await stdin.drain()
         except (ConnectionError, OSError) as exc:
             self._fail(f"writing to the agent failed: {exc}")
@@ -378,7 +437,7 @@ class AgentChannel:
                 await self._send(_frame(T_PING, 0))
 
     async def _read_frames(self) -> None:
-        stdout = self._proc.stdout
+        stdout = self._reader
         assert stdout is not None
         try:
             while True:
@@ -397,6 +456,9 @@ class AgentChannel:
             self._fail(f"reading from the agent failed: {exc!r}")
 
     def _dispatch(self, ftype: int, fid: int, payload: bytes) -> None:
+        if ftype in STREAM_FRAMES:
+            self._mux.dispatch(ftype, fid, payload)
+            return
         pending = self._pending.get(fid)
         if ftype == T_OUTPUT:
             if pending is not None and pending.callback_error is None:
@@ -425,7 +487,9 @@ class AgentChannel:
         elif ftype == T_ERROR:
             code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 0
             message = payload[2:].decode(errors="replace")
-            if fid == 0:
+            if fid != 0 and self._mux.error(fid, message):
+                pass  # the answer to a LISTEN
+            elif fid == 0:
                 if not self._hello.done():
                     self._hello.set_exception(AgentError(message))
                 else:
@@ -451,6 +515,7 @@ class AgentChannel:
     def _fail(self, why: str) -> None:
         if self._dead is None:
             self._dead = why
+        self._mux.fail(why)
         self._bye.set()
         error = AgentError(f"{why}{self._stderr_note()}")
         if not self._hello.done():
@@ -475,7 +540,7 @@ class AgentChannel:
         if self._dead is None:
             self._dead = "closed"
         self._closed = True
-        stdin = self._proc.stdin
+        stdin = self._writer
         if stdin is not None:
             with contextlib.suppress(Exception):
                 stdin.close()
@@ -486,6 +551,7 @@ class AgentChannel:
                 self._proc.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), 5.0)
+        await self._mux.close()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -504,6 +570,7 @@ __all__ = [
     "AgentCommandError",
     "AgentError",
     "AgentRun",
+    "fd_serve_argv",
     "init_command",
     "mount_arguments",
     "serve_argv",

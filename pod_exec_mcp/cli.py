@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
             )  # fmt: skip
         else:
             settings.add_argument(cli_flag(name), dest=name, default=None, help=help_text)
+    # The flag of the boolean `network` setting of earlier versions.
+    settings.add_argument(
+        "--no-network", dest="network", action="store_const", const="none",
+        help="same as --network none",
+    )  # fmt: skip
     return parser
 
 
@@ -199,6 +204,11 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     if removed:
         log.info("removed %d orphaned container(s) of dead servers", len(removed))
 
+    if settings.network == "isolated" and not settings.strict and settings.exec_channel != "agent":
+        log.warning(
+            "network isolated needs the exec agent (it runs the egress proxy); with "
+            "exec_channel podman-exec sandboxes have no network access at all"
+        )
     instance = Instance.acquire()
     try:
         await check_sandbox_settings(podman, settings, instance)

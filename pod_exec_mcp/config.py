@@ -110,12 +110,27 @@ class Settings(BaseModel):
     nproc: int = Field(default=4096, ge=16)
     """Process rlimit in each sandbox (soft = hard), set for the same reason as nofile."""
 
-    network: bool = True
-    """Give sandboxes a network (agents clone and download). False means --network=none."""
+    network: Literal["isolated", "bridge", "none"] = "isolated"
+    """Sandbox networking. `isolated`: no network device but loopback; HTTP(S) leaves only
+    through the server's egress proxy (HTTP_PROXY in the sandbox), checked against
+    egress_allow/egress_deny; nothing reaches other sandboxes, this host or private
+    ranges; no ping, ssh, UDP or raw DNS. `bridge`: Podman's default network, raw TCP/UDP,
+    NOT isolated from other sandboxes or this host. `none`: no network at all.
+    `--no-network` means none."""
+
+    egress_allow: list[str] = Field(default_factory=lambda: ["public"])
+    """Destinations the egress proxy may connect to (comma-separated): `public` (any
+    address outside loopback, link-local, private, CGNAT, multicast and this host's own),
+    domains (`example.org`), wildcards (`*.example.org`: names under it), CIDRs or IPs.
+    Only a CIDR/IP rule opens a non-public address. Network mode isolated only."""
+
+    egress_deny: list[str] = Field(default_factory=list)
+    """Destinations the egress proxy refuses even if egress_allow lets them through
+    (comma-separated domains, wildcards, CIDRs or IPs)."""
 
     strict: bool = False
     """Strict profile: --cap-drop=ALL, read-only root with tmpfs /workspace and /tmp, and
-    no network, whatever `network` says."""
+    network none, whatever `network` says."""
 
     tmpfs_size: str = "512m"
     """Size of each tmpfs in the strict profile (a number with an optional k, m or g; or a
@@ -180,7 +195,30 @@ class Settings(BaseModel):
     """Most characters of a command the audit trail records (longer ones are cut, their
     length kept). 0 leaves command text out of the logs altogether."""
 
-    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network_from_bool(cls, value: Any) -> Any:
+        # The setting was a boolean before the isolated mode existed: on meant a network
+        # (now the isolated one), off meant none.
+        if isinstance(value, bool):
+            return "isolated" if value else "none"
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return "isolated"
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return "none"
+        return value
+
+    @field_validator("egress_allow", "egress_deny", mode="after")
+    @classmethod
+    def _check_egress_rules(cls, value: list[str]) -> list[str]:
+        from pod_exec_mcp.egress import parse_rules
+
+        parse_rules(value)  # a RuleError (ValueError) names the bad rule
+        return value
+
+    @field_validator(
+        "allowed_hosts", "allowed_origins", "egress_allow", "egress_deny", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

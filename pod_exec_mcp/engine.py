@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pod_exec_mcp.config import Settings
+from pod_exec_mcp.egress import EgressPolicy
 
 # GNU timeout's status for a command that ran out of time.
 TIMEOUT_STATUS = 124
@@ -45,7 +46,9 @@ class SandboxSpec:
     pids_limit: int
     nofile: int
     nproc: int
-    network: bool
+    # "isolated" (no network but loopback; HTTP(S) through the agent's egress proxy),
+    # "bridge" (Podman's default network) or "none".
+    network: str
     strict: bool
     tmpfs_size: str
     # Seconds after which the sandbox's own init exits, whoever is (not) watching. 0: never.
@@ -66,7 +69,7 @@ def sandbox_spec(settings: Settings, name: str, labels: Mapping[str, str]) -> Sa
         pids_limit=settings.pids_limit,
         nofile=settings.nofile,
         nproc=settings.nproc,
-        network=settings.network and not settings.strict,
+        network="none" if settings.strict else settings.network,
         strict=settings.strict,
         tmpfs_size=settings.tmpfs_size,
         lifetime=settings.sandbox_lifetime,
@@ -162,6 +165,11 @@ class SandboxEngine(Protocol):
 
     async def list_ours(self, *label_filters: str) -> list[SandboxInfo]:
         """Sandboxes (running or not) carrying every `key=value` label given."""
+        ...
+
+    def set_egress(self, sandbox: Sandbox, policy: EgressPolicy) -> None:
+        """The egress policy that the sandbox's outgoing connections are checked against
+        from now on (network mode isolated; before any call: refuse everything)."""
         ...
 
     async def close(self) -> None:

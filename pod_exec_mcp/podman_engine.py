@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -19,10 +21,13 @@ from pod_exec_mcp.agent_channel import (
     AgentChannel,
     AgentCommandError,
     AgentError,
+    fd_serve_argv,
     init_command,
     mount_arguments,
     serve_argv,
 )
+from pod_exec_mcp.agent_streams import AgentStream
+from pod_exec_mcp.egress import DENY_ALL, EgressPolicy
 from pod_exec_mcp.engine import (
     TIMEOUT_STATUS,
     EngineError,
@@ -37,8 +42,24 @@ from pod_exec_mcp.engine import (
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import Podman, PodmanError
+from pod_exec_mcp.proxy import serve_connection
 
 log = logging.getLogger(__name__)
+
+# Network mode isolated: the agent's egress proxy inside every sandbox, and the environment
+# that points apt, curl, pip, git and npm at it (curl reads only the lower-case http_proxy;
+# others read either case).
+PROXY_ADDRESS = "127.0.0.1"
+PROXY_PORT = 3128
+PROXY_URL = f"http://{PROXY_ADDRESS}:{PROXY_PORT}"
+PROXY_ENV = {
+    "HTTP_PROXY": PROXY_URL,
+    "HTTPS_PROXY": PROXY_URL,
+    "http_proxy": PROXY_URL,
+    "https_proxy": PROXY_URL,
+    "NO_PROXY": "localhost,127.0.0.1,::1",
+    "no_proxy": "localhost,127.0.0.1,::1",
+}
 
 # Every process a command starts inherits this variable, even one that leaves the
 # command's process group or session; that is how a timeout finds and kills all of them.
@@ -141,8 +162,13 @@ def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[st
             "--tmpfs", f"/workspace:rw,size={spec.tmpfs_size},mode=1777",
             "--tmpfs", f"/tmp:rw,size={spec.tmpfs_size},mode=1777",
         ]  # fmt: skip
-    if not spec.network:
+    if spec.network in ("none", "isolated"):
+        # isolated: only loopback in the sandbox; its one way out is the agent's proxy,
+        # whose connections the server makes (and checks) on the host.
         args.append("--network=none")
+    if spec.network == "isolated":
+        for name, value in PROXY_ENV.items():
+            args += ["--env", f"{name}={value}"]
     if agent_volume:
         # Read-only, out of reach of the sandbox's root, and in the engine's own storage,
         # so it works for any sandbox image and through remote Podman too.
@@ -164,6 +190,15 @@ class PodmanEngine:
 
     def __init__(self, podman: Podman) -> None:
         self.podman = podman
+        # Network mode isolated: the sandboxes whose agent runs the egress proxy, and the
+        # policy each one's connections are checked against (none set: refuse all).
+        self._isolated: set[str] = set()
+        self._egress: dict[str, EgressPolicy] = {}
+        # Agent channels over a socket passed into the sandbox; not possible with remote
+        # Podman (CONTAINER_HOST), whose client cannot pass descriptors.
+        self._socket_channel = not os.environ.get("CONTAINER_HOST") and "remote" not in (
+            os.path.basename(podman.path)
+        )
         # Kills started for cancelled commands: they must finish even though whoever
         # started them was cancelled, and shutdown waits for them.
         self._background: set[asyncio.Future[object]] = set()
@@ -191,6 +226,8 @@ class PodmanEngine:
             raise
         if spec.agent_image:
             self._with_agent.add(spec.name)
+            if spec.network == "isolated":
+                self._isolated.add(spec.name)
             # Attached now, so that the first command (and a pooled sandbox) is fast.
             await self._channel(sandbox)
         return sandbox
@@ -211,6 +248,8 @@ class PodmanEngine:
         await asyncio.gather(*(c.abort() for c in channels if c is not None))
         for s in sandboxes:
             self._with_agent.discard(s.name)
+            self._isolated.discard(s.name)
+            self._egress.pop(s.name, None)
             self._attaching.pop(s.name, None)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
@@ -236,6 +275,15 @@ class PodmanEngine:
             for c in found
         ]
 
+    def set_egress(self, sandbox: Sandbox, policy: EgressPolicy) -> None:
+        self._egress[sandbox.name] = policy
+
+    async def _serve_egress(self, name: str, stream: AgentStream) -> None:
+        # The policy in force when the connection is made (a pooled sandbox gets its
+        # session's policy when it is handed out).
+        policy = self._egress.get(name, DENY_ALL)
+        await serve_connection(stream, policy, label=f" (sandbox {name})")
+
     async def close(self) -> None:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
@@ -257,9 +305,16 @@ class PodmanEngine:
                 return channel
             if channel is not None:
                 await channel.abort()
-            argv = serve_argv([self.podman.path], sandbox.name)
+            name = sandbox.name
+
+            async def on_stream(stream: AgentStream) -> None:
+                await self._serve_egress(name, stream)
+
+            handler = on_stream if name in self._isolated else None
             try:
-                channel = await AgentChannel.attach(argv)
+                channel = await self._attach(name, handler)
+                if name in self._isolated:
+                    await self._start_proxy(name, channel)
             except AgentError as exc:
                 log.warning(
                     "exec agent not attached in %s (%s); using podman exec", sandbox.name, exc
@@ -268,6 +323,46 @@ class PodmanEngine:
                 return None
             self._channels[sandbox.name] = channel
             return channel
+
+    async def _attach(self, name: str, on_stream: Any) -> AgentChannel:
+        """Attach the agent: over a socket passed down with --preserve-fds where Podman is
+        local (several times the throughput of Podman's stdio relay), else over stdio."""
+        if self._socket_channel:
+            host_end, child_end = socket.socketpair()
+            argv = fd_serve_argv([self.podman.path], name, child_end.fileno())
+            try:
+                return await AgentChannel.attach(
+                    argv, on_stream=on_stream, sock=host_end, child_sock=child_end
+                )
+            except AgentError as exc:
+                if not await self.is_running(Sandbox(name, {})):
+                    raise
+                # Remote Podman, or an agent without `serve --fd`: stdio from now on.
+                self._socket_channel = False
+                log.info("exec agent over a passed socket failed (%s); using stdio", exc)
+        argv = serve_argv([self.podman.path], name)
+        return await AgentChannel.attach(argv, on_stream=on_stream)
+
+    async def _start_proxy(self, name: str, channel: AgentChannel) -> None:
+        """Have the agent listen as the sandbox's proxy. Without it the sandbox simply has
+        no egress (it has no network device), so a failure is logged, not fatal."""
+        error: ConnectionError | None = None
+        for attempt in range(5):
+            try:
+                await channel.listen(PROXY_ADDRESS, PROXY_PORT)
+                return
+            except ConnectionError as exc:
+                error = exc
+            # A re-attach may race the previous agent, which closes its listener as it
+            # exits; anything else (an agent without streams) will not change.
+            if "in use" not in str(error):
+                break
+            await asyncio.sleep(0.2 * (attempt + 1))
+        log.warning(
+            "the egress proxy did not start in %s (%s): the sandbox has no network access "
+            "(an old agent image? rebuild it with pod_exec_mcp_build)",
+            name, error,
+        )  # fmt: skip
 
     def _keep_running(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)

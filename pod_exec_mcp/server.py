@@ -275,8 +275,24 @@ async def shell_exec(
     )
 
 
-async def create_session(ctx: Context) -> CreatedSession:
-    session_id = await _sessions(ctx).create_explicit(current_principal())
+async def create_session(
+    ctx: Context,
+    egress_allow: Annotated[
+        list[str] | None,
+        Field(
+            description="Optional: narrow the server's egress policy for this sandbox to "
+            "these destinations (domains, *.wildcards, CIDRs, or `public`); it can never "
+            "widen it."
+        ),
+    ] = None,
+    egress_deny: Annotated[
+        list[str] | None,
+        Field(description="Optional: destinations to refuse besides the server's own denials."),
+    ] = None,
+) -> CreatedSession:
+    session_id = await _sessions(ctx).create_explicit(
+        current_principal(), egress_allow, egress_deny
+    )
     audit.note(session=session_key(current_principal(), "explicit", session_id))  # ops: audit
     return CreatedSession(session_id=session_id)
 
@@ -534,8 +550,23 @@ def _shell_exec_description(settings: Settings) -> str:
         f"(default {settings.default_timeout:g}, at most {settings.max_timeout:g}) and then "
         "returns retval 124. Many clients give up on a call after 60 s: run anything that "
         "may take longer (servers, watchers, long builds and test runs) with start_job "
-        f"instead. {_SESSION_HINT}"
+        f"instead. {_network_line(settings)} {_SESSION_HINT}"
     )
+
+
+def _network_line(settings: Settings) -> str:
+    """What the sandbox's network can do, in one line."""
+    mode = "none" if settings.strict else settings.network
+    if mode == "isolated":
+        return (
+            "Network: HTTP and HTTPS only, through the proxy in $HTTP_PROXY (apt, curl, pip, "
+            "git, npm use it); no ping, ssh, UDP or raw DNS lookups; other sandboxes, the "
+            "host and private addresses are unreachable; a refused destination gets HTTP 403 "
+            "naming the rule."
+        )
+    if mode == "bridge":
+        return "Network: full TCP/UDP access (Podman bridge)."
+    return "Network: none (no connections at all)."
 
 
 def _describe_bytes(size: int) -> str:

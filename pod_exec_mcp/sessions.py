@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pod_exec_mcp import audit  # ops: audit
 from pod_exec_mcp.config import Settings, env_var
+from pod_exec_mcp.egress import EgressPolicy, RuleError
 from pod_exec_mcp.engine import (
     EngineError,
     OutputCallback,
@@ -77,6 +78,8 @@ class Session:
     ended: bool = False
     # Commands of this session that may run at once (fairness between sessions).
     exec_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
+    # The session's egress policy (the operator's, maybe narrowed at create_session).
+    egress: EgressPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class Sessions:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._closed = False
         self._exec_slots = audit.ExecSlots(settings.max_concurrent_execs)  # ops: was a Semaphore
+        self.egress = EgressPolicy.from_rules(settings.egress_allow, settings.egress_deny)
         self.pool = WarmPool(
             engine, lambda: self._spec("pool"), settings.warm_pool, settings.sandbox_lifetime
         )
@@ -181,12 +185,36 @@ class Sessions:
 
     # --- looking sessions up ------------------------------------------------------------
 
-    async def create_explicit(self, principal: str | None) -> str:
-        """Mint an unguessable session id and start its sandbox now."""
+    async def create_explicit(
+        self,
+        principal: str | None,
+        egress_allow: list[str] | None = None,
+        egress_deny: list[str] | None = None,
+    ) -> str:
+        """Mint an unguessable session id and start its sandbox now. `egress_allow` and
+        `egress_deny` narrow the operator's egress policy for this session (never widen)."""
+        egress = self._narrowed_egress(egress_allow, egress_deny)
         session_id = secrets.token_urlsafe(24)
         session = self._add(session_key(principal, "explicit", session_id), "explicit", principal)
+        session.egress = egress
         await self._sandbox_of(session)
         return session_id
+
+    def _narrowed_egress(
+        self, allow: list[str] | None, deny: list[str] | None
+    ) -> EgressPolicy | None:
+        if allow is None and deny is None:
+            return None
+        if self.settings.network == "bridge" and not self.settings.strict:
+            raise SessionError(
+                "egress_allow/egress_deny need the isolated network mode; this server runs "
+                "sandboxes on the bridge network, where connections cannot be filtered. Omit "
+                f"them, or ask the operator for {env_var('network')}=isolated."
+            )
+        try:
+            return self.egress.narrowed(allow, deny)
+        except RuleError as exc:
+            raise SessionError(str(exc)) from None
 
     def explicit(self, principal: str | None, session_id: str) -> Session:
         """The live session `session_id` of `principal`."""
@@ -491,6 +519,7 @@ class Sessions:
                         self._forget(session, "its sandbox failed to start")
                         raise
                     audit.sandbox_event("started", session.key, sandbox.name, "new")  # ops: audit
+                self.engine.set_egress(sandbox, session.egress or self.egress)
                 session.sandbox = sandbox
             return session.sandbox
 

@@ -36,7 +36,11 @@ from harness import (
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
 # Settings a CI run may give every test server, to run the same suites another way
 # (e.g. POD_EXEC_MCP_EXEC_CHANNEL=podman-exec, POD_EXEC_MCP_RUNTIME=runsc).
-PASSED_TO_SERVERS = ("POD_EXEC_MCP_EXEC_CHANNEL", "POD_EXEC_MCP_RUNTIME")
+PASSED_TO_SERVERS = (
+    "POD_EXEC_MCP_EXEC_CHANNEL",
+    "POD_EXEC_MCP_RUNTIME",
+    "POD_EXEC_MCP_AGENT_IMAGE",
+)
 # Figures measured by tests (not asserted on), printed at the end of the run.
 FIGURES: dict[str, Any] = {}
 

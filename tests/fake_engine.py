@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pod_exec_mcp.egress import EgressPolicy
 from pod_exec_mcp.engine import (
     EngineError,
     OutputCallback,
@@ -37,6 +38,8 @@ class FakeEngine:
     behaviour: dict[str, Callable[[Sandbox], Any]] = field(default_factory=dict)
     active_runs: int = 0
     most_active_runs: int = 0
+    # sandbox name -> the egress policy the sessions layer set for it.
+    egress: dict[str, EgressPolicy] = field(default_factory=dict)
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.fail_start is not None:
@@ -86,6 +89,9 @@ class FakeEngine:
             for name, spec in self.running.items()
             if all(spec.labels.get(k) == v for k, v in wanted.items())
         ]
+
+    def set_egress(self, sandbox: Sandbox, policy: EgressPolicy) -> None:
+        self.egress[sandbox.name] = policy
 
     async def close(self) -> None:
         return None

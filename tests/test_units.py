@@ -32,7 +32,8 @@ def test_settings_lists_and_bools_from_strings() -> None:
     settings = load_settings({}, env)
     assert settings.allowed_hosts == ["a.example", "b.example"]
     assert settings.extra_run_args == ["--env", "X=a b", "--cap-add=NET_RAW"]
-    assert settings.network is False
+    # The setting was a boolean: false still means no network.
+    assert settings.network == "none"
 
 
 @pytest.mark.parametrize(
@@ -124,11 +125,19 @@ def test_run_arguments_default_and_strict() -> None:
     mount = "agentvol:/.pod_exec_mcp:ro"
     assert args[args.index(mount) - 1] == "--volume" and "--init" not in args
     assert args[-4:] == ["pod_exec_mcp_base", "/.pod_exec_mcp/agent", "init", "86400"]
-    assert "--network=none" not in args
+    # Default: isolated, i.e. no network device, and the proxy in the environment.
+    assert "--network=none" in args
+    assert args[args.index("HTTPS_PROXY=http://127.0.0.1:3128") - 1] == "--env"
+    assert "http_proxy=http://127.0.0.1:3128" in args and "no_proxy=localhost,127.0.0.1,::1" in args
+    bridge = run_arguments(sandbox_spec(Settings(network="bridge"), "n", {}))
+    assert not any(a.startswith("--network") or "PROXY" in a.upper() for a in bridge)
     strict = run_arguments(sandbox_spec(Settings(strict=True, sandbox_lifetime=0), "n", {}), "v")
     assert {"--cap-drop=ALL", "--read-only", "--network=none"} <= set(strict)
     assert strict[-1] == "0"
-    assert "--network=none" in run_arguments(sandbox_spec(Settings(network=False), "n", {}))
+    for off in (Settings(network=False), Settings(network="none")):
+        none = run_arguments(sandbox_spec(off, "n", {}))
+        assert "--network=none" in none and not any("PROXY" in a for a in none)
+    assert not any("PROXY" in a for a in strict)
     plain = run_arguments(sandbox_spec(Settings(exec_channel="podman-exec"), "n", {}))
     assert plain[:4] == ["run", "--detach", "--rm", "--init"] and "--mount" not in plain
     assert plain[-3:] == ["pod_exec_mcp_base", "sleep", "86400"]

@@ -50,8 +50,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -491,6 +493,9 @@ static size_t inlen;
 static int hello_done, host_gone, input_closed, shutting_down, shutdown_reply;
 static uint64_t last_rx, shutdown_until;
 static uint32_t heartbeat_ms = DEFAULT_HEARTBEAT_MS;
+/* The host's channel: stdin/stdout, or one socket passed down (`serve --fd N`, e.g. with
+ * `podman exec --preserve-fds`), which spares the copy through Podman's stdio relay. */
+static int host_in = 0, host_out = 1;
 
 static void send_frame(uint32_t type, uint32_t id, const void *payload, size_t len) {
     if (host_gone) return;
@@ -808,6 +813,225 @@ static void handle_run(uint32_t id, const unsigned char *p, size_t len) {
     }
 }
 
+/* ======================================================================================
+ * streams: the egress proxy's connections (docs/agent-protocol.md, "Streams")
+ *
+ * After LISTEN the agent accepts TCP connections on a loopback address in the sandbox and
+ * relays each one to the host as a stream: its bytes go out in STREAM_DATA frames and the
+ * host's come back the same way. Flow control per stream and direction: a sender may have
+ * at most `stream_window` bytes the receiver has not credited back (STREAM_CREDIT). This
+ * side reads a socket only while it holds credit (and the host is keeping up), and credits
+ * the host for bytes once they are written to the socket; so every stream's memory here is
+ * bounded by the window and a slow one never holds up the channel or the others.
+ * ====================================================================================== */
+
+enum {
+    T_LISTEN = 0x10, T_SDATA = 0x11, T_SEND = 0x12, T_SCREDIT = 0x13, T_SRESET = 0x14,
+    T_SOPEN = 0x90, T_SDATA_OUT = 0x91, T_SEND_OUT = 0x92, T_SCREDIT_OUT = 0x93,
+    T_SRESET_OUT = 0x94, T_LISTENING = 0x95,
+};
+#define MAX_STREAMS 128
+#define MIN_WINDOW (16u * 1024u)
+#define MAX_WINDOW (4u * 1024u * 1024u)
+#define STREAM_ID_BIT 0x80000000u
+
+struct stream {
+    int used;
+    uint32_t id;              /* agent-chosen, top bit set */
+    int fd;
+    struct bytes to_sock;     /* from the host, not yet written to the socket */
+    uint32_t credit;          /* bytes we may still send to the host */
+    uint32_t owed;            /* written to the socket, not yet credited to the host */
+    int rd_eof;               /* the client sent EOF (STREAM_END sent) */
+    int host_end;             /* STREAM_END received */
+    int wr_shut;              /* our write side is shut down */
+};
+
+static struct stream streams[MAX_STREAMS];
+static int listen_fd = -1;
+static uint32_t stream_window;   /* bytes from the host a stream may buffer here */
+static uint32_t host_window;     /* bytes a stream may send the host before it credits them */
+static uint32_t next_stream = 1;
+static uint64_t accept_pause_until;
+
+static struct stream *find_stream(uint32_t id) {
+    if (!(id & STREAM_ID_BIT)) return NULL;
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (streams[i].used && streams[i].id == id) return &streams[i];
+    return NULL;
+}
+
+static struct stream *free_stream(void) {
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (!streams[i].used) return &streams[i];
+    return NULL;
+}
+
+static void stream_free(struct stream *s) {
+    if (s->fd >= 0) close(s->fd); /* a plain close: what the kernel holds is still sent */
+    bytes_free(&s->to_sock);
+    memset(s, 0, sizeof *s);
+    s->fd = -1;
+}
+
+static void stream_reset(struct stream *s, const char *why) {
+    send_frame(T_SRESET_OUT, s->id, why, strlen(why));
+    stream_free(s);
+}
+
+static void streams_close_all(void) {
+    if (listen_fd >= 0) close(listen_fd);
+    listen_fd = -1;
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (streams[i].used) stream_free(&streams[i]);
+}
+
+/* Both directions are over: the stream is done. */
+static void stream_maybe_done(struct stream *s) {
+    if (s->used && s->rd_eof && s->wr_shut) stream_free(s);
+}
+
+static void stream_credit_host(struct stream *s, int now) {
+    if (s->owed && (now || s->owed >= stream_window / 4)) {
+        unsigned char p[4];
+        put32(p, s->owed);
+        send_frame(T_SCREDIT_OUT, s->id, p, sizeof p);
+        s->owed = 0;
+    }
+}
+
+static void stream_write(struct stream *s) {
+    size_t left = bytes_pending(&s->to_sock);
+    if (left > 0) {
+        ssize_t n = send(s->fd, s->to_sock.buf + s->to_sock.off, left, MSG_NOSIGNAL);
+        if (n > 0) {
+            s->to_sock.off += (size_t)n;
+            s->owed += (uint32_t)n;
+        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            return stream_reset(s, strerror(errno));
+        }
+    }
+    if (bytes_pending(&s->to_sock) > 0) return stream_credit_host(s, 0);
+    s->to_sock.off = s->to_sock.len = 0;
+    stream_credit_host(s, 1);
+    if (s->host_end && !s->wr_shut) {
+        shutdown(s->fd, SHUT_WR);
+        s->wr_shut = 1;
+        stream_maybe_done(s);
+    }
+}
+
+static void stream_read(struct stream *s) {
+    unsigned char buf[READ_CHUNK];
+    size_t want = s->credit < sizeof buf ? s->credit : sizeof buf;
+    if (want == 0 || s->rd_eof) return;
+    ssize_t n = read(s->fd, buf, want);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+    if (n < 0) return stream_reset(s, strerror(errno));
+    if (n == 0) {
+        s->rd_eof = 1;
+        send_frame(T_SEND_OUT, s->id, NULL, 0);
+        return stream_maybe_done(s);
+    }
+    s->credit -= (uint32_t)n;
+    send_frame(T_SDATA_OUT, s->id, buf, (size_t)n);
+}
+
+static void accept_streams(void) {
+    for (;;) {
+        struct stream *s = free_stream();
+        if (!s) return; /* the rest wait in the backlog */
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
+                diag("accept: %s", strerror(errno)); /* e.g. EMFILE: retry a bit later */
+                accept_pause_until = now_ms() + 100;
+            }
+            return;
+        }
+        uint32_t id;
+        do {
+            id = STREAM_ID_BIT | (next_stream++ & ~STREAM_ID_BIT);
+        } while (id == STREAM_ID_BIT || find_stream(id));
+        memset(s, 0, sizeof *s);
+        s->used = 1;
+        s->id = id;
+        s->fd = fd;
+        s->credit = host_window;
+        send_frame(T_SOPEN, id, NULL, 0);
+    }
+}
+
+static void handle_listen(uint32_t id, const unsigned char *p, size_t len) {
+    if (id == 0 || (id & STREAM_ID_BIT))
+        return send_error(0, E_BAD_FRAME, "LISTEN needs a host-chosen id (non-zero, top bit 0)");
+    if (len != 16) return send_error(id, E_BAD_FRAME, "LISTEN payload must be 16 bytes");
+    if (get16(p + 6) != 0) return send_error(id, E_BAD_FRAME, "LISTEN reserved field is not 0");
+    if (p[0] != 127) return send_error(id, E_BAD_FRAME, "LISTEN only on loopback (127.0.0.0/8)");
+    if (listen_fd >= 0) return send_error(id, E_LIMIT, "already listening");
+    if (shutting_down) return send_error(id, E_START_FAILED, "the agent is shutting down");
+    uint32_t port = get16(p + 4), window = get32(p + 8), hwindow = get32(p + 12);
+    stream_window = window < MIN_WINDOW ? MIN_WINDOW : window > MAX_WINDOW ? MAX_WINDOW : window;
+    host_window = hwindow < MIN_WINDOW ? MIN_WINDOW : hwindow > MAX_WINDOW ? MAX_WINDOW : hwindow;
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    memcpy(&a.sin_addr, p, 4);
+    socklen_t alen = sizeof a;
+    int one = 1;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+        bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 128) < 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &alen) < 0) {
+        int e = errno;
+        if (fd >= 0) close(fd);
+        return send_error(id, E_START_FAILED, "cannot listen on %u.%u.%u.%u:%u: %s", p[0], p[1],
+                          p[2], p[3], port, strerror(e));
+    }
+    listen_fd = fd;
+    unsigned char r[4];
+    put16(r, ntohs(a.sin_port));
+    put16(r + 2, 0);
+    send_frame(T_LISTENING, id, r, sizeof r);
+}
+
+/* A stream frame from the host. Frames for a stream that is gone (a RESET or the end
+ * crossed them) are dropped: both sides may legitimately send them. */
+static void handle_stream_frame(uint32_t type, uint32_t id, const unsigned char *p, size_t len) {
+    if (type == T_LISTEN) return handle_listen(id, p, len);
+    struct stream *s = find_stream(id);
+    if (!s) return;
+    switch (type) {
+    case T_SDATA:
+        if (s->host_end) return stream_reset(s, "data after the end of the stream");
+        if (bytes_pending(&s->to_sock) + s->owed + len > stream_window)
+            return stream_reset(s, "the host sent more than the window");
+        if (bytes_pending(&s->to_sock) == 0 && len > 0) { /* straight from the frame: no copy */
+            ssize_t n = send(s->fd, p, len, MSG_NOSIGNAL);
+            if (n < 0 && errno != EAGAIN && errno != EINTR) return stream_reset(s, strerror(errno));
+            if (n > 0) {
+                s->owed += (uint32_t)n;
+                p += n;
+                len -= (size_t)n;
+            }
+        }
+        if (len > 0 && bytes_append(&s->to_sock, p, len) < 0)
+            return stream_reset(s, "out of memory");
+        return stream_write(s);
+    case T_SEND:
+        s->host_end = 1;
+        return stream_write(s); /* shuts the write side once everything is written */
+    case T_SCREDIT:
+        if (len != 4 || (uint64_t)s->credit + get32(p) > host_window)
+            return stream_reset(s, "bad credit");
+        s->credit += get32(p);
+        return;
+    case T_SRESET:
+        return stream_free(s);
+    }
+}
+
 /* ---- host frames ---- */
 
 static void begin_shutdown(uint32_t grace_ms, int reply) {
@@ -816,6 +1040,7 @@ static void begin_shutdown(uint32_t grace_ms, int reply) {
         shutdown_until = now_ms() + grace_ms + KILL_PERSIST_MS + SHUTDOWN_EXTRA_MS;
     }
     shutdown_reply |= reply;
+    streams_close_all();
     for (int i = 0; i < MAX_JOBS; i++)
         if (jobs[i].used) job_stop(&jobs[i], grace_ms);
 }
@@ -882,6 +1107,12 @@ static void handle_frame(uint32_t type, uint32_t id, const unsigned char *p, siz
     case T_PING: return send_frame(T_PONG, id, p, len > 64 ? 64 : len);
     case T_SHUTDOWN:
         return begin_shutdown(len == 4 ? get32(p) : HOST_GONE_GRACE_MS, 1);
+    case T_LISTEN:
+    case T_SDATA:
+    case T_SEND:
+    case T_SCREDIT:
+    case T_SRESET:
+        return handle_stream_frame(type, id, p, len);
     default:
         return send_error(id, E_UNSUPPORTED, "unsupported frame type 0x%02x", type);
     }
@@ -928,7 +1159,7 @@ static void host_is_gone(const char *why) {
 }
 
 static void read_host(void) {
-    ssize_t n = read(0, inbuf + inlen, sizeof inbuf - inlen);
+    ssize_t n = read(host_in, inbuf + inlen, sizeof inbuf - inlen);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
     if (n <= 0) return host_is_silent(n == 0 ? "stdin closed" : strerror(errno));
     inlen += (size_t)n;
@@ -938,7 +1169,7 @@ static void read_host(void) {
 
 static void write_host(void) {
     size_t left = bytes_pending(&outq);
-    ssize_t n = write(1, outq.buf + outq.off, left);
+    ssize_t n = write(host_out, outq.buf + outq.off, left);
     if (n > 0) outq.off += (size_t)n;
     else if (n < 0 && errno != EAGAIN && errno != EINTR) host_is_gone(strerror(errno));
     if (bytes_pending(&outq) == 0) outq.off = outq.len = 0;
@@ -966,6 +1197,7 @@ static void check_timers(void) {
 
 static int next_timeout(void) {
     uint64_t t = now_ms(), wake = t + 1000; /* reap supervisors at least once a second */
+    if (accept_pause_until > t && accept_pause_until < wake) wake = accept_pause_until;
     for (int i = 0; i < MAX_JOBS; i++)
         if (jobs[i].used && !jobs[i].reported && jobs[i].deadline && !jobs[i].stop_sent &&
             jobs[i].deadline < wake)
@@ -984,11 +1216,13 @@ static int serve_main(void) {
         struct job *j = &jobs[i];
         j->out_fd = j->ctl_r = j->ctl_w = j->in_fd = j->spill_fd = -1;
     }
-    set_nonblock(0);
-    set_nonblock(1);
+    for (int i = 0; i < MAX_STREAMS; i++) streams[i].fd = -1;
+    set_nonblock(host_in);
+    set_nonblock(host_out);
     last_rx = now_ms();
-    struct pollfd pf[2 + 3 * MAX_JOBS];
+    struct pollfd pf[2 + 3 * MAX_JOBS + 1 + MAX_STREAMS];
     struct job *owner[2 + 3 * MAX_JOBS];
+    struct stream *sowner[MAX_STREAMS];
     for (;;) {
         while (waitpid(-1, NULL, WNOHANG) > 0) {} /* supervisors that exited */
         for (int i = 0; i < MAX_JOBS; i++) { /* a job ends when its supervisor and pipe do */
@@ -999,7 +1233,7 @@ static int serve_main(void) {
         if (shutting_down && (jobs_alive() == 0 || now_ms() >= shutdown_until)) {
             if (shutdown_reply) send_frame(T_BYE, 0, NULL, 0);
             while (!host_gone && bytes_pending(&outq) > 0) {
-                struct pollfd o = {.fd = 1, .events = POLLOUT};
+                struct pollfd o = {.fd = host_out, .events = POLLOUT};
                 if (poll(&o, 1, 5000) <= 0) break;
                 write_host();
             }
@@ -1008,10 +1242,10 @@ static int serve_main(void) {
         int n = 0;
         int paused = bytes_pending(&outq) > OUT_HIGH; /* backpressure from the host */
         int read_in = !host_gone && !input_closed && inlen < sizeof inbuf;
-        pf[n] = (struct pollfd){.fd = read_in ? 0 : -1, .events = POLLIN};
+        pf[n] = (struct pollfd){.fd = read_in ? host_in : -1, .events = POLLIN};
         owner[n++] = NULL;
         int write_out = bytes_pending(&outq) && !host_gone;
-        pf[n] = (struct pollfd){.fd = write_out ? 1 : -1, .events = POLLOUT};
+        pf[n] = (struct pollfd){.fd = write_out ? host_out : -1, .events = POLLOUT};
         owner[n++] = NULL;
         for (int i = 0; i < MAX_JOBS; i++) {
             struct job *j = &jobs[i];
@@ -1026,6 +1260,18 @@ static int serve_main(void) {
             pf[n] = (struct pollfd){.fd = want_in ? j->in_fd : -1, .events = POLLOUT};
             owner[n++] = j;
         }
+        int jobs_end = n, lidx = n, ns = 0;
+        int can_accept = listen_fd >= 0 && free_stream() && now_ms() >= accept_pause_until;
+        pf[n++] = (struct pollfd){.fd = can_accept ? listen_fd : -1, .events = POLLIN};
+        for (int i = 0; i < MAX_STREAMS; i++) {
+            struct stream *s = &streams[i];
+            if (!s->used) continue;
+            short ev = 0;
+            if (!s->rd_eof && s->credit > 0 && !paused) ev |= POLLIN;
+            if (bytes_pending(&s->to_sock) > 0) ev |= POLLOUT;
+            pf[n++] = (struct pollfd){.fd = ev ? s->fd : -1, .events = ev};
+            sowner[ns++] = s;
+        }
         if (poll(pf, (nfds_t)n, next_timeout()) < 0) {
             if (errno == EINTR) continue;
             diag("poll: %s", strerror(errno));
@@ -1033,13 +1279,20 @@ static int serve_main(void) {
         }
         if (pf[0].revents) read_host();
         if (pf[1].revents) write_host();
-        for (int k = 2; k < n; k += 3) {
+        for (int k = 2; k < jobs_end; k += 3) {
             struct job *j = owner[k];
             /* Read control before output: on EXIT the pipe is drained then reported. */
             if (pf[k + 1].revents && j->ctl_r >= 0) job_read_ctl(j);
             if (pf[k].revents && j->out_fd >= 0) job_read_output(j);
             if (pf[k + 2].revents && j->in_fd >= 0) job_write_stdin(j);
             if (j->in_fd >= 0 && j->in_end && bytes_pending(&j->in_q) == 0) close_fd(&j->in_fd);
+        }
+        if (pf[lidx].revents && listen_fd >= 0) accept_streams();
+        for (int k = 0; k < ns; k++) {
+            struct stream *s = sowner[k];
+            short re = pf[lidx + 1 + k].revents;
+            if (re && s->used && bytes_pending(&s->to_sock) > 0) stream_write(s);
+            if (re && s->used && (re & (POLLIN | POLLHUP | POLLERR))) stream_read(s);
         }
     }
 }
@@ -1085,7 +1338,7 @@ static int install_main(const char *dest) {
 }
 
 static int usage(void) {
-    diag("usage: agent init LIFETIME_SECONDS | agent serve | agent install DEST"
+    diag("usage: agent init LIFETIME_SECONDS | agent serve [--fd N] | agent install DEST"
          "   (protocol version %d)",
          PROTOCOL_VERSION);
     return 2;
@@ -1099,6 +1352,14 @@ int main(int argc, char **argv) {
         return init_main(lifetime);
     }
     if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve_main();
+    if (argc == 4 && strcmp(argv[1], "serve") == 0 && strcmp(argv[2], "--fd") == 0) {
+        char *end;
+        long fd = strtol(argv[3], &end, 10);
+        if (*end || fd < 3 || fd > 1023 || fcntl((int)fd, F_GETFD) < 0) return usage();
+        host_in = host_out = (int)fd;
+        fcntl(host_in, F_SETFD, FD_CLOEXEC); /* never inherited by a command */
+        return serve_main();
+    }
     if (argc == 3 && strcmp(argv[1], "install") == 0) return install_main(argv[2]);
     if (argc == 2 && strcmp(argv[1], "--version") == 0) {
         printf("pod_exec_mcp agent, protocol version %d\n", PROTOCOL_VERSION);

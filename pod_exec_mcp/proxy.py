@@ -1,0 +1,385 @@
+"""The HTTP(S) egress proxy of isolated sandboxes, over any byte stream.
+
+Each connection a sandbox opens to its proxy (127.0.0.1:3128 inside it) reaches this module
+as a `ByteStream` (an agent stream, or a socket in tests). `serve_connection` reads one
+request head and:
+- `CONNECT host:port` (HTTPS, and any other TCP): checks the policy, resolves the name on
+  this host, checks every address, connects to an allowed one, answers 200 and relays bytes
+  both ways (TLS stays end to end);
+- `GET http://host/...` (absolute form, plain HTTP): the same checks, then forwards the
+  request in origin form with `Connection: close` and relays the response.
+A refusal is an HTTP 403 whose body (and reason phrase) names the rule, sent before any
+connection is made; every other failure is a 4xx/5xx with a message. Nothing waits forever
+for the sandbox's client before the request head is complete (HEAD_TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from pod_exec_mcp.egress import Decision, EgressPolicy, IPAddress, normalize_host
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 64 * 1024
+HEAD_TIMEOUT = 30.0
+RESOLVE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+CHUNK = 256 * 1024
+
+# Headers meant for one hop only: never forwarded to the origin.
+_HOP_BY_HOP = {
+    "connection", "proxy-connection", "keep-alive", "proxy-authorization",
+    "proxy-authenticate", "te", "trailer", "upgrade",
+}  # fmt: skip
+
+
+class ByteStream(Protocol):
+    """A bidirectional byte stream (TCP-like, with half-close)."""
+
+    async def read(self, n: int) -> bytes:
+        """Up to n bytes; b"" at end of stream."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send all of data (waits for the peer to take it: flow control)."""
+        ...
+
+    async def write_eof(self) -> None:
+        """No more data from this side (half-close)."""
+        ...
+
+    async def close(self) -> None:
+        """Release the stream, after what was written is delivered where possible."""
+        ...
+
+
+class SocketStream:
+    """A ByteStream over an asyncio connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self, n: int) -> bytes:
+        return await self.reader.read(n)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def write_eof(self) -> None:
+        if self.writer.can_write_eof() and not self.writer.is_closing():
+            with contextlib.suppress(OSError):
+                self.writer.write_eof()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+Connector = Callable[[IPAddress, int], Awaitable[ByteStream]]
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address of `host`, resolved once, on this machine."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    seen: list[IPAddress] = []
+    for _, _, _, _, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if address not in seen:
+            seen.append(address)
+    return seen
+
+
+async def connect(address: IPAddress, port: int) -> ByteStream:
+    """A TCP connection to exactly this (checked) address."""
+    reader, writer = await asyncio.open_connection(str(address), port, limit=CHUNK * 4)
+    return SocketStream(reader, writer)
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def response(status: int, reason: str, body: str) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    reason = "".join(c if c.isascii() and c.isprintable() else "?" for c in reason)[:300]
+    data = body.encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n"
+        "Proxy-Agent: pod_exec_mcp\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+def refusal(decision: Decision, what: str) -> ProxyError:
+    return ProxyError(
+        403,
+        f"Forbidden by egress policy: {decision.rule}",
+        f"pod_exec_mcp egress policy refused {what}: {decision.rule}.\n",
+    )
+
+
+async def read_head(client: ByteStream) -> tuple[bytes, bytes]:
+    """The request head (up to and without the blank line) and the bytes after it."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HEAD:
+            raise ProxyError(431, "Request Header Fields Too Large", "request head over 64 KiB\n")
+        chunk = await client.read(CHUNK)
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    if len(head) > MAX_HEAD:
+        raise ProxyError(431, "Request Header Fields Too Large", "request head over 64 KiB\n")
+    return head, rest
+
+
+def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int]:
+    if authority.startswith("["):
+        host, _, tail = authority[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif authority.count(":") == 1:
+        host, _, port_text = authority.partition(":")
+    else:
+        host, port_text = authority, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError("no port")
+        return host, default_port
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError("port out of range")
+    return host, port
+
+
+def _bad(message: str) -> ProxyError:
+    return ProxyError(400, "Bad Request", message + "\n")
+
+
+class Request:
+    """One parsed proxy request."""
+
+    def __init__(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _bad(f"not an HTTP/1.x request line: {lines[0][:200]!r}")
+        self.method, self.target, self.version = parts
+        self.headers: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise _bad(f"malformed header line {line[:200]!r}")
+            self.headers.append((name, value.strip()))
+        self.path = ""
+        if self.method == "CONNECT":
+            try:
+                self.host, self.port = _split_host_port(self.target, None)
+            except ValueError:
+                raise _bad("CONNECT needs host:port, e.g. CONNECT example.org:443") from None
+        else:
+            url = urlsplit(self.target)
+            if url.scheme == "https":
+                raise _bad("send https:// URLs with CONNECT (as curl, pip, git and apt do)")
+            if url.scheme != "http" or not url.hostname:
+                raise _bad(
+                    "this is an HTTP proxy: it takes CONNECT host:port, or an absolute "
+                    "http:// URL (GET http://example.org/ HTTP/1.1)"
+                )
+            try:
+                port = url.port or 80
+            except ValueError:
+                raise _bad("bad port in the URL") from None
+            self.host, self.port = url.hostname, port
+            self.path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self.host = normalize_host(self.host)
+        if not self.host:
+            raise _bad("empty host")
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    def origin_form(self) -> bytes:
+        """The request as the origin server gets it: origin-form, no hop-by-hop headers,
+        `Connection: close` (one request per connection)."""
+        named = {
+            t.strip().lower() for t in (self.header("connection") or "").split(",") if t.strip()
+        }
+        lines = [f"{self.method} {self.path} HTTP/1.1"]
+        has_host = False
+        for name, value in self.headers:
+            low = name.lower()
+            if low in _HOP_BY_HOP or low in named:
+                continue
+            has_host |= low == "host"
+            lines.append(f"{name}: {value}")
+        if not has_host:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            lines.insert(1, f"Host: {host}" + (f":{self.port}" if self.port != 80 else ""))
+        lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def open_upstream(
+    request: Request, policy: EgressPolicy, resolver: Resolver, connector: Connector
+) -> ByteStream:
+    """Check, resolve, check every address, connect to an allowed one."""
+    what = f"{request.method} {request.host}:{request.port}"
+    decision = policy.check_name(request.host)
+    if not decision.allowed:
+        raise refusal(decision, what)
+    try:
+        addresses = await asyncio.wait_for(resolver(request.host, request.port), RESOLVE_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ProxyError(
+            502, "Bad Gateway", f"cannot resolve {request.host}: {exc or 'timed out'}\n"
+        ) from None
+    allowed: list[tuple[IPAddress, Decision]] = []
+    refused: list[tuple[IPAddress, Decision]] = []
+    for address in addresses:
+        decision = policy.check_address(request.host, address)
+        (allowed if decision.allowed else refused).append((address, decision))
+    if not allowed:
+        if refused:
+            raise refusal(refused[0][1], what)
+        raise ProxyError(502, "Bad Gateway", f"{request.host} has no address\n")
+    errors = []
+    for address, _ in allowed:
+        try:
+            return await asyncio.wait_for(connector(address, request.port), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            errors.append(f"{address}: {exc or 'timed out'}")
+    raise ProxyError(
+        502,
+        "Bad Gateway",
+        f"cannot connect to {request.host}:{request.port}: {'; '.join(errors)}\n",
+    )
+
+
+async def _pump(src: ByteStream, dst: ByteStream, limit: int | None = None) -> None:
+    """Copy src to dst until src ends (or `limit` bytes), then half-close dst."""
+    left = limit
+    while left is None or left > 0:
+        data = await src.read(CHUNK if left is None else min(CHUNK, left))
+        if not data:
+            break
+        if left is not None:
+            left -= len(data)
+        await dst.write(data)
+    if limit is None:
+        await dst.write_eof()
+
+
+async def relay(
+    a: ByteStream,
+    b: ByteStream,
+    first: bytes = b"",
+    limit: int | None = None,
+    one_request: bool = False,
+) -> None:
+    """Copy both ways until both directions end, or either side fails. `first` goes to b
+    before anything else; with `limit`, at most that many more bytes of a go to b. With
+    `one_request`, the end of b's answer ends the exchange."""
+    if first:
+        await b.write(first)
+    to_b = asyncio.ensure_future(_pump(a, b, limit))
+    to_a = asyncio.ensure_future(_pump(b, a))
+    try:
+        if one_request:
+            await to_a
+            to_b.cancel()
+        else:
+            await asyncio.gather(to_b, to_a)
+    finally:
+        for task in (to_b, to_a):
+            task.cancel()
+        await asyncio.gather(to_b, to_a, return_exceptions=True)
+
+
+async def serve_connection(
+    client: ByteStream,
+    policy: EgressPolicy,
+    *,
+    resolver: Resolver = resolve,
+    connector: Connector = connect,
+    label: str = "",
+) -> None:
+    """Serve one proxy connection from a sandbox, then close it. Never raises (except
+    CancelledError)."""
+    upstream: ByteStream | None = None
+    try:
+        try:
+            head, rest = await asyncio.wait_for(read_head(client), HEAD_TIMEOUT)
+        except TimeoutError:
+            raise ProxyError(408, "Request Timeout", "no complete request head in 30 s\n") from None
+        request = Request(head)
+        upstream = await open_upstream(request, policy, resolver, connector)
+        log.info("egress %s %s:%d%s", request.method, request.host, request.port, label)
+        if request.method == "CONNECT":
+            await client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await relay(client, upstream, rest)
+        else:
+            length = _body_length(request)
+            body, extra = (rest, None) if length is None else (rest[:length], length)
+            await relay(
+                client,
+                upstream,
+                request.origin_form() + body,
+                None if extra is None else max(0, extra - len(body)),
+                one_request=True,
+            )
+    except ProxyError as exc:
+        if exc.status == 403:
+            log.info("egress refused%s: %s", label, exc.message.strip())
+        with contextlib.suppress(Exception):
+            await client.write(response(exc.status, exc.reason, exc.message))
+    except EOFError:
+        pass  # the client went away before sending a request
+    except (OSError, ConnectionError) as exc:
+        log.debug("egress connection ended%s: %s", label, exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("egress proxy failed%s", label)
+    finally:
+        if upstream is not None:
+            with contextlib.suppress(Exception):
+                await upstream.close()
+        with contextlib.suppress(Exception):
+            await client.close()
+
+
+def _body_length(request: Request) -> int | None:
+    """Bytes of body to forward: Content-Length, or None (relay until the client's EOF)
+    for a chunked body; 0 for none."""
+    if (request.header("transfer-encoding") or "").lower().strip() not in ("", "identity"):
+        return None
+    text = request.header("content-length")
+    if text is None:
+        return 0
+    if not text.isdigit():
+        raise _bad("bad Content-Length")
+    return int(text)
