@@ -208,6 +208,7 @@ class PodmanEngine:
         self._attaching: dict[str, asyncio.Lock] = {}
         # Agent image -> the volume holding its files (made once per image id).
         self._agent_volumes: dict[str, str] = {}
+        self._filling = asyncio.Lock()
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         sandbox = Sandbox(spec.name, spec.labels)
@@ -234,11 +235,13 @@ class PodmanEngine:
 
     async def _agent_volume(self, spec: SandboxSpec) -> str:
         assert spec.agent_image is not None
-        volume = self._agent_volumes.get(spec.agent_image)
-        if volume is None:
-            rlimits = _rlimit_arguments(spec)
-            volume = await agent_volume(self.podman, spec.agent_image, rlimits)
-            self._agent_volumes[spec.agent_image] = volume
+        # One fill per agent image, however many sandboxes start at once.
+        async with self._filling:
+            volume = self._agent_volumes.get(spec.agent_image)
+            if volume is None:
+                rlimits = _rlimit_arguments(spec)
+                volume = await agent_volume(self.podman, spec.agent_image, rlimits)
+                self._agent_volumes[spec.agent_image] = volume
         return volume
 
     async def remove(self, *sandboxes: Sandbox) -> None:

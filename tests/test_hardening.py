@@ -32,8 +32,9 @@ async def test_default_limits_are_applied(server: ServerProcess) -> None:
     ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
     assert ulimits["RLIMIT_NOFILE"] == (4096, 4096)
     assert ulimits["RLIMIT_NPROC"] == (4096, 4096)
-    # Networking is on by default: agents clone and download.
-    assert inside["output"].split() == ["NoNewPrivs:", "1", "4096", "eth0", "lo"]
+    # The default network is isolated: loopback only; egress goes through the agent's
+    # proxy, under the egress policy (tests/test_network.py).
+    assert inside["output"].split() == ["NoNewPrivs:", "1", "4096", "lo"]
 
 
 async def test_fork_bomb_is_contained(server: ServerProcess) -> None:

@@ -1302,8 +1302,12 @@ static int serve_main(void) {
  * one, never half of one. This is how the host fills the volume that sandboxes mount
  * read-only, with nothing but `podman run` (which also works through remote Podman). */
 static int install_main(const char *dest) {
+    /* Unique even across containers installing at once (each is PID 1 in its own). */
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
     char tmp[PATH_MAX];
-    if (snprintf(tmp, sizeof tmp, "%s.%ld.tmp", dest, (long)getpid()) >= (int)sizeof tmp) {
+    if (snprintf(tmp, sizeof tmp, "%s.%ld.%ld.tmp", dest, (long)now.tv_sec, (long)now.tv_nsec) >=
+        (int)sizeof tmp) {
         diag("install: destination path too long");
         return 1;
     }
