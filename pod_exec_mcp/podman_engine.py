@@ -1,13 +1,16 @@
 """The Podman engine: sandboxes are long-lived Podman containers.
 
-`run_arguments` turns a SandboxSpec into `podman run` arguments (how a sandbox starts);
-`PodmanEngine.run` runs one command in it through `podman exec` (how a command runs).
+`run_arguments` turns a SandboxSpec into `podman [global options] run ...` arguments (how
+a sandbox starts); `PodmanEngine.run` runs one command in it over its exec agent, or
+through `podman exec` (how a command runs). Before each start the engine checks the host's
+headroom (admission.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -15,6 +18,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from pod_exec_mcp.admission import Headroom, check_headroom
 from pod_exec_mcp.agent_channel import (
     AGENT_PATH,
     AgentChannel,
@@ -35,6 +39,7 @@ from pod_exec_mcp.engine import (
     SandboxBroken,
     SandboxInfo,
     SandboxSpec,
+    is_gvisor,
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import Podman, PodmanError
@@ -116,12 +121,41 @@ async def agent_volume(podman: Podman, agent_image: str) -> str:
     return volume
 
 
+async def storage_facts(podman: Podman) -> tuple[str, str, str]:
+    """(graph root, storage driver, backing file system) from `podman info`."""
+    done = await podman.run("info", "--format", "json")
+    store = json.loads(done.stdout).get("store", {})
+    status = store.get("graphStatus") or {}
+    return (
+        store.get("graphRoot", ""),
+        store.get("graphDriverName", ""),
+        status.get("Backing Filesystem", ""),
+    )
+
+
+# Container ids 0-65535 (all the image's files, nobody included) map to a range of
+# unprivileged host ids that no other sandbox shares.
+USERNS_SIZE = 65536
+
+
+def global_arguments(spec: SandboxSpec) -> list[str]:
+    """The `podman` global options (before `run`) a sandbox needs: its OCI runtime."""
+    if not spec.runtime:
+        return []
+    args = ["--runtime", spec.runtime]
+    if is_gvisor(spec.runtime):
+        # runsc cannot start in the root network namespace that Podman 4 hands it;
+        # `host` uses the container's own netns (set up by Podman), `none` has none.
+        args += ["--runtime-flag", "network=host" if spec.network else "network=none"]
+    return args
+
+
 def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[str]:
-    """The `podman run` arguments that start one sandbox."""
+    """The `podman` arguments that start one sandbox: global options, then `run ...`."""
     # With the agent, its `init` mode is PID 1 (zombie reaper and lifetime bound, immune
     # to signals from inside); without it, podman's own init runs a plain sleep.
     init = [] if agent_volume else ["--init"]
-    args = ["run", "--detach", "--rm", *init, "--name", spec.name]
+    args = [*global_arguments(spec), "run", "--detach", "--rm", *init, "--name", spec.name]
     for key, value in spec.labels.items():
         args += ["--label", f"{key}={value}"]
     args += [
@@ -133,7 +167,18 @@ def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[st
         "--ulimit", f"nofile={spec.nofile}:{spec.nofile}",
         "--ulimit", f"nproc={spec.nproc}:{spec.nproc}",
         "--security-opt", "no-new-privileges",
+        # Nothing the sandbox writes to its stdout/stderr (e.g. /proc/1/fd/1) reaches a log
+        # file on the host: an unbounded k8s-file log filled the host's disk.
+        "--log-driver", "none",
     ]  # fmt: skip
+    if spec.userns and not is_gvisor(spec.runtime):
+        # Sandbox root becomes an unprivileged host id; the image's ids are shifted with it.
+        # (runsc of 2022 cannot start id-mapped containers; gVisor's kernel is its boundary.)
+        args.append(f"--userns=auto:size={USERNS_SIZE}")
+    if spec.disk_limit:
+        # Enforced by the storage driver (XFS project quota) on the writable layer, which
+        # holds /workspace and /tmp too; preflight.py checks at start-up that it can here.
+        args += ["--storage-opt", f"size={spec.disk_limit}"]
     if spec.strict:
         args += [
             "--cap-drop=ALL",
@@ -162,8 +207,10 @@ class PodmanEngine:
     """Sandboxes as Podman containers; commands through each sandbox's exec agent, or
     through one `podman exec` each where there is no agent."""
 
-    def __init__(self, podman: Podman) -> None:
+    def __init__(self, podman: Podman, headroom: Headroom | None = None) -> None:
         self.podman = podman
+        # Admission control before each start; None: none (tests, tools).
+        self.headroom = headroom
         # Kills started for cancelled commands: they must finish even though whoever
         # started them was cancelled, and shutdown waits for them.
         self._background: set[asyncio.Future[object]] = set()
@@ -175,6 +222,14 @@ class PodmanEngine:
         self._agent_volumes: dict[str, str] = {}
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
+        if self.headroom is not None:
+            # Here rather than in the sessions layer: the engine knows which host its
+            # sandboxes land on, and pool refills pass here too. AdmissionRefused is an
+            # EngineError, which the agent reads as "could not start a sandbox: ...".
+            check_headroom(spec, self.headroom)
+        return await self._start(spec)
+
+    async def _start(self, spec: SandboxSpec) -> Sandbox:
         sandbox = Sandbox(spec.name, spec.labels)
         try:
             volume = await self._agent_volume(spec.agent_image) if spec.agent_image else None

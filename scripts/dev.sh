@@ -12,7 +12,10 @@
 #   3. provides the Debian base image: pulled from the registry, or, where no registry is
 #      reachable, made from the Debian mirror with mmdebstrap and imported under its tag;
 #   4. installs the project into .venv (editable, with test extras);
-#   5. builds the sandbox image and the exec agent image with pod_exec_mcp_build itself.
+#   5. builds the sandbox image and the exec agent image with pod_exec_mcp_build itself;
+#   6. gives the `containers` user sub-id ranges in /etc/subuid and /etc/subgid, so that
+#      sandboxes run in their own user namespace (--userns=auto), and installs runsc
+#      (gVisor) for the --runtime runsc profile.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +37,7 @@ install_packages() {
     command -v npm >/dev/null || missing+=(npm)
     command -v python3 >/dev/null || missing+=(python3)
     command -v nix-instantiate >/dev/null || missing+=(nix-bin)   # flake.nix checks
+    command -v runsc >/dev/null || missing+=(runsc)               # the gVisor profile
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         as_root apt-get update -q
@@ -78,6 +82,18 @@ configure_podman() {
     say "using $CONTAINERS_CONF for this host"
 }
 
+# Rootful Podman's --userns=auto takes host ids from the ranges of the `containers` user.
+# Without one, sandbox root would be host root; add a range far above any real user's ids.
+configure_subids() {
+    local f
+    for f in /etc/subuid /etc/subgid; do
+        if ! grep -qs '^containers:' "$f"; then
+            say "adding a sub-id range for user namespaces to $f"
+            echo "containers:2147483647:2147483648" | as_root tee -a "$f" >/dev/null
+        fi
+    done
+}
+
 provide_base_image() {
     if podman image exists "$BASE_IMAGE"; then return; fi
     say "pulling $BASE_IMAGE"
@@ -113,6 +129,7 @@ build_sandbox_image() {
 setup() {
     install_packages
     configure_podman
+    configure_subids
     provide_base_image
     install_project
     build_sandbox_image

@@ -28,7 +28,18 @@ from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
 # Settings a CI run may give every test server, to run the same suites another way
 # (e.g. POD_EXEC_MCP_EXEC_CHANNEL=podman-exec, POD_EXEC_MCP_RUNTIME=runsc).
-PASSED_TO_SERVERS = ("POD_EXEC_MCP_EXEC_CHANNEL", "POD_EXEC_MCP_RUNTIME")
+# POD_EXEC_MCP_AGENT_IMAGE goes with POD_EXEC_MCP_IMAGE (images built under other tags);
+# POD_EXEC_MCP_DISK_LIMIT, when set, overrides the detection in `server_env`.
+PASSED_TO_SERVERS = (
+    "POD_EXEC_MCP_EXEC_CHANNEL",
+    "POD_EXEC_MCP_RUNTIME",
+    "POD_EXEC_MCP_AGENT_IMAGE",
+    "POD_EXEC_MCP_DISK_LIMIT",
+)
+# The OCI runtime of every test server's sandboxes (`POD_EXEC_MCP_RUNTIME=runsc pytest ...`
+# runs the suites under gVisor).
+RUNTIME = os.environ.get("POD_EXEC_MCP_RUNTIME", "")
+GVISOR = RUNTIME.rsplit("/", 1)[-1].startswith("runsc")
 STARTED_INSTANCES: list[str] = []
 # Figures measured by tests (not asserted on), printed at the end of the run.
 FIGURES: dict[str, Any] = {}
@@ -128,7 +139,30 @@ def server_env(run_dir: Path) -> dict[str, str]:
     env["XDG_STATE_HOME"] = str(run_dir / "state")
     env["XDG_CONFIG_HOME"] = str(run_dir / "config")
     env["POD_EXEC_MCP_IMAGE"] = IMAGE
+    if "POD_EXEC_MCP_DISK_LIMIT" not in env and not disk_quota_supported():
+        # This host's storage cannot enforce a size per sandbox (e.g. overlay on ext4), so
+        # servers with the default --disk-limit rightly refuse to start (test_containment
+        # checks that refusal); every other test runs without the limit, and says so.
+        env["POD_EXEC_MCP_DISK_LIMIT"] = "0"
+        FIGURES["disk limit"] = (
+            "this host's Podman storage cannot enforce --disk-limit: test servers run with "
+            "POD_EXEC_MCP_DISK_LIMIT=0"
+        )
     return env
+
+
+_QUOTA: list[bool] = []
+
+
+def disk_quota_supported() -> bool:
+    """Whether Podman's storage here enforces `--storage-opt size=` (asked once)."""
+    if not _QUOTA:
+        done = podman(
+            "run", "--rm", "--log-driver", "none", "--storage-opt", "size=1g", IMAGE, "true",
+            check=False,
+        )  # fmt: skip
+        _QUOTA.append(done.returncode == 0)
+    return _QUOTA[0]
 
 
 def start_server(
@@ -137,12 +171,24 @@ def start_server(
     *args: str,
     host: str = "127.0.0.1",
     wait: bool = True,
+    prefix: tuple[str, ...] = (),
 ) -> ServerProcess:
+    """Start a server; `prefix` goes before the command line (e.g. a `prlimit` call)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pod_exec_mcp", "--host", host, "--port", str(port), *args],
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "pod_exec_mcp",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                *args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -234,9 +280,13 @@ async def new_session(client: Client) -> str:
 
 __all__ = [
     "FIGURES",
+    "GVISOR",
+    "IMAGE",
     "LABEL_MANAGED",
+    "RUNTIME",
     "ServerProcess",
     "containers_of",
+    "disk_quota_supported",
     "error_text",
     "new_session",
     "podman",
