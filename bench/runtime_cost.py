@@ -50,8 +50,9 @@ async def main() -> None:
     try:
         for rep in range(opts.reps):
             for index, (profile, overrides) in enumerate(PROFILES.items()):
-                settings = Settings(
-                    image=opts.image, agent_image=opts.agent_image, disk_limit="0", **overrides
+                settings = Settings.model_validate(
+                    {"image": opts.image, "agent_image": opts.agent_image, "disk_limit": "0"}
+                    | overrides
                 )
                 spec = sandbox_spec(
                     settings, f"bench-rt-{run}-{rep}-{index}", {"bench.runtime_cost": run}

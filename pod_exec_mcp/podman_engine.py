@@ -220,6 +220,10 @@ class PodmanEngine:
         self._attaching: dict[str, asyncio.Lock] = {}
         # Agent image -> the volume holding its files (made once per image id).
         self._agent_volumes: dict[str, str] = {}
+        # Sandboxes whose kernel ignores the agent supervisor's PR_SET_CHILD_SUBREAPER
+        # (gVisor of 2022 reparents an orphan to PID 1): after a stop, a second sweep by
+        # EXEC_ID_ENV through `podman exec` (tests/test_hardening.py shows the escape).
+        self._no_subreaper: set[str] = set()
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.headroom is not None:
@@ -244,6 +248,8 @@ class PodmanEngine:
             if isinstance(exc, PodmanError):
                 raise EngineError(str(exc)) from None
             raise
+        if is_gvisor(spec.runtime):
+            self._no_subreaper.add(spec.name)
         if spec.agent_image:
             self._with_agent.add(spec.name)
             # Attached now, so that the first command (and a pooled sandbox) is fast.
@@ -263,6 +269,7 @@ class PodmanEngine:
         await asyncio.gather(*(c.abort() for c in channels if c is not None))
         for s in sandboxes:
             self._with_agent.discard(s.name)
+            self._no_subreaper.discard(s.name)
             self._attaching.pop(s.name, None)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
@@ -353,6 +360,7 @@ class PodmanEngine:
         cancel (no new process needed), and says whether the tree is verifiably empty."""
         started = time.monotonic()
         output = BoundedOutput(request.max_output_bytes)
+        exec_id = secrets.token_hex(12)
 
         def feed(chunk: bytes) -> None:
             output.feed(chunk)
@@ -365,7 +373,7 @@ class PodmanEngine:
                 timeout=request.timeout,
                 kill_grace=request.kill_grace,
                 on_output=feed,
-                env={EXEC_ID_ENV: secrets.token_hex(12), **request.env},
+                env={EXEC_ID_ENV: exec_id, **request.env},
                 stdin=request.stdin,
                 spill_path=request.spill_path,
                 spill_after=request.max_output_bytes if request.spill_path else 0,
@@ -380,6 +388,10 @@ class PodmanEngine:
             while not task.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(task)
+            if sandbox.name in self._no_subreaper:
+                sweep = self._kill_tree(sandbox, request.kill_grace, None, exec_id)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(self._keep_running(sweep))
             raise
         try:
             ran = task.result()
@@ -402,6 +414,10 @@ class PodmanEngine:
         text = output.text(whole_output_in=ran.spilled_to)
         retval = ran.status
         kill_note = None
+        if ran.stopped and sandbox.name in self._no_subreaper:
+            # The supervisor saw its own subtree empty, but processes that left it went to
+            # PID 1 instead: kill those too, by the variable every one of them inherited.
+            await self._kill_tree(sandbox, request.kill_grace, None, exec_id)
         if ran.stopped:
             # A timeout reads as GNU timeout's 124; a stop on request keeps the real status.
             retval = ran.status if stop is not None and stop.is_set() else TIMEOUT_STATUS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 import pytest
@@ -128,3 +129,33 @@ async def test_network_off_and_extra_run_args(launch: Any) -> None:
         result = await sh(client, "(cd /sys/class/net && echo *); echo $AGENT_NAME; hostname")
     assert result["output"].split() == ["lo", "probe", "box"]
     server.stop()
+
+
+@pytest.mark.skipif(
+    os.environ.get("POD_EXEC_MCP_EXEC_CHANNEL") == "podman-exec", reason="no agent in this run"
+)
+async def test_the_exec_agent_is_init_and_kills_in_this_profile(server: ServerProcess) -> None:
+    """The whole agent path in this run's profile (a user namespace by default, gVisor with
+    POD_EXEC_MCP_RUNTIME=runsc): the agent, from its read-only volume, is PID 1; commands
+    reach it (over `podman exec -i`); a timeout kills a tree that left its process group."""
+    async with server.client(legacy=True) as client:
+        init = await sh(
+            client,
+            "tr '\\0' ' ' < /proc/1/cmdline; echo; "
+            "touch /.pod_exec_mcp/x 2>&1 | grep -o 'Read-only file system'",
+        )
+        stopped = await client.call_tool(
+            "shell_exec",
+            {"command": "(sleep 300 &); sleep 300", "timeout": 2},
+            raise_on_error=False,
+        )
+        left = await sh(client, "ps -eo args | grep -c '^sleep 300' || true")
+    lines = init["output"].split("\n")
+    assert lines[0].split() == ["/.pod_exec_mcp/agent", "init", "86400"], init
+    assert lines[1] == "Read-only file system", init
+    result = structured(stopped)
+    assert result["retval"] == 124, result
+    assert "every process it started were killed" in result["output"], result
+    assert left["output"] == "0\n", left
+    # The agent attached: nothing fell back to one podman exec per command.
+    assert "using podman exec" not in server.log()
