@@ -139,6 +139,9 @@ def server_env(run_dir: Path) -> dict[str, str]:
     env["XDG_STATE_HOME"] = str(run_dir / "state")
     env["XDG_CONFIG_HOME"] = str(run_dir / "config")
     env["POD_EXEC_MCP_IMAGE"] = IMAGE
+    # Test servers share one state dir: a periodic sweep by one would remove the orphans
+    # that lifecycle tests make and inspect. The sweep's own test sets an interval.
+    env["POD_EXEC_MCP_SWEEP_INTERVAL"] = "0"
     if "POD_EXEC_MCP_DISK_LIMIT" not in env and not disk_quota_supported():
         # This host's storage cannot enforce a size per sandbox (e.g. overlay on ext4), so
         # servers with the default --disk-limit rightly refuse to start (test_containment

@@ -606,7 +606,7 @@ async def test_strict_sandbox(new_sandbox: Callable[..., str]) -> None:
 
 
 @pytest.fixture
-def remote_sandbox(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
+def remote_sandbox(tmp_path: Path, agent_vol: str) -> Iterator[tuple[list[str], str]]:
     """A sandbox started through a Podman API socket, as with CONTAINER_HOST."""
     sock = tmp_path / "podman.sock"
     service = subprocess.Popen(
@@ -618,7 +618,9 @@ def remote_sandbox(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
     name = f"pem-agent-test-{RUN_ID}-remote"
     try:
         assert wait_until(sock.exists, 30)
-        subprocess.run([*remote, *run_arguments(name, 256)], check=True, capture_output=True)
+        subprocess.run(
+            [*remote, *run_arguments(name, agent_vol, 256)], check=True, capture_output=True
+        )
         yield remote, name
     finally:
         podman("rm", "--force", "--ignore", "--time", "0", name, check=False)

@@ -29,8 +29,6 @@ def instance(tmp_path: Path) -> Instance:
 
 def make(instance: Instance, **settings: object) -> tuple[Sessions, FakeEngine]:
     engine = FakeEngine()
-    # The fake answers by command text: without the persistent shell's wrapper around it.
-    settings = {"persistent_shell": False, **settings}
     return Sessions(engine, Settings(**settings), instance), engine
 
 
