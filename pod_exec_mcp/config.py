@@ -283,7 +283,8 @@ class Settings(BaseModel):
             return False
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)b?\s*$", re.IGNORECASE)
+# What _PODMAN_SIZE accepts, as a number (k, m, g... with an optional i and b: binary).
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgtp]?)i?b?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -292,7 +293,7 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"{text!r} is not a size such as 512m or 10g")
     number, unit = match.groups()
-    return int(float(number) * 1024 ** "bkmgt".index(unit.lower() or "b"))
+    return int(float(number) * 1024 ** "bkmgtp".index(unit.lower() or "b"))
 
 
 def env_var(field_name: str) -> str:

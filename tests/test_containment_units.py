@@ -69,6 +69,7 @@ def test_a_spec_built_by_hand_keeps_the_plain_defaults() -> None:
 def test_sizes() -> None:
     assert parse_size("10g") == 10 * GiB and parse_size("512m") == 512 * 1024**2
     assert parse_size("0") == 0 and parse_size("1.5G") == int(1.5 * GiB)
+    assert parse_size("2GiB") == parse_size("2gb") == 2 * GiB  # what podman also accepts
     with pytest.raises(SettingsError, match="--disk-limit"):
         load_settings({"disk_limit": "ten gigs"}, {})
     with pytest.raises(SettingsError, match="--userns"):
