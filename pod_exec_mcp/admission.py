@@ -211,7 +211,8 @@ def start_advice(spec: SandboxSpec, error: str, driver: str, backing: str) -> st
         return f"{disk_advice(spec.disk_limit, driver, backing)} (Podman said: {error})"
     if spec.userns and any(k in lowered for k in ("subuid", "subgid", "mappings")):
         return f"{USERNS_ADVICE} (Podman said: {error})"
-    if spec.runtime and (spec.runtime in error or is_gvisor(spec.runtime)):
+    missing = any(k in lowered for k in ("not found", "no such file", "executable file"))
+    if spec.runtime and missing and spec.runtime.rsplit("/", 1)[-1] in error:
         hint = " Is runsc installed (apt-get install runsc)?" if is_gvisor(spec.runtime) else ""
         return (
             f"a test sandbox could not start with runtime {spec.runtime!r} "
