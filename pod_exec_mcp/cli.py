@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -15,14 +16,23 @@ from typing import Any, NoReturn
 import uvicorn
 
 from pod_exec_mcp import __version__, logs
+from pod_exec_mcp.admission import Headroom, capacity_warnings, host_state
 from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
 from pod_exec_mcp.health import Readiness
 from pod_exec_mcp.http import MCP_PATH, http_app
-from pod_exec_mcp.instances import Instance, format_listing, survey, sweep_orphans, write_usage
+from pod_exec_mcp.http_guard import http_protocol, rate_limit_accept_errors
+from pod_exec_mcp.instances import (
+    Instance,
+    format_listing,
+    survey,
+    sweep_forever,
+    sweep_orphans,
+    write_usage,
+)
 from pod_exec_mcp.metrics import Metrics
 from pod_exec_mcp.podman import Podman, PodmanError
-from pod_exec_mcp.podman_engine import PodmanEngine
+from pod_exec_mcp.podman_engine import PodmanEngine, storage_facts
 from pod_exec_mcp.preflight import bind_socket, check_sandbox_settings
 from pod_exec_mcp.server import build_server
 from pod_exec_mcp.sessions import Sessions
@@ -173,6 +183,15 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
+def _raise_nofile() -> None:
+    """Soft open-file limit up to the hard one: each client connection takes a descriptor,
+    and the common soft default of 1024 runs out long before the hard limit would."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     """Check the prerequisites and the settings, then serve until SIGINT or SIGTERM; always
     clean up. Nothing listens, and nothing says "serving", until every check passed."""
@@ -209,14 +228,22 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
             "network isolated needs the exec agent (it runs the egress proxy); with "
             "exec_channel podman-exec sandboxes have no network access at all"
         )
+    _raise_nofile()
+    rate_limit_accept_errors(asyncio.get_running_loop())
+
     instance = Instance.acquire()
     try:
-        await check_sandbox_settings(podman, settings, instance)
+        # Where Podman keeps sandboxes: for the disk headroom, and the disk-limit advice.
+        graph_root, driver, backing = await storage_facts(podman)
+        await check_sandbox_settings(podman, settings, instance, (driver, backing))
     except (PodmanError, SettingsError) as exc:
         sock.close()
         instance.release()
         die(str(exc))
-    mcp, sessions = build_server(settings, PodmanEngine(podman), instance, auth)
+    for warning in capacity_warnings(settings, host_state(graph_root)):
+        log.warning("capacity: %s", warning)
+    engine = PodmanEngine(podman, Headroom.of(settings, graph_root))
+    mcp, sessions = build_server(settings, engine, instance, auth)
     metrics = Metrics.for_server(podman, sessions, sessions.exec_slots)
     config = uvicorn.Config(
         http_app(mcp, settings, metrics, Readiness(podman, settings.image).check),
@@ -225,6 +252,7 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
         # Our logging (logs.py) formats uvicorn's loggers; uvicorn must not set its own.
         log_config=None,
         log_level=None,
+        http=http_protocol(settings),
     )
     port = sock.getsockname()[1]
 
@@ -238,11 +266,18 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
 
     server = _Server(config, serving)
     usage_writer = asyncio.create_task(_record_usage_forever(sessions, instance))
+    sweeper = (
+        asyncio.create_task(sweep_forever(podman, settings.sweep_interval))
+        if settings.sweep_interval > 0
+        else None
+    )
     try:
         await server.serve(sockets=[sock])
     finally:
         usage_writer.cancel()
         metrics.close()
+        if sweeper is not None:
+            sweeper.cancel()
         # The lifespan's shutdown removed every sandbox (uvicorn runs it on a failed bind
         # too); releasing the lock lets a later sweep judge anything left by a crash.
         instance.release()

@@ -50,6 +50,20 @@ class Settings(BaseModel):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=65536)
     """Largest HTTP request body accepted; larger ones get 413 before they are parsed."""
 
+    header_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a client may take to send a request's headers (on a new or kept-alive
+    connection) before the connection is closed: slow or half-open clients cannot hold
+    sockets for ever."""
+
+    max_pending_connections: int = Field(default=256, ge=1)
+    """Most connections that have not yet finished their request headers. Past it the
+    oldest such connection is closed, so half-open sockets cannot exhaust file descriptors
+    while real clients, which send their headers at once, still get in."""
+
+    max_legacy_sessions: int = Field(default=1000, ge=1)
+    """Most live legacy (2025-11-25, Mcp-Session-Id) MCP sessions. Past it, a new
+    `initialize` gets HTTP 503 with an explanation; existing sessions carry on."""
+
     auth_token: str | None = None
     """Bearer token clients must send. If unset, the token file is read when it exists.
     Several tokens may be given, comma-separated; each is its own principal."""
@@ -139,6 +153,39 @@ class Settings(BaseModel):
     extra_run_args: list[str] = Field(default_factory=list)
     """Extra `podman run` arguments for what we did not foresee, shell-quoted in one
     string, e.g. "--cap-add=NET_RAW --env FOO=bar"."""
+
+    # --- Containment (what a sandbox may take from the host) ------------------------------
+    runtime: str | None = None
+    """OCI runtime for sandboxes (podman --runtime): a name Podman knows or a path.
+    `runsc` runs every sandbox under gVisor, a user-space kernel. Default: Podman's own."""
+
+    userns: Literal["auto", "host"] = "auto"
+    """User namespace of each sandbox. `auto`: sandbox root is an unprivileged host id
+    (podman --userns=auto); the host needs sub-id ranges for the `containers` user (the
+    server says how at start-up). `host`: sandbox root is host root (not recommended).
+    gVisor (`runtime` runsc) always uses `host`: its own kernel is the boundary there."""
+
+    disk_limit: str = "10g"
+    """Disk each sandbox may fill (its writable layer, /workspace and /tmp), enforced by
+    the storage (overlay on XFS with pquota). The server refuses to start where Podman's
+    storage cannot enforce it: then set 0 (no limit) or use `strict` (everything writable
+    is a tmpfs, bounded by memory). 0 turns the limit off."""
+
+    headroom_memory: str = "256m"
+    """Memory (MemAvailable) the host must still have after a new sandbox took its whole
+    `memory`; otherwise the sandbox is refused. Admission control, like the next two."""
+
+    headroom_pids: int = Field(default=512, ge=0)
+    """Free pids (below kernel.pid_max) the host must still have after a new sandbox took
+    its whole `pids_limit`; otherwise the sandbox is refused."""
+
+    headroom_disk: str = "1g"
+    """Free disk where Podman stores containers that must remain after a new sandbox
+    filled its `disk_limit`; otherwise the sandbox is refused."""
+
+    sweep_interval: float = Field(default=60.0, ge=0)
+    """Seconds between sweeps, by a running server, of the containers of dead servers of
+    its owner (besides the sweep at start-up). 0 turns the periodic sweep off."""
 
     # --- Commands -------------------------------------------------------------------------
     default_timeout: float = Field(default=30.0, gt=0)
@@ -250,6 +297,12 @@ class Settings(BaseModel):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("memory", "disk_limit", "headroom_memory", "headroom_disk")
+    @classmethod
+    def _size_in_bytes(cls, value: str) -> str:
+        parse_size(value)  # admission control computes with these
+        return value.strip()
+
     @field_validator("extra_run_args", mode="before")
     @classmethod
     def _split_shell_words(cls, value: Any) -> Any:
@@ -266,6 +319,19 @@ class Settings(BaseModel):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+# What _PODMAN_SIZE accepts, as a number (k, m, g... with an optional i and b: binary).
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgtp]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a Podman-style size such as `512m` or `10g` (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size such as 512m or 10g")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** "bkmgtp".index(unit.lower() or "b"))
 
 
 def env_var(field_name: str) -> str:

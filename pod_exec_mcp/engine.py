@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pod_exec_mcp.config import Settings
+from pod_exec_mcp.config import Settings, parse_size
 from pod_exec_mcp.egress import EgressPolicy
 
 # GNU timeout's status for a command that ran out of time.
@@ -56,6 +56,17 @@ class SandboxSpec:
     extra_run_args: tuple[str, ...] = ()
     # The image of the exec agent to mount into the sandbox; None: no agent.
     agent_image: str | None = None
+    # Containment (issue 12). The OCI runtime (None: the engine's default); whether the
+    # sandbox's root is an unprivileged host id in a user namespace of its own; the disk
+    # its writable layer may fill (None: no limit). Defaults are the engine's plain ones.
+    runtime: str | None = None
+    userns: bool = False
+    disk_limit: str | None = None
+
+
+def is_gvisor(runtime: str | None) -> bool:
+    """Whether `runtime` names gVisor's runsc (by name or path)."""
+    return runtime is not None and runtime.rsplit("/", 1)[-1].startswith("runsc")
 
 
 def sandbox_spec(settings: Settings, name: str, labels: Mapping[str, str]) -> SandboxSpec:
@@ -75,6 +86,14 @@ def sandbox_spec(settings: Settings, name: str, labels: Mapping[str, str]) -> Sa
         lifetime=settings.sandbox_lifetime,
         extra_run_args=tuple(settings.extra_run_args),
         agent_image=settings.agent_image if settings.exec_channel == "agent" else None,
+        runtime=settings.runtime or None,
+        userns=settings.userns == "auto",
+        # Strict sandboxes write only to tmpfs, bounded by --memory: no storage quota needed.
+        disk_limit=(
+            settings.disk_limit.strip()
+            if parse_size(settings.disk_limit) > 0 and not settings.strict
+            else None
+        ),
     )
 
 

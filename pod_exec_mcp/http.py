@@ -3,7 +3,10 @@ endpoints (/healthz, /readyz, /metrics)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastmcp import FastMCP
 from fastmcp.server.auth.middleware import RequireAuthMiddleware
@@ -22,6 +25,8 @@ MCP_PATH = "/mcp"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
+
+log = logging.getLogger(__name__)
 
 
 class _TooLarge(Exception):
@@ -116,8 +121,9 @@ def http_app(
     metrics: Metrics | None = None,
     ready: Callable[[], Awaitable[bool]] | None = None,
 ) -> Starlette:
-    """The streamable-HTTP app, with Host/Origin (DNS rebinding) protection always on, and
-    the operator's endpoints beside /mcp."""
+    """The streamable-HTTP app, with Host/Origin (DNS rebinding) protection always on, the
+    operator's endpoints beside /mcp, and at most `max_legacy_sessions` live legacy MCP
+    sessions."""
     app = mcp.http_app(
         path=MCP_PATH,
         transport="http",
@@ -128,4 +134,34 @@ def http_app(
     )
     # The app-wide middleware (Host/Origin guard, size limit, token parsing) wraps these too.
     app.router.routes.extend(ops_routes(mcp, metrics, ready))
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(scope_app: Starlette) -> AsyncIterator[Any]:
+        async with inner(scope_app) as state:
+            # The MCP SDK's session manager (made by fastmcp's lifespan) caps live
+            # stateful sessions and answers 503 "Too many open sessions" past the cap;
+            # fastmcp does not pass the cap through, so set it once the manager exists.
+            manager = _session_manager(app)
+            if manager is not None and hasattr(manager, "max_sessions"):
+                manager.max_sessions = settings.max_legacy_sessions
+            else:
+                log.warning("this fastmcp has no session cap; legacy sessions are unbounded")
+            yield state
+
+    app.router.lifespan_context = lifespan
     return app
+
+
+def _session_manager(app: Starlette) -> Any:
+    """fastmcp's session manager: on the /mcp endpoint, under its auth wrapper if any."""
+    for route in app.routes:
+        endpoint: Any = getattr(route, "endpoint", None)
+        for _ in range(4):
+            if endpoint is None:
+                break
+            manager = getattr(endpoint, "session_manager", None)
+            if manager is not None:
+                return manager
+            endpoint = getattr(endpoint, "app", None)
+    return None

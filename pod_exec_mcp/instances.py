@@ -17,9 +17,11 @@ each container ends them eventually.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
 import time
@@ -39,6 +41,8 @@ from pod_exec_mcp.podman import (
 )
 
 APP_NAME = "pod_exec_mcp"
+
+log = logging.getLogger(__name__)
 
 
 def default_lock_dir() -> Path:
@@ -274,3 +278,21 @@ async def sweep_orphans(podman: Podman, lock_dir: Path | None = None) -> list[Co
     orphans = [c for c in await survey(podman, lock_dir) if c.orphaned]
     await podman.remove(*[c.id for c in orphans])
     return orphans
+
+
+async def sweep_forever(podman: Podman, interval: float, lock_dir: Path | None = None) -> None:
+    """Sweep orphans every `interval` seconds while this server runs.
+
+    The sweep at start-up alone leaves a race: a server killed while `podman run`s were in
+    flight leaves containers that appear after the next server's start-up sweep (the podman
+    clients run in sessions of their own and outlive it). Sweeping again closes it.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await sweep_orphans(podman, lock_dir)
+        except Exception:
+            log.exception("sweeping orphaned containers failed")
+            continue
+        if removed:
+            log.info("removed %d orphaned container(s) of dead servers", len(removed))

@@ -1,13 +1,16 @@
 """The Podman engine: sandboxes are long-lived Podman containers.
 
-`run_arguments` turns a SandboxSpec into `podman run` arguments (how a sandbox starts);
-`PodmanEngine.run` runs one command in it through `podman exec` (how a command runs).
+`run_arguments` turns a SandboxSpec into `podman [global options] run ...` arguments (how
+a sandbox starts); `PodmanEngine.run` runs one command in it over its exec agent, or
+through `podman exec` (how a command runs). Before each start the engine checks the host's
+headroom (admission.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -17,6 +20,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from pod_exec_mcp.admission import Headroom, check_headroom
 from pod_exec_mcp.agent_channel import (
     AgentChannel,
     AgentCommandError,
@@ -39,6 +43,7 @@ from pod_exec_mcp.engine import (
     SandboxBroken,
     SandboxInfo,
     SandboxSpec,
+    is_gvisor,
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import Podman, PodmanError
@@ -140,12 +145,41 @@ def _rlimit_arguments(spec: SandboxSpec) -> list[str]:
     ]  # fmt: skip
 
 
+async def storage_facts(podman: Podman) -> tuple[str, str, str]:
+    """(graph root, storage driver, backing file system) from `podman info`."""
+    done = await podman.run("info", "--format", "json")
+    store = json.loads(done.stdout).get("store", {})
+    status = store.get("graphStatus") or {}
+    return (
+        store.get("graphRoot", ""),
+        store.get("graphDriverName", ""),
+        status.get("Backing Filesystem", ""),
+    )
+
+
+# Container ids 0-65535 (all the image's files, nobody included) map to a range of
+# unprivileged host ids that no other sandbox shares.
+USERNS_SIZE = 65536
+
+
+def global_arguments(spec: SandboxSpec) -> list[str]:
+    """The `podman` global options (before `run`) a sandbox needs: its OCI runtime."""
+    if not spec.runtime:
+        return []
+    args = ["--runtime", spec.runtime]
+    if is_gvisor(spec.runtime):
+        # runsc cannot start in the root network namespace that Podman 4 hands it;
+        # `host` uses the container's own netns (set up by Podman), `none` has none.
+        args += ["--runtime-flag", "network=none" if spec.network == "none" else "network=host"]
+    return args
+
+
 def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[str]:
-    """The `podman run` arguments that start one sandbox."""
+    """The `podman` arguments that start one sandbox: global options, then `run ...`."""
     # With the agent, its `init` mode is PID 1 (zombie reaper and lifetime bound, immune
     # to signals from inside); without it, podman's own init runs a plain sleep.
     init = [] if agent_volume else ["--init"]
-    args = ["run", "--detach", "--rm", *init, "--name", spec.name]
+    args = [*global_arguments(spec), "run", "--detach", "--rm", *init, "--name", spec.name]
     for key, value in spec.labels.items():
         args += ["--label", f"{key}={value}"]
     args += [
@@ -154,7 +188,18 @@ def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[st
         "--pids-limit", str(spec.pids_limit),
         *_rlimit_arguments(spec),
         "--security-opt", "no-new-privileges",
+        # Nothing the sandbox writes to its stdout/stderr (e.g. /proc/1/fd/1) reaches a log
+        # file on the host: an unbounded k8s-file log filled the host's disk.
+        "--log-driver", "none",
     ]  # fmt: skip
+    if spec.userns and not is_gvisor(spec.runtime):
+        # Sandbox root becomes an unprivileged host id; the image's ids are shifted with it.
+        # (runsc of 2022 cannot start id-mapped containers; gVisor's kernel is its boundary.)
+        args.append(f"--userns=auto:size={USERNS_SIZE}")
+    if spec.disk_limit:
+        # Enforced by the storage driver (XFS project quota) on the writable layer, which
+        # holds /workspace and /tmp too; preflight.py checks at start-up that it can here.
+        args += ["--storage-opt", f"size={spec.disk_limit}"]
     if spec.strict:
         args += [
             "--cap-drop=ALL",
@@ -188,7 +233,7 @@ class PodmanEngine:
     """Sandboxes as Podman containers; commands through each sandbox's exec agent, or
     through one `podman exec` each where there is no agent."""
 
-    def __init__(self, podman: Podman) -> None:
+    def __init__(self, podman: Podman, headroom: Headroom | None = None) -> None:
         self.podman = podman
         # Network mode isolated: the sandboxes whose agent runs the egress proxy, and the
         # policy each one's connections are checked against (none set: refuse all).
@@ -199,6 +244,8 @@ class PodmanEngine:
         self._socket_channel = not os.environ.get("CONTAINER_HOST") and "remote" not in (
             os.path.basename(podman.path)
         )
+        # Admission control before each start; None: none (tests, tools).
+        self.headroom = headroom
         # Kills started for cancelled commands: they must finish even though whoever
         # started them was cancelled, and shutdown waits for them.
         self._background: set[asyncio.Future[object]] = set()
@@ -209,8 +256,20 @@ class PodmanEngine:
         # Agent image -> the volume holding its files (made once per image id).
         self._agent_volumes: dict[str, str] = {}
         self._filling = asyncio.Lock()
+        # Sandboxes whose kernel ignores the agent supervisor's PR_SET_CHILD_SUBREAPER
+        # (gVisor of 2022 reparents an orphan to PID 1): after a stop, a second sweep by
+        # EXEC_ID_ENV through `podman exec` (tests/test_hardening.py shows the escape).
+        self._no_subreaper: set[str] = set()
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
+        if self.headroom is not None:
+            # Here rather than in the sessions layer: the engine knows which host its
+            # sandboxes land on, and pool refills pass here too. AdmissionRefused is an
+            # EngineError, which the agent reads as "could not start a sandbox: ...".
+            check_headroom(spec, self.headroom)
+        return await self._start(spec)
+
+    async def _start(self, spec: SandboxSpec) -> Sandbox:
         sandbox = Sandbox(spec.name, spec.labels)
         try:
             volume = await self._agent_volume(spec) if spec.agent_image else None
@@ -225,6 +284,8 @@ class PodmanEngine:
             if isinstance(exc, PodmanError):
                 raise EngineError(str(exc)) from None
             raise
+        if is_gvisor(spec.runtime):
+            self._no_subreaper.add(spec.name)
         if spec.agent_image:
             self._with_agent.add(spec.name)
             if spec.network == "isolated":
@@ -253,6 +314,7 @@ class PodmanEngine:
             self._with_agent.discard(s.name)
             self._isolated.discard(s.name)
             self._egress.pop(s.name, None)
+            self._no_subreaper.discard(s.name)
             self._attaching.pop(s.name, None)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
@@ -404,6 +466,7 @@ class PodmanEngine:
         cancel (no new process needed), and says whether the tree is verifiably empty."""
         started = time.monotonic()
         output = BoundedOutput(request.max_output_bytes)
+        exec_id = secrets.token_hex(12)
 
         def feed(chunk: bytes) -> None:
             output.feed(chunk)
@@ -416,7 +479,7 @@ class PodmanEngine:
                 timeout=request.timeout,
                 kill_grace=request.kill_grace,
                 on_output=feed,
-                env={EXEC_ID_ENV: secrets.token_hex(12), **request.env},
+                env={EXEC_ID_ENV: exec_id, **request.env},
                 stdin=request.stdin,
                 spill_path=request.spill_path,
                 spill_after=request.max_output_bytes if request.spill_path else 0,
@@ -431,6 +494,10 @@ class PodmanEngine:
             while not task.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(task)
+            if sandbox.name in self._no_subreaper:
+                sweep = self._kill_tree(sandbox, request.kill_grace, None, exec_id)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(self._keep_running(sweep))
             raise
         try:
             ran = task.result()
@@ -453,6 +520,10 @@ class PodmanEngine:
         text = output.text(whole_output_in=ran.spilled_to)
         retval = ran.status
         kill_note = None
+        if ran.stopped and sandbox.name in self._no_subreaper:
+            # The supervisor saw its own subtree empty, but processes that left it went to
+            # PID 1 instead: kill those too, by the variable every one of them inherited.
+            await self._kill_tree(sandbox, request.kill_grace, None, exec_id)
         if ran.stopped:
             # A timeout reads as GNU timeout's 124; a stop on request keeps the real status.
             retval = ran.status if stop is not None and stop.is_set() else TIMEOUT_STATUS

@@ -15,11 +15,15 @@ import errno
 import secrets
 import socket
 
+from pod_exec_mcp.admission import start_advice, workdir_advice
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var
 from pod_exec_mcp.engine import sandbox_spec
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.podman import LABEL_SESSION, Podman
 from pod_exec_mcp.podman_engine import run_arguments
+
+# The dry run's exit status when sandbox root cannot write its workdir or /tmp.
+_UNWRITABLE = 99
 
 # The longest a throw-away sandbox may take to start and exit before we call podman stuck.
 DRY_RUN_TIMEOUT = 120.0
@@ -64,11 +68,14 @@ def dry_run_arguments(settings: Settings, instance: Instance) -> list[str]:
     labels = {**instance.labels(), LABEL_SESSION: "preflight"}
     args = run_arguments(sandbox_spec(settings, name, labels))
     # run_arguments detaches and ends with IMAGE and its long-running init (sleep, or the
-    # exec agent's init); we wait for `true` instead.
-    if args[0] != "run" or settings.image not in args:
+    # exec agent's init); we wait for a check that root can write where commands run (in a
+    # user namespace, a workdir Podman made at start is host root's) instead.
+    if "run" not in args or settings.image not in args:
         raise RuntimeError(f"unexpected sandbox arguments: {args}")
     image_at = len(args) - 1 - args[::-1].index(settings.image)
-    return [a for a in args[: image_at + 1] if a != "--detach"] + ["true"]
+    return [a for a in args[: image_at + 1] if a != "--detach"] + [
+        "/bin/sh", "-c", f"test -w . && test -w /tmp || exit {_UNWRITABLE}",
+    ]  # fmt: skip
 
 
 def _suspects(complaint: str, settings: Settings) -> list[str]:
@@ -84,9 +91,13 @@ def _suspects(complaint: str, settings: Settings) -> list[str]:
     return names
 
 
-async def check_sandbox_settings(podman: Podman, settings: Settings, instance: Instance) -> None:
+async def check_sandbox_settings(
+    podman: Podman, settings: Settings, instance: Instance, storage: tuple[str, str] = ("", "")
+) -> None:
     """Start (and remove) one throw-away sandbox with the configured settings; SettingsError
-    naming the likely settings and quoting podman if it refuses."""
+    naming the likely settings and quoting podman if it refuses, or saying what to do when
+    containment is the cause. `storage`: Podman's storage driver and backing file system,
+    for the disk-limit advice."""
     args = dry_run_arguments(settings, instance)
     name = args[args.index("--name") + 1]
     try:
@@ -100,6 +111,11 @@ async def check_sandbox_settings(podman: Podman, settings: Settings, instance: I
         await podman.remove(name)
     if done.returncode == 0:
         return
+    if done.returncode == _UNWRITABLE:
+        raise SettingsError(workdir_advice(settings.image))
+    advice = start_advice(sandbox_spec(settings, name, {}), done.error_text, *storage)
+    if advice:
+        raise SettingsError(advice)
     names = _suspects(done.error_text, settings)
     where = ", ".join(f"{cli_flag(n)} / {env_var(n)}" for n in names)
     raise SettingsError(

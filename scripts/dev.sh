@@ -12,7 +12,10 @@
 #   3. provides the Debian base image: pulled from the registry, or, where no registry is
 #      reachable, made from the Debian mirror with mmdebstrap and imported under its tag;
 #   4. installs the project into .venv (editable, with test extras);
-#   5. builds the sandbox image and the exec agent image with pod_exec_mcp_build itself.
+#   5. builds the sandbox image and the exec agent image with pod_exec_mcp_build itself;
+#   6. gives the `containers` user sub-id ranges in /etc/subuid and /etc/subgid, so that
+#      sandboxes run in their own user namespace (--userns=auto), and installs runsc
+#      (gVisor) for the --runtime runsc profile.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +37,7 @@ install_packages() {
     command -v npm >/dev/null || missing+=(npm)
     command -v python3 >/dev/null || missing+=(python3)
     command -v nix-instantiate >/dev/null || missing+=(nix-bin)   # flake.nix checks
+    command -v runsc >/dev/null || missing+=(runsc)               # the gVisor profile
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         as_root apt-get update -q
@@ -78,6 +82,18 @@ configure_podman() {
     say "using $CONTAINERS_CONF for this host"
 }
 
+# Rootful Podman's --userns=auto takes host ids from the ranges of the `containers` user.
+# Without one, sandbox root would be host root; add a range far above any real user's ids.
+configure_subids() {
+    local f
+    for f in /etc/subuid /etc/subgid; do
+        if ! grep -qs '^containers:' "$f"; then
+            say "adding a sub-id range for user namespaces to $f"
+            echo "containers:2147483647:2147483648" | as_root tee -a "$f" >/dev/null
+        fi
+    done
+}
+
 provide_base_image() {
     if podman image exists "$BASE_IMAGE"; then return; fi
     say "pulling $BASE_IMAGE"
@@ -110,12 +126,27 @@ build_sandbox_image() {
         cat "$STATE/build.log" >&2; exit 1; }
 }
 
+# --disk-limit needs storage that can enforce a size per container (overlay on XFS with
+# pquota). Where it cannot (e.g. overlay on ext4, as on stock Debian), the server rightly
+# refuses its default; this quick start then opts out, and says so.
+configure_disk_limit() {
+    if [ -n "${POD_EXEC_MCP_DISK_LIMIT:-}" ]; then return; fi
+    if ! podman run --rm --log-driver none --storage-opt size=1g pod_exec_mcp_base true \
+        >/dev/null 2>&1; then
+        say "this host's Podman storage cannot enforce --disk-limit (needs overlay on XFS" \
+            "with pquota): running with POD_EXEC_MCP_DISK_LIMIT=0"
+        export POD_EXEC_MCP_DISK_LIMIT=0
+    fi
+}
+
 setup() {
     install_packages
     configure_podman
+    configure_subids
     provide_base_image
     install_project
     build_sandbox_image
+    configure_disk_limit
 }
 
 cmd="${1:-}"; shift || true

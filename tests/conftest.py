@@ -36,11 +36,18 @@ from harness import (
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
 # Settings a CI run may give every test server, to run the same suites another way
 # (e.g. POD_EXEC_MCP_EXEC_CHANNEL=podman-exec, POD_EXEC_MCP_RUNTIME=runsc).
+# POD_EXEC_MCP_AGENT_IMAGE goes with POD_EXEC_MCP_IMAGE (images built under other tags);
+# POD_EXEC_MCP_DISK_LIMIT, when set, overrides the detection in `server_env`.
 PASSED_TO_SERVERS = (
     "POD_EXEC_MCP_EXEC_CHANNEL",
     "POD_EXEC_MCP_RUNTIME",
     "POD_EXEC_MCP_AGENT_IMAGE",
+    "POD_EXEC_MCP_DISK_LIMIT",
 )
+# The OCI runtime of every test server's sandboxes (`POD_EXEC_MCP_RUNTIME=runsc pytest ...`
+# runs the suites under gVisor).
+RUNTIME = os.environ.get("POD_EXEC_MCP_RUNTIME", "")
+GVISOR = RUNTIME.rsplit("/", 1)[-1].startswith("runsc")
 # Figures measured by tests (not asserted on), printed at the end of the run.
 FIGURES: dict[str, Any] = {}
 
@@ -68,7 +75,33 @@ def server_env(run_dir: Path) -> dict[str, str]:
     env["XDG_STATE_HOME"] = str(run_dir / "state")
     env["XDG_CONFIG_HOME"] = str(run_dir / "config")
     env["POD_EXEC_MCP_IMAGE"] = IMAGE
+    # Test servers share one state dir: a periodic sweep by one would remove the orphans
+    # that lifecycle tests make and inspect. The sweep's own test sets an interval.
+    env["POD_EXEC_MCP_SWEEP_INTERVAL"] = "0"
+    if "POD_EXEC_MCP_DISK_LIMIT" not in env and not disk_quota_supported():
+        # This host's storage cannot enforce a size per sandbox (e.g. overlay on ext4), so
+        # servers with the default --disk-limit rightly refuse to start (test_containment
+        # checks that refusal); every other test runs without the limit, and says so.
+        env["POD_EXEC_MCP_DISK_LIMIT"] = "0"
+        FIGURES["disk limit"] = (
+            "this host's Podman storage cannot enforce --disk-limit: test servers run with "
+            "POD_EXEC_MCP_DISK_LIMIT=0"
+        )
     return env
+
+
+_QUOTA: list[bool] = []
+
+
+def disk_quota_supported() -> bool:
+    """Whether Podman's storage here enforces `--storage-opt size=` (asked once)."""
+    if not _QUOTA:
+        done = podman(
+            "run", "--rm", "--log-driver", "none", "--storage-opt", "size=1g", IMAGE, "true",
+            check=False,
+        )  # fmt: skip
+        _QUOTA.append(done.returncode == 0)
+    return _QUOTA[0]
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +145,13 @@ def no_container_left_behind() -> Iterator[None]:
 
 __all__ = [
     "FIGURES",
+    "GVISOR",
     "IMAGE",
     "LABEL_MANAGED",
+    "RUNTIME",
     "ServerProcess",
     "containers_of",
+    "disk_quota_supported",
     "error_text",
     "free_port",
     "new_session",

@@ -118,14 +118,17 @@ def start_server(
     *args: str,
     host: str = "127.0.0.1",
     wait: bool = True,
+    prefix: tuple[str, ...] = (),
 ) -> ServerProcess:
     """Start `python -m pod_exec_mcp` on a free port; with `wait`, return once it listens
-    (its instance id read from its log), or raise RuntimeError with its log."""
+    (its instance id read from its log), or raise RuntimeError with its log. `prefix` goes
+    before the command line (e.g. a `prlimit` call)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
+    command = [sys.executable, "-m", "pod_exec_mcp", "--host", host, "--port", str(port)]
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pod_exec_mcp", "--host", host, "--port", str(port), *args],
+            [*prefix, *command, *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -167,7 +167,7 @@ async def test_container_killed_from_outside_is_reported_and_recovered(
         )
         message = error_text(broken)
         assert "fresh sandbox" in message and "lost" in message
-        fresh = await sh(client, "ls /workspace/old; echo hi", session_id=sid)
+        fresh = await sh(client, "cat /workspace/old; echo hi", session_id=sid)
         assert fresh["output"].endswith("hi\n") and "No such file" in fresh["output"]
         await client.call_tool("end_session", {"session_id": sid})
 

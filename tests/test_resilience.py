@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, error_text, new_session, sh
+from conftest import GVISOR, ServerProcess, error_text, new_session, sh
 
 # These are the exec agent's guarantees: one `podman exec` per command cannot give them
 # (each attack here succeeds against exec_channel=podman-exec; that is why the agent exists).
@@ -38,12 +38,32 @@ ESCAPES = {
 }
 
 
+# Known gaps of the gVisor profile (runsc 2022-12), kept visible: strict, so a fixed gVisor
+# (or agent) turns them into failures to remove.
+GVISOR_GAP = pytest.mark.xfail(
+    GVISOR,
+    strict=True,
+    reason="gVisor: orphans go to PID 1, not to the agent's subreaper supervisor; one that "
+    "also dropped the command's id variable escapes the kill",
+)
+GVISOR_INIT_GAP = pytest.mark.xfail(
+    GVISOR,
+    strict=True,
+    reason="gVisor: the sandbox's own root can SIGKILL its init (PID 1) or exhaust the "
+    "Sentry's pids, which ends the sandbox (its files are lost; the session gets a new one)",
+)
+
+
 @pytest.fixture(scope="module")
 def server(launch: Any) -> ServerProcess:
     return launch("--kill-grace", "1")
 
 
-@pytest.mark.parametrize("escape", list(ESCAPES), ids=list(ESCAPES))
+@pytest.mark.parametrize(
+    "escape",
+    [pytest.param(e, marks=GVISOR_GAP) if e == "env scrubbed" else e for e in ESCAPES],
+    ids=list(ESCAPES),
+)
 async def test_timeout_kills_every_escape(server: ServerProcess, escape: str) -> None:
     async with server.client() as client:
         sid = await new_session(client)
@@ -54,6 +74,7 @@ async def test_timeout_kills_every_escape(server: ServerProcess, escape: str) ->
         await client.call_tool("end_session", {"session_id": sid})
 
 
+@GVISOR_INIT_GAP
 async def test_killing_everything_inside_keeps_the_sandbox_and_its_files(
     server: ServerProcess,
 ) -> None:
@@ -72,6 +93,7 @@ async def test_killing_everything_inside_keeps_the_sandbox_and_its_files(
         await client.call_tool("end_session", {"session_id": sid})
 
 
+@GVISOR_INIT_GAP
 async def test_zombie_storm_keeps_the_files(launch: Any) -> None:
     server = launch("--pids-limit", "256", "--kill-grace", "1")
     async with server.client() as client:
@@ -87,6 +109,9 @@ async def test_zombie_storm_keeps_the_files(launch: Any) -> None:
         assert after["output"] == "precious\n"
 
 
+@pytest.mark.skipif(
+    GVISOR, reason="gVisor's own threads count against --pids-limit: 48 cannot start runsc"
+)
 async def test_momentary_pid_shortage_is_reported_and_passes(launch: Any) -> None:
     server = launch("--pids-limit", "48")
     async with server.client() as client:
@@ -116,14 +141,18 @@ async def test_momentary_pid_shortage_is_reported_and_passes(launch: Any) -> Non
         assert done.structured_content["output"] == "precious\n"
 
 
+# `test`, not `ls`: gVisor of 2022 answers ls's statx with EINVAL.
+AFTER = "test -e /tmp/after && echo /tmp/after"
+
+
 async def test_background_job_of_a_finished_call_keeps_running(server: ServerProcess) -> None:
     async with server.client(legacy=True) as client:
         await sh(client, "rm -f /tmp/after; (sleep 1; echo tick; touch /tmp/after) &")
         for _ in range(40):
-            if (await sh(client, "ls /tmp/after 2>/dev/null"))["output"] == "/tmp/after\n":
+            if (await sh(client, AFTER))["output"] == "/tmp/after\n":
                 break
             await asyncio.sleep(0.25)
-        assert (await sh(client, "ls /tmp/after"))["output"] == "/tmp/after\n"
+        assert (await sh(client, AFTER))["output"] == "/tmp/after\n"
         # A server started with & keeps answering after its call returned.
         await sh(client, "cd /tmp && python3 -m http.server 8765 >/dev/null 2>&1 &")
         for _ in range(40):

@@ -34,7 +34,7 @@ async def test_merged_output_keeps_order_and_retval(server: ServerProcess) -> No
 async def test_legacy_session_state_persists(server: ServerProcess) -> None:
     async with server.client(legacy=True) as client:
         await sh(client, "echo persisted > /workspace/note && mkdir -p /opt/x")
-        again = await sh(client, "cat /workspace/note; ls -d /opt/x; pwd; id -un")
+        again = await sh(client, "cat /workspace/note; test -d /opt/x && echo /opt/x; pwd; id -un")
     assert again["output"] == "persisted\n/opt/x\n/workspace\nroot\n"
 
 

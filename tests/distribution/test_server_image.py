@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FIGURES
+from conftest import FIGURES, IMAGE, disk_quota_supported
 from dist_helpers import (
     BASE_IMAGE,
     ROOT,
@@ -206,7 +206,11 @@ def deploy(server_image: str, podman_socket: Path) -> Iterator[Callable[..., Dep
         podman(
             "run", "--detach", "--name", dep.name, "--label", f"{TEST_LABEL}=server-image",
             "--publish", "127.0.0.1::8000", *_socket_args(podman_socket),
-            "--env", f"POD_EXEC_MCP_AUTH_TOKEN={TOKEN}", *run_args,
+            "--env", f"POD_EXEC_MCP_AUTH_TOKEN={TOKEN}", "--env", f"POD_EXEC_MCP_IMAGE={IMAGE}",
+            *run_args,
+            # Where the host's storage cannot enforce the default disk limit, the server
+            # would rightly refuse to start (tests/test_containment.py checks that).
+            *([] if disk_quota_supported() else ["--env", "POD_EXEC_MCP_DISK_LIMIT=0"]),
             server_image,
         )  # fmt: skip
         port = podman("port", dep.name, "8000/tcp").stdout.strip().rsplit(":", 1)[1]

@@ -1,0 +1,114 @@
+"""Containment's pure logic, without containers: run arguments per profile, sizes, the
+admission arithmetic on a made-up host."""
+
+from __future__ import annotations
+
+import pytest
+
+from pod_exec_mcp.admission import (
+    AdmissionRefused,
+    Headroom,
+    HostState,
+    capacity_warnings,
+    check_headroom,
+)
+from pod_exec_mcp.config import Settings, SettingsError, load_settings, parse_size
+from pod_exec_mcp.engine import EngineError, SandboxSpec, sandbox_spec
+from pod_exec_mcp.podman_engine import run_arguments
+
+GiB = 1024**3
+
+
+def spec_of(**overrides: object) -> SandboxSpec:
+    return sandbox_spec(Settings(**overrides), "name", {})  # type: ignore[arg-type]
+
+
+def args_of(**overrides: object) -> list[str]:
+    return run_arguments(spec_of(**overrides), "agentvol")
+
+
+def test_default_profile_isolates_ids_logs_and_disk() -> None:
+    args = args_of()
+    assert args[0] == "run"  # no global options without a runtime
+    assert "--userns=auto:size=65536" in args
+    assert args[args.index("--log-driver") + 1] == "none"
+    assert args[args.index("--storage-opt") + 1] == "size=10g"
+    # Everything before the image is an option: the agent's init command comes last.
+    assert args[-4:] == ["pod_exec_mcp_base", "/.pod_exec_mcp/agent", "init", "86400"]
+
+
+def test_opt_outs_and_the_strict_profile() -> None:
+    args = args_of(userns="host", disk_limit="0")
+    assert not any(a.startswith("--userns") for a in args) and "--storage-opt" not in args
+    # Strict writes only to tmpfs (bounded by --memory): no storage quota needed.
+    assert "--storage-opt" not in args_of(strict=True)
+    assert spec_of(strict=True).disk_limit is None and spec_of().disk_limit == "10g"
+
+
+def test_gvisor_profile_uses_global_runtime_options_and_no_userns() -> None:
+    args = args_of(runtime="/usr/bin/runsc")
+    assert args[:4] == ["--runtime", "/usr/bin/runsc", "--runtime-flag", "network=host"]
+    assert args[4] == "run" and not any(a.startswith("--userns") for a in args)
+    assert args_of(runtime="runsc", network=False)[3] == "network=none"
+    assert args_of(runtime="runsc", strict=True)[3] == "network=none"
+    assert args_of(runtime="crun")[:3] == ["--runtime", "crun", "run"]
+
+
+def test_a_spec_built_by_hand_keeps_the_plain_defaults() -> None:
+    """Engines and tests that build a SandboxSpec themselves get no userns, runtime or
+    disk limit unless they ask."""
+    plain = SandboxSpec(
+        name="n", labels={}, image="i", memory="1g", cpus=1, pids_limit=64, nofile=64,
+        nproc=64, network=True, strict=False, tmpfs_size="64m", lifetime=0,
+    )  # fmt: skip
+    args = run_arguments(plain)
+    assert args[0] == "run" and "--storage-opt" not in args
+    assert not any(a.startswith("--userns") for a in args)
+
+
+def test_sizes() -> None:
+    assert parse_size("10g") == 10 * GiB and parse_size("512m") == 512 * 1024**2
+    assert parse_size("0") == 0 and parse_size("1.5G") == int(1.5 * GiB)
+    assert parse_size("2GiB") == parse_size("2gb") == 2 * GiB  # what podman also accepts
+    with pytest.raises(SettingsError, match="--disk-limit"):
+        load_settings({"disk_limit": "ten gigs"}, {})
+    with pytest.raises(SettingsError, match="--userns"):
+        load_settings({"userns": "keep-id"}, {})
+
+
+ROOMY = HostState(
+    mem_total=24 * GiB, mem_available=20 * GiB, pid_max=32768, tasks=500,
+    file_max=10_000_000, disk_free=80 * GiB,
+)  # fmt: skip
+
+
+def test_admission_admits_with_headroom_and_refuses_without() -> None:
+    settings = Settings(disk_limit="10g")
+    spec, headroom = sandbox_spec(settings, "n", {}), Headroom.of(settings)
+    check_headroom(spec, headroom, ROOMY)
+    short = HostState(
+        mem_total=24 * GiB, mem_available=2 * GiB, pid_max=32768, tasks=32000,
+        file_max=2_000_000, disk_free=5 * GiB,
+    )  # fmt: skip
+    with pytest.raises(AdmissionRefused) as refused:
+        check_headroom(spec, headroom, short)
+    # An EngineError: the sessions layer tells the agent "could not start a sandbox: ...".
+    assert isinstance(refused.value, EngineError)
+    text = str(refused.value)
+    assert "memory: 2.0 GiB available" in text
+    assert "pids: 768 free" in text
+    assert "disk: 5.0 GiB free" in text
+    # Without a disk limit only the disk headroom itself must stay free.
+    check_headroom(
+        sandbox_spec(Settings(disk_limit="0"), "n", {}),
+        headroom,
+        HostState(**{**ROOMY.__dict__, "disk_free": 2 * GiB}),
+    )
+
+
+def test_capacity_warnings() -> None:
+    assert capacity_warnings(Settings(max_sandboxes=2, disk_limit="1g"), ROOMY) == []
+    small_file_max = HostState(**{**ROOMY.__dict__, "file_max": 2_000_000})
+    warned = " ".join(capacity_warnings(Settings(max_sandboxes=50), small_file_max))
+    assert "50 sandboxes x 2g memory" in warned and "pid_max 32768" in warned
+    assert "x 10g disk" in warned and "fs.file-max" in warned
