@@ -189,6 +189,7 @@
         ps.platformdirs
         ps.structlog
         ps.prometheus-client
+        ps.uvicorn
       ];
 
       packageFor =

@@ -168,9 +168,12 @@ def global_arguments(spec: SandboxSpec) -> list[str]:
         return []
     args = ["--runtime", spec.runtime]
     if is_gvisor(spec.runtime):
-        # runsc cannot start in the root network namespace that Podman 4 hands it;
-        # `host` uses the container's own netns (set up by Podman), `none` has none.
-        args += ["--runtime-flag", "network=none" if spec.network == "none" else "network=host"]
+        # runsc cannot start in the root network namespace that Podman 4 hands it. `host`
+        # passes the container's own netns (set up by Podman: the bridge); `none` is
+        # gVisor's own netstack with loopback only, which the isolated mode needs (its
+        # proxy listens on 127.0.0.1; with `host` over Podman's empty netns loopback is
+        # unreachable).
+        args += ["--runtime-flag", "network=host" if spec.network == "bridge" else "network=none"]
     return args
 
 

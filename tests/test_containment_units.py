@@ -46,9 +46,12 @@ def test_opt_outs_and_the_strict_profile() -> None:
 
 
 def test_gvisor_profile_uses_global_runtime_options_and_no_userns() -> None:
+    # The isolated default needs gVisor's own netstack (loopback for the agent's proxy);
+    # only the bridge passes Podman's network namespace through.
     args = args_of(runtime="/usr/bin/runsc")
-    assert args[:4] == ["--runtime", "/usr/bin/runsc", "--runtime-flag", "network=host"]
+    assert args[:4] == ["--runtime", "/usr/bin/runsc", "--runtime-flag", "network=none"]
     assert args[4] == "run" and not any(a.startswith("--userns") for a in args)
+    assert args_of(runtime="runsc", network="bridge")[3] == "network=host"
     assert args_of(runtime="runsc", network=False)[3] == "network=none"
     assert args_of(runtime="runsc", strict=True)[3] == "network=none"
     assert args_of(runtime="crun")[:3] == ["--runtime", "crun", "run"]
