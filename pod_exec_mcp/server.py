@@ -230,14 +230,7 @@ def _checked_id(value: str, name: str) -> str:
 
 
 def _to_result(job: JobRead) -> JobState:
-    return JobState(
-        job_id=job.job_id,
-        output=job.output,
-        running=job.running,
-        retval=job.retval,
-        truncated=job.truncated,
-        log_file=job.log_file,
-    )
+    return JobState.model_validate(job, from_attributes=True)
 
 
 # --- the tools ---------------------------------------------------------------------------
@@ -576,8 +569,18 @@ def _describe_bytes(size: int) -> str:
     return f"{size} bytes"
 
 
-def _annotations(title: str, *, read_only: bool, destructive: bool, idempotent: bool) -> Any:
-    return ToolAnnotations(
+def _add_tool(
+    mcp: FastMCP,
+    tool: Callable[..., Awaitable[Any]],
+    title: str,
+    description: str,
+    *,
+    read_only: bool,
+    destructive: bool,
+    idempotent: bool,
+) -> None:
+    """Register one tool: its domain errors translated, its title and hints given once."""
+    annotations = ToolAnnotations(
         title=title,
         read_only_hint=read_only,
         destructive_hint=destructive,
@@ -585,6 +588,7 @@ def _annotations(title: str, *, read_only: bool, destructive: bool, idempotent: 
         # Commands in the sandbox may reach the network; reading files and jobs does not.
         open_world_hint=not read_only,
     )
+    mcp.tool(_agent_errors(tool), title=title, description=description, annotations=annotations)
 
 
 def build_server(
@@ -618,93 +622,103 @@ def build_server(
         middleware=[audit.AuditMiddleware(settings.audit_command_chars), ArgumentErrors()],  # ops
     )
     idle = describe_seconds(settings.idle_timeout)
-    mcp.tool(
-        _agent_errors(shell_exec),
-        title="Run a shell command",
-        description=_shell_exec_description(settings),
-        annotations=_annotations(
-            "Run a shell command", read_only=False, destructive=True, idempotent=False
-        ),
+    _add_tool(
+        mcp,
+        shell_exec,
+        "Run a shell command",
+        _shell_exec_description(settings),
+        read_only=False,
+        destructive=True,
+        idempotent=False,
     )
-    mcp.tool(
-        _agent_errors(create_session),
-        title="Start a sandbox session",
-        description=(
+    _add_tool(
+        mcp,
+        create_session,
+        "Start a sandbox session",
+        (
             "Start a new private Linux sandbox and return its session_id. Pass that id to "
             "the other tools to use the sandbox, and to end_session when done. Required on "
             "stateless (2026-07-28) connections; optional on legacy ones. Sandboxes unused "
             f"for {idle} are removed."
         ),
-        annotations=_annotations(
-            "Start a sandbox session", read_only=False, destructive=False, idempotent=False
-        ),
+        read_only=False,
+        destructive=False,
+        idempotent=False,
     )
-    mcp.tool(
-        _agent_errors(end_session),
-        title="End a sandbox session",
-        description="End a session from create_session: its sandbox, jobs and files are removed.",
-        annotations=_annotations(
-            "End a sandbox session", read_only=False, destructive=True, idempotent=True
-        ),
+    _add_tool(
+        mcp,
+        end_session,
+        "End a sandbox session",
+        "End a session from create_session: its sandbox, jobs and files are removed.",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
     )
-    mcp.tool(
-        _agent_errors(start_job),
-        title="Start a background job",
-        description=(
+    _add_tool(
+        mcp,
+        start_job,
+        "Start a background job",
+        (
             "Start a shell command in the background in your sandbox and return its job_id "
             "at once: for servers, watchers, long builds and test runs (anything that may "
             "outlive about 60 s). It starts in the shell's current directory with its "
             "exported variables. Follow it with read_job; end it with stop_job. Jobs end with "
             f"their session. {_SESSION_HINT}"
         ),
-        annotations=_annotations(
-            "Start a background job", read_only=False, destructive=True, idempotent=False
-        ),
+        read_only=False,
+        destructive=True,
+        idempotent=False,
     )
-    mcp.tool(
-        _agent_errors(read_job),
-        title="Read a background job",
-        description=(
+    _add_tool(
+        mcp,
+        read_job,
+        "Read a background job",
+        (
             "Return what a job printed since the last read_job (head and tail kept if long), "
             "whether it still runs, and its exit status once it has ended. With `wait`, "
             "answers as soon as there is new output or the job ends, so you need not poll."
         ),
-        annotations=_annotations(
-            "Read a background job", read_only=True, destructive=False, idempotent=False
-        ),
+        read_only=True,
+        destructive=False,
+        idempotent=False,
     )
-    mcp.tool(
-        _agent_errors(stop_job),
-        title="Stop a background job",
-        description=(
+    _add_tool(
+        mcp,
+        stop_job,
+        "Stop a background job",
+        (
             "Kill a job and every process it started (TERM, then KILL after a grace "
             "period), and return its last output and status."
         ),
-        annotations=_annotations(
-            "Stop a background job", read_only=False, destructive=True, idempotent=True
-        ),
+        read_only=False,
+        destructive=True,
+        idempotent=True,
     )
-    mcp.tool(
-        _agent_errors(read_file),
-        title="Read a file",
-        description=(
+    _add_tool(
+        mcp,
+        read_file,
+        "Read a file",
+        (
             f"Read a file in your sandbox, as text by lines (offset from 1, limit lines, "
             f"with the total line count) or as base64 bytes (offset and limit in bytes). "
             f"Files up to {_describe_bytes(settings.max_file_bytes)}. {_SESSION_HINT}"
         ),
-        annotations=_annotations("Read a file", read_only=True, destructive=False, idempotent=True),
+        read_only=True,
+        destructive=False,
+        idempotent=True,
     )
-    mcp.tool(
-        _agent_errors(write_file),
-        title="Write a file",
-        description=(
+    _add_tool(
+        mcp,
+        write_file,
+        "Write a file",
+        (
             "Write a whole file in your sandbox atomically (parent directories are created), "
             "from text or base64; no shell quoting involved. Returns the bytes written. "
             f"{_SESSION_HINT}"
         ),
-        annotations=_annotations(
-            "Write a file", read_only=False, destructive=True, idempotent=True
-        ),
+        read_only=False,
+        destructive=True,
+        idempotent=True,
     )
     return mcp, sessions
 

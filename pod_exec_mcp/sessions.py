@@ -71,13 +71,13 @@ class Session:
     key: str
     kind: SessionKind
     principal: str | None
+    # Commands of this session that may run at once (fairness between sessions).
+    exec_slots: asyncio.Semaphore
     sandbox: Sandbox | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
     ended: bool = False
-    # Commands of this session that may run at once (fairness between sessions).
-    exec_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
     # The session's egress policy (the operator's, maybe narrowed at create_session).
     egress: EgressPolicy | None = None
 
