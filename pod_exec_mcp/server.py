@@ -550,6 +550,9 @@ def _shell_exec_description(settings: Settings) -> str:
 def _network_line(settings: Settings) -> str:
     """What the sandbox's network can do, in one line."""
     mode = "none" if settings.strict else settings.network
+    if mode == "isolated" and settings.exec_channel != "agent":
+        # The egress proxy is the agent's: without it an isolated sandbox has no network.
+        mode = "none"
     if mode == "isolated":
         return (
             "Network: HTTP and HTTPS only, through the proxy in $HTTP_PROXY (apt, curl, pip, "
