@@ -129,10 +129,17 @@ async def agent_volume(podman: Podman, agent_image: str, rlimits: Sequence[str] 
         created = await podman.run("volume", "create", volume, check=False)
         if created.returncode != 0 and "already exists" not in created.error_text:
             raise PodmanError(f"podman volume create failed: {created.error_text}")
-    await podman.run(
-        "run", "--rm", "--network=none", "--userns=host", *rlimits,
-        "--volume", f"{volume}:/install", agent_image, "/agent", "install", "/install/agent",
-    )  # fmt: skip
+    # Named and removed here, not --rm: through remote Podman 4.3 the attached client may
+    # look for a container that --rm already removed ("no such container").
+    filler = f"{volume}_fill_{secrets.token_hex(3)}"
+    try:
+        await podman.run(
+            "run", "--name", filler, "--network=none", "--userns=host", *rlimits,
+            "--volume", f"{volume}:/install", agent_image, "/agent", "install",
+            "/install/agent",
+        )  # fmt: skip
+    finally:
+        await podman.remove(filler)
     return volume
 
 

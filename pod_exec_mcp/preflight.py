@@ -73,7 +73,9 @@ def dry_run_arguments(settings: Settings, instance: Instance) -> list[str]:
     if "run" not in args or settings.image not in args:
         raise RuntimeError(f"unexpected sandbox arguments: {args}")
     image_at = len(args) - 1 - args[::-1].index(settings.image)
-    return [a for a in args[: image_at + 1] if a != "--detach"] + [
+    # Not --rm: through remote Podman 4.3 the attached client may then look for a
+    # container that --rm already removed ("no such container"); the caller removes it.
+    return [a for a in args[: image_at + 1] if a not in ("--detach", "--rm")] + [
         "/bin/sh", "-c", f"test -w . && test -w /tmp || exit {_UNWRITABLE}",
     ]  # fmt: skip
 
