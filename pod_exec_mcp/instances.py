@@ -219,7 +219,7 @@ async def survey(podman: Podman, lock_dir: Path | None = None) -> list[Container
         used = usage.get(instance, {}).get(names[0], {})
         session_label = labels.get(LABEL_SESSION, "")
         kind = used.get("kind") or (
-            session_label if session_label in ("pool", "preflight") else "?"
+            session_label if session_label in ("pool", "preflight", "agent-fill") else "?"
         )
         created = c.get("Created")
         found.append(

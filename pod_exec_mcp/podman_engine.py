@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from pod_exec_mcp.admission import Headroom, check_headroom
@@ -46,7 +46,7 @@ from pod_exec_mcp.engine import (
     is_gvisor,
 )
 from pod_exec_mcp.output import BoundedOutput
-from pod_exec_mcp.podman import Podman, PodmanError
+from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
 from pod_exec_mcp.proxy import serve_connection
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,19 @@ _KILL_EXEC_TIMEOUT = 15.0
 _AMBIGUOUS_STATUSES = frozenset({125, 137, 255})
 
 
-async def agent_volume(podman: Podman, agent_image: str, rlimits: Sequence[str] = ()) -> str:
+async def agent_volume(
+    podman: Podman,
+    agent_image: str,
+    rlimits: Sequence[str] = (),
+    labels: Mapping[str, str] | None = None,
+) -> str:
     """A volume holding the agent binary, for sandboxes to mount read-only; one per agent
     image (its name carries the image id, so a rebuilt agent gets a new volume).
 
     Filled by the agent itself (`agent install`, an atomic rename) in a throw-away
     container of its own image: nothing but `podman run`, so it works through remote
-    Podman too, and filling again (each server start does) is harmless."""
+    Podman too, and filling again (each server start does) is harmless. `labels` go on
+    that container: a server killed mid-fill leaves it for the orphan sweep to find."""
     done = await podman.run("image", "inspect", "--format", "{{.Id}}", agent_image)
     volume = f"pod_exec_mcp_agent_{done.stdout.decode().strip()[:12]}"
     if (await podman.run("volume", "exists", volume, check=False)).returncode != 0:
@@ -135,12 +141,16 @@ async def agent_volume(podman: Podman, agent_image: str, rlimits: Sequence[str] 
     try:
         await podman.run(
             "run", "--name", filler, "--network=none", "--userns=host", *rlimits,
-            "--volume", f"{volume}:/install", agent_image, "/agent", "install",
-            "/install/agent",
+            *_label_arguments(labels or {}), "--volume", f"{volume}:/install", agent_image,
+            "/agent", "install", "/install/agent",
         )  # fmt: skip
     finally:
         await podman.remove(filler)
     return volume
+
+
+def _label_arguments(labels: Mapping[str, str]) -> list[str]:
+    return [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
 
 
 def _rlimit_arguments(spec: SandboxSpec) -> list[str]:
@@ -190,8 +200,7 @@ def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[st
     # to signals from inside); without it, podman's own init runs a plain sleep.
     init = [] if agent_volume else ["--init"]
     args = [*global_arguments(spec), "run", "--detach", "--rm", *init, "--name", spec.name]
-    for key, value in spec.labels.items():
-        args += ["--label", f"{key}={value}"]
+    args += _label_arguments(spec.labels)
     args += [
         "--memory", spec.memory,
         "--cpus", f"{spec.cpus:g}",
@@ -311,7 +320,9 @@ class PodmanEngine:
             volume = self._agent_volumes.get(spec.agent_image)
             if volume is None:
                 rlimits = _rlimit_arguments(spec)
-                volume = await agent_volume(self.podman, spec.agent_image, rlimits)
+                # Labelled as this server's, not as the session's: it is nobody's sandbox.
+                labels = {**spec.labels, LABEL_SESSION: "agent-fill"}
+                volume = await agent_volume(self.podman, spec.agent_image, rlimits, labels)
                 self._agent_volumes[spec.agent_image] = volume
         return volume
 

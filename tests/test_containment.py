@@ -315,18 +315,28 @@ async def test_a_running_server_sweeps_orphans_that_appear_after_its_start(
             doomed.stop(signal.SIGKILL)
             await asyncio.gather(*calls, return_exceptions=True)
     survivor = launch("--sweep-interval", "4")
-    # ...and, deterministically, one that finishes only after the survivor's start-up
-    # sweep: exactly what an in-flight `podman run` of the dead server leaves.
-    owner = (run_dir / "state" / "pod_exec_mcp" / "instances" / "owner").read_text().strip()
-    podman(
-        "run", "--detach", "--rm", "--log-driver", "none", "--label", f"{LABEL_MANAGED}=true",
-        "--label", f"{LABEL_INSTANCE}={doomed.instance}", "--label", f"{LABEL_OWNER}={owner}",
-        IMAGE, "sleep", "600",
-    )  # fmt: skip
-    assert containers_of(doomed.instance), "the late container should exist before the sweep"
-    started = time.monotonic()
-    gone = await asyncio.to_thread(wait_until, lambda: containers_of(doomed.instance) == [], 15)
-    FIGURES["orphan swept by a running server after"] = f"{time.monotonic() - started:.1f} s"
-    assert gone
-    assert "orphaned container(s) of dead servers" in survivor.log()
-    survivor.stop()
+    try:
+        # ...and, deterministically, one that finishes only after the survivor's start-up
+        # sweep: exactly what an in-flight `podman run` of the dead server leaves.
+        owner = (run_dir / "state" / "pod_exec_mcp" / "instances" / "owner").read_text().strip()
+        podman(
+            "run", "--detach", "--rm", "--log-driver", "none", "--label", f"{LABEL_MANAGED}=true",
+            "--label", f"{LABEL_INSTANCE}={doomed.instance}", "--label", f"{LABEL_OWNER}={owner}",
+            IMAGE, "sleep", "600",
+        )  # fmt: skip
+        assert containers_of(doomed.instance), "the late container should exist before the sweep"
+        started = time.monotonic()
+        gone = await asyncio.to_thread(wait_until, lambda: containers_of(doomed.instance) == [], 15)
+        FIGURES["orphan swept by a running server after"] = f"{time.monotonic() - started:.1f} s"
+        assert gone
+        # The container leaves `podman ps` before `podman rm` returns and the line is written.
+        said = "orphaned container(s) of dead servers"
+        assert await asyncio.to_thread(wait_until, lambda: said in survivor.log(), 15)
+        # The doomed server may have died while filling the agent's volume: that throw-away
+        # container carries the server's labels too (so it went with the orphans above).
+        fillers = podman("ps", "--all", "--format", "json", "--filter", "name=_fill_").stdout
+        for filler in json.loads(fillers or "[]"):
+            assert LABEL_INSTANCE in (filler.get("Labels") or {}), filler["Names"]
+    finally:
+        # Its periodic sweep would remove the orphans that later tests make and inspect.
+        survivor.stop()
