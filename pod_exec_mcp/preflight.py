@@ -43,7 +43,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     """The listening address, bound (not yet listening) as uvicorn would bind it; a taken
     port or an address that is not ours is a SettingsError naming the setting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) on accepted
+    # connections only when the protocol says TCP. With Nagle on, a response's body (sent
+    # after its headers) waited for the client's delayed ACK: +40 ms on most tool calls.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
