@@ -415,6 +415,10 @@ class PodmanEngine:
         local (several times the throughput of Podman's stdio relay), else over stdio."""
         if self._socket_channel:
             host_end, child_end = socket.socketpair()
+            for end in (host_end, child_end):
+                # Room for a whole window of stream data per send (the kernel caps it at
+                # net.core.wmem_max): fewer, larger writes, and no copy into asyncio's buffer.
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * 1024 * 1024)
             argv = fd_serve_argv([self.podman.path], name, child_end.fileno())
             try:
                 return await AgentChannel.attach(
