@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import version as pkg_version
@@ -83,7 +85,12 @@ PROC_LIST = (
     "while read -r k v _; do case $k in Name:) n=$v;; PPid:) pp=$v;; VmRSS:) r=$v;; esac; "
     'done < "$d/status"; echo "$p $pp $n $r"; done'
 )
-PHASES = ("warm", "throughput", "first", "large", "kill", "agent", "podman_exec")
+DOWNLOAD_BYTES = 100 * 1024 * 1024
+# Timed by curl inside the sandbox: the transfer alone, not the tool call around it.
+DOWNLOAD_COMMAND = "curl -sS -o /dev/null -w '%{{size_download}} %{{time_total}}' http://{}:{}/"
+PHASES = (
+    "warm", "throughput", "first", "large", "kill", "agent", "podman_exec", "download",
+)  # fmt: skip
 POOL = 2
 
 # Issue 10's targets: result key -> (comparison, bound) on its ratio.
@@ -96,7 +103,24 @@ TARGETS = {
     "first.legacy": ("<=", 0.2),
     "first.modern": ("<=", 0.2),
     "large": ("<=", 0.5),
+    # Issue 11's: the isolated network's proxy against --network bridge, in MB/s.
+    "download": (">=", 0.5),
 }
+
+
+class _Zeros(http.server.BaseHTTPRequestHandler):
+    """Serves DOWNLOAD_BYTES of zeros to any GET (the download phase's origin, on this host)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(DOWNLOAD_BYTES))
+        self.end_headers()
+        chunk = bytes(1024 * 1024)
+        for _ in range(DOWNLOAD_BYTES // len(chunk)):
+            self.wfile.write(chunk)
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -473,6 +497,53 @@ class Bench:
             s["ours"], s["raw"], "podman exec of the same command, reading all 10 MB",
         )  # fmt: skip
 
+    async def phase_download(self) -> None:
+        reps = self.args.download_reps
+        self.log(f"download: {reps} interleaved 100 MB downloads, isolated (proxy) and bridge")
+        origin = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Zeros)
+        origin.daemon_threads = True
+        threading.Thread(target=origin.serve_forever, daemon=True).start()
+        port = origin.server_address[1]
+        # The isolated server's operator allows exactly 127.0.0.2 (the proxy connects from
+        # the host, so that is this host's loopback); the bridge sandbox reaches the same
+        # listener through Podman's gateway.
+        targets = {
+            "ours": (self.server("--egress-allow", "public,127.0.0.2/32"), "127.0.0.2"),
+            "raw": (self.server("--network", "bridge"), "host.containers.internal"),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in targets}
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                sessions: dict[str, tuple[Client, str, str]] = {}
+                for name, (server, host) in targets.items():
+                    client, sid, _ = await self.modern(stack, server)
+                    sessions[name] = (client, sid, host)
+
+                def fetch(name: str) -> Callable[[], Awaitable[None]]:
+                    client, sid, host = sessions[name]
+
+                    async def call() -> None:
+                        command = DOWNLOAD_COMMAND.format(host, port)
+                        arguments = {"command": command, "session_id": sid, "timeout": 120}
+                        data = ok(await client.call_tool("shell_exec", arguments))
+                        size, seconds = data["output"].split()
+                        assert int(size) == DOWNLOAD_BYTES, data["output"]
+                        rates[name].append(int(size) / float(seconds) / 1e6)
+
+                    return call
+
+                await interleave({name: fetch(name) for name in targets}, reps)
+        finally:
+            origin.shutdown()
+            origin.server_close()
+        reps_rates = {name: r[-reps:] for name, r in rates.items()}  # the warm-up left out
+        self.samples["download"] = reps_rates
+        self.results["download"] = compare(
+            "100 MB over HTTP in the default network (isolated: through the agent's proxy)",
+            reps_rates["ours"], reps_rates["raw"], "the same download with --network bridge",
+            unit="MB/s",
+        )  # fmt: skip
+
     async def phase_kill(self) -> None:
         reps = self.args.kill_reps
         for grace in (0, 1):
@@ -619,7 +690,9 @@ def table(report: dict[str, Any], markdown: bool = False) -> str:
     rows = [("measurement", "median", "p10-p90", "vs median", "ratio", "target")]
 
     def fmt(x: float, unit: str | None) -> str:
-        return f"{x:.1f}/s" if unit == "calls/s" else f"{1000 * x:.1f} ms"
+        if unit == "calls/s":
+            return f"{x:.1f}/s"
+        return f"{x:.0f} MB/s" if unit == "MB/s" else f"{1000 * x:.1f} ms"
 
     for key, r in results.items():
         if "ours" not in r:
@@ -670,6 +743,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, help="sequential calls per session (default 4)")
     parser.add_argument("--large-reps", type=int, help="10 MB repetitions (default 9)")
     parser.add_argument("--kill-reps", type=int, help="timeout kills per grace (default 5)")
+    parser.add_argument("--download-reps", type=int, help="100 MB downloads per mode (default 5)")
     parser.add_argument(
         "--only", type=lambda s: [x for x in s.split(",") if x], default=list(PHASES),
         help=f"comma-separated phases out of {','.join(PHASES)} (default: all)",
@@ -681,7 +755,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = {
         "reps": (8, 60), "first_reps": (2, 10), "tp_reps": (1, 5), "calls": (2, 4),
-        "large_reps": (2, 9), "kill_reps": (1, 5),
+        "large_reps": (2, 9), "kill_reps": (1, 5), "download_reps": (1, 5),
     }  # fmt: skip
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
