@@ -21,6 +21,9 @@ from pod_exec_mcp.egress import EgressPolicy
 
 # GNU timeout's status for a command that ran out of time.
 TIMEOUT_STATUS = 124
+# Every process a command starts inherits this variable, even one that leaves the
+# command's process group or session; that is how a timeout finds and kills all of them.
+EXEC_ID_ENV = "POD_EXEC_MCP_EXEC_ID"
 
 ProgressCallback = Callable[[float], Awaitable[None]]
 OutputCallback = Callable[[bytes], None]

@@ -33,6 +33,7 @@ from pod_exec_mcp.agent_channel import (
 from pod_exec_mcp.agent_streams import AgentStream
 from pod_exec_mcp.egress import DENY_ALL, EgressPolicy
 from pod_exec_mcp.engine import (
+    EXEC_ID_ENV,
     TIMEOUT_STATUS,
     EngineError,
     OutputCallback,
@@ -65,10 +66,6 @@ PROXY_ENV = {
     "NO_PROXY": "localhost,127.0.0.1,::1",
     "no_proxy": "localhost,127.0.0.1,::1",
 }
-
-# Every process a command starts inherits this variable, even one that leaves the
-# command's process group or session; that is how a timeout finds and kills all of them.
-EXEC_ID_ENV = "POD_EXEC_MCP_EXEC_ID"
 
 # Runs inside the container. The first output line is the shell's PID: podman exec makes it
 # the leader of its own session and process group, so it names the group to kill. stderr

@@ -12,6 +12,8 @@ from __future__ import annotations
 import secrets
 import shlex
 
+from pod_exec_mcp.engine import EXEC_ID_ENV
+
 # Everything of ours inside a sandbox lives under here (on /tmp, which is writable in
 # every profile, including the strict one's read-only root).
 STATE_DIR = "/tmp/.pod_exec_mcp"
@@ -24,11 +26,15 @@ KEPT_OUTPUT_FILES = 20
 COMMAND_ENV = "POD_EXEC_MCP_COMMAND"
 
 # Restore, run, save, with as few processes as the shell allows (each fork and exec costs
-# about a millisecond, against a whole call of ten): restoring uses builtins only, saving
-# one `mv` (so that a concurrent call never sources a half-written file). `export -p`
-# prints re-sourceable `export NAME='value'` lines in dash and bash alike. The EXIT trap
-# also runs after `exit N` in the command (and keeps N). A command killed by a signal (a
-# timeout) saves nothing, and the previous state stays.
+# about a millisecond, against a whole call of ten): restoring uses builtins only. Saving
+# writes only when the command changed an exported variable or the directory (most calls
+# change neither): one fork to list the variables before and one after, against the `mv`
+# (fork and exec, ~3 ms here) that a write needs so that a concurrent call never sources a
+# half-written file. It also means a call that changed nothing never overwrites what a
+# concurrent one saved. `export -p` prints re-sourceable `export NAME='value'` lines in dash
+# and bash alike; the command's exec id is left out of both lists (it differs per call).
+# The EXIT trap also runs after `exit N` in the command (and keeps N). A command killed by
+# a signal (a timeout) saves nothing, and the previous state stays.
 _RESTORE = f"""
 __pem_dir={SHELL_DIR}
 if [ -r "$__pem_dir/env" ]; then . "$__pem_dir/env"; fi
@@ -45,11 +51,17 @@ _PERSISTENT = (
     _RESTORE
     + f"""
 __pem_save() {{
-  unset POD_EXEC_MCP_EXEC_ID {COMMAND_ENV}
+  unset {EXEC_ID_ENV} {COMMAND_ENV}
+  __pem_after=$(export -p)
+  if [ "$__pem_after" = "$__pem_before" ] && [ "$PWD" = "$__pem_cwd" ]; then return; fi
   [ -d "$__pem_dir" ] || mkdir -p "$__pem_dir" 2>/dev/null || return
-  export -p > "$__pem_dir/env.$$" && mv -f "$__pem_dir/env.$$" "$__pem_dir/env"
+  if [ "$__pem_after" != "$__pem_before" ]; then
+    printf '%s\\n' "$__pem_after" > "$__pem_dir/env.$$" &&
+      mv -f "$__pem_dir/env.$$" "$__pem_dir/env"
+  fi
   pwd > "$__pem_dir/cwd"
 }}
+__pem_before=$(unset {EXEC_ID_ENV} {COMMAND_ENV}; export -p)
 trap __pem_save EXIT
 """
     + _RUN

@@ -38,6 +38,14 @@ async def test_cwd_and_exported_variables_carry_over(server: ServerProcess, lega
         assert (await sh(client, "command -v python3", **args))["output"] == (
             "/tmp/proj/v/bin/python3\n"
         )
+        # A call that changes nothing keeps the state (it is not rewritten); a `cd` alone,
+        # and an `unset` alone, are each saved.
+        await sh(client, "true", **args)
+        await sh(client, "cd /tmp", **args)
+        assert (await sh(client, "pwd; echo $FOO", **args))["output"] == "/tmp\nbar\n"
+        await sh(client, "unset FOO", **args)
+        assert (await sh(client, "pwd; echo x${FOO}x", **args))["output"] == "/tmp\nxx\n"
+        await sh(client, "cd /tmp/proj", **args)
         # A command that exits early still leaves its state; the next call is a fresh shell.
         await sh(client, "cd /; export BAZ=1; exit 3", **args)
         assert (await sh(client, "pwd; echo $BAZ", **args))["output"] == "/\n1\n"
