@@ -35,7 +35,7 @@ class FakeEngine:
     removed: list[str] = field(default_factory=list)
     fail_start: str | None = None
     # command -> what run() does with it; default: echo the command back, exit 0.
-    behaviour: dict[str, Callable[[Sandbox], Any]] = field(default_factory=dict)
+    behaviour: dict[str, Callable[..., Any]] = field(default_factory=dict)
     active_runs: int = 0
     most_active_runs: int = 0
     # sandbox name -> the egress policy the sessions layer set for it.

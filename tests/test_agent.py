@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import FIGURES, IMAGE, podman, wait_until
@@ -124,7 +125,7 @@ def attach_argv(name: str) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def channel(
-    name: str, argv: list[str] | None = None, **kwargs: float
+    name: str, argv: list[str] | None = None, **kwargs: Any
 ) -> AsyncIterator[AgentChannel]:
     chan = await AgentChannel.attach(argv or attach_argv(name), **kwargs)
     try:

@@ -65,7 +65,8 @@ async def test_job_is_read_incrementally_and_its_status_arrives(
             command="for i in 1 2 3; do echo tick $i; sleep 1; done; exit 7",
             **args,
         )
-        seen, reads, state = "", 0, {"running": True}
+        seen, reads = "", 0
+        state: dict[str, Any] = {"running": True}
         while state["running"] and reads < 20:
             state = await call(client, "read_job", job_id=job["job_id"], wait=5)
             seen += state["output"]

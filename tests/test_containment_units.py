@@ -62,7 +62,7 @@ def test_a_spec_built_by_hand_keeps_the_plain_defaults() -> None:
     disk limit unless they ask."""
     plain = SandboxSpec(
         name="n", labels={}, image="i", memory="1g", cpus=1, pids_limit=64, nofile=64,
-        nproc=64, network=True, strict=False, tmpfs_size="64m", lifetime=0,
+        nproc=64, network="bridge", strict=False, tmpfs_size="64m", lifetime=0,
     )  # fmt: skip
     args = run_arguments(plain)
     assert args[0] == "run" and "--storage-opt" not in args

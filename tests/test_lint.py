@@ -1,4 +1,5 @@
-"""The code stays ruff-clean (lint and format), checked with the rest of the suite."""
+"""The code stays ruff-clean (lint and format) and mypy-clean, checked with the rest of the
+suite."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ def test_ruff_check() -> None:
 def test_ruff_format() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "ruff", "format", "--check", "."],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy() -> None:
+    # The product, its tests and the benchmark: a test's wrong argument type is as much a
+    # defect as the product's (one here passed network=True where a mode name belongs).
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "pod_exec_mcp", "tests", "bench"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

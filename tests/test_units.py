@@ -137,7 +137,8 @@ def test_run_arguments_default_and_strict() -> None:
     strict = run_arguments(sandbox_spec(Settings(strict=True, sandbox_lifetime=0), "n", {}), "v")
     assert {"--cap-drop=ALL", "--read-only", "--network=none"} <= set(strict)
     assert strict[-1] == "0"
-    for off in (Settings(network=False), Settings(network="none")):
+    # network=False: the boolean form of earlier releases, still accepted.
+    for off in (Settings(network=False), Settings(network="none")):  # type: ignore[arg-type]
         none = run_arguments(sandbox_spec(off, "n", {}))
         assert "--network=none" in none and not any("PROXY" in a for a in none)
     assert not any("PROXY" in a for a in strict)

@@ -7,6 +7,7 @@ containers is tested end to end in the other files.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,13 @@ from pod_exec_mcp.sessions import SessionError, Sessions, describe_seconds
 
 
 @pytest.fixture
-def instance(tmp_path: Path) -> Instance:
+def instance(tmp_path: Path) -> Iterator[Instance]:
     found = Instance.acquire(tmp_path)
     yield found
     found.release()
 
 
-def make(instance: Instance, **settings: object) -> tuple[Sessions, FakeEngine]:
+def make(instance: Instance, **settings: Any) -> tuple[Sessions, FakeEngine]:
     engine = FakeEngine()
     return Sessions(engine, Settings(**settings), instance), engine
 

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import FIGURES
@@ -44,11 +45,11 @@ def _tail(text: str, lines: int = 60) -> str:
 
 
 def run(
-    cmd: Sequence[str | os.PathLike[str]],
+    cmd: Sequence[object],
     *,
     timeout: float,
     check: bool = True,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> subprocess.CompletedProcess[str]:
     """Run `cmd` to completion; with `check`, a failure fails the test with its output."""
     args = [str(c) for c in cmd]

@@ -105,7 +105,7 @@ def test_apps_and_dev_shell(evaluated: dict[str, Any]) -> None:
 
 def _required_names(dist: str, extras: set[str]) -> set[str]:
     """The distributions `dist` (as installed here) requires, for the nixpkgs Python."""
-    names = set()
+    names: set[str] = set()
     for text in metadata.requires(dist) or []:
         req = Requirement(text)
         envs = [{**NIX_PYTHON, "extra": e} for e in ({""} | extras)]

@@ -13,6 +13,7 @@ import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dist_helpers import (
@@ -87,7 +88,7 @@ def installed(dists: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture
-def outside(installed: Path, tmp_path: Path) -> dict[str, object]:
+def outside(installed: Path, tmp_path: Path) -> dict[str, Any]:
     """subprocess arguments that run from a directory outside the checkout, with nothing of
     it importable: no PYTHONPATH, and the venv's bin first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -95,7 +96,7 @@ def outside(installed: Path, tmp_path: Path) -> dict[str, object]:
     return {"cwd": tmp_path, "env": env}
 
 
-def test_both_commands_installed(installed: Path, outside: dict[str, object]) -> None:
+def test_both_commands_installed(installed: Path, outside: dict[str, Any]) -> None:
     for script in SCRIPTS:
         assert (installed / "bin" / script).is_file(), script
     location = run(
@@ -116,7 +117,7 @@ def wheel_tag() -> Iterator[str]:
 
 
 def test_build_image_from_the_installed_wheel(
-    installed: Path, outside: dict[str, object], wheel_tag: str
+    installed: Path, outside: dict[str, Any], wheel_tag: str
 ) -> None:
     printed = run(["pod_exec_mcp_build", "--print-containerfile"], timeout=60, **outside).stdout
     assert printed == CONTAINERFILE

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs
 from dist_helpers import BASE_IMAGE, INIT_PY, ROOT, podman, remove_image, run, source_version
 from dist_helpers import unique as unique_name
 
