@@ -177,6 +177,28 @@ USERNS_ADVICE = (
 )
 
 
+# The cgroup controller that enforces each sandbox limit.
+_LIMIT_CONTROLLERS = {"memory": "--memory", "pids": "--pids-limit", "cpu": "--cpus"}
+
+
+def unenforced_limits_warning(controllers: tuple[str, ...] | None) -> str | None:
+    """What to say when Podman cannot enforce some sandbox limits: rootless Podman on
+    cgroups v1 (and on v2 without delegated controllers) drops them with no error, so
+    sandboxes would run without them. None when all can be enforced, or Podman did not
+    say."""
+    if controllers is None:
+        return None
+    missing = [flag for name, flag in _LIMIT_CONTROLLERS.items() if name not in controllers]
+    if not missing:
+        return None
+    return (
+        f"Podman here cannot enforce {', '.join(missing)} (cgroup controllers available: "
+        f"{', '.join(controllers) or 'none'}): sandboxes run without those limits. Rootless "
+        "Podman needs cgroups v2 with the controllers delegated to its user; rootful "
+        "Podman has them"
+    )
+
+
 def disk_advice(disk_limit: str, driver: str, backing: str) -> str:
     return (
         f"--disk-limit {disk_limit} needs container storage that enforces a size per "

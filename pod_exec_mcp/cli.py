@@ -16,7 +16,12 @@ from typing import Any, NoReturn
 import uvicorn
 
 from pod_exec_mcp import __version__, logs
-from pod_exec_mcp.admission import Headroom, capacity_warnings, host_state
+from pod_exec_mcp.admission import (
+    Headroom,
+    capacity_warnings,
+    host_state,
+    unenforced_limits_warning,
+)
 from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
 from pod_exec_mcp.health import Readiness
@@ -32,7 +37,7 @@ from pod_exec_mcp.instances import (
 )
 from pod_exec_mcp.metrics import Metrics
 from pod_exec_mcp.podman import Podman, PodmanError
-from pod_exec_mcp.podman_engine import PodmanEngine, storage_facts
+from pod_exec_mcp.podman_engine import PodmanEngine, podman_facts
 from pod_exec_mcp.preflight import bind_socket, check_sandbox_settings
 from pod_exec_mcp.server import build_server
 from pod_exec_mcp.sessions import Sessions
@@ -234,15 +239,17 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     instance = Instance.acquire()
     try:
         # Where Podman keeps sandboxes: for the disk headroom, and the disk-limit advice.
-        graph_root, driver, backing = await storage_facts(podman)
-        await check_sandbox_settings(podman, settings, instance, (driver, backing))
+        facts = await podman_facts(podman)
+        await check_sandbox_settings(podman, settings, instance, (facts.driver, facts.backing))
     except (PodmanError, SettingsError) as exc:
         sock.close()
         instance.release()
         die(str(exc))
-    for warning in capacity_warnings(settings, host_state(graph_root)):
+    if (unenforced := unenforced_limits_warning(facts.cgroup_controllers)) is not None:
+        log.warning("limits: %s", unenforced)
+    for warning in capacity_warnings(settings, host_state(facts.graph_root)):
         log.warning("capacity: %s", warning)
-    engine = PodmanEngine(podman, Headroom.of(settings, graph_root))
+    engine = PodmanEngine(podman, Headroom.of(settings, facts.graph_root))
     mcp, sessions = build_server(settings, engine, instance, auth)
     metrics = Metrics.for_server(podman, sessions, sessions.exec_slots)
     config = uvicorn.Config(

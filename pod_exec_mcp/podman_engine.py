@@ -18,6 +18,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pod_exec_mcp.admission import Headroom, check_headroom
@@ -159,15 +160,28 @@ def _rlimit_arguments(spec: SandboxSpec) -> list[str]:
     ]  # fmt: skip
 
 
-async def storage_facts(podman: Podman) -> tuple[str, str, str]:
-    """(graph root, storage driver, backing file system) from `podman info`."""
+@dataclass(frozen=True)
+class PodmanFacts:
+    """What `podman info` says that the start-up checks need."""
+
+    graph_root: str
+    driver: str
+    backing: str
+    # The cgroup controllers Podman can set limits with; None where it does not say.
+    cgroup_controllers: tuple[str, ...] | None
+
+
+async def podman_facts(podman: Podman) -> PodmanFacts:
     done = await podman.run("info", "--format", "json")
-    store = json.loads(done.stdout).get("store", {})
+    info = json.loads(done.stdout)
+    store = info.get("store", {})
     status = store.get("graphStatus") or {}
-    return (
-        store.get("graphRoot", ""),
-        store.get("graphDriverName", ""),
-        status.get("Backing Filesystem", ""),
+    controllers = (info.get("host") or {}).get("cgroupControllers")
+    return PodmanFacts(
+        graph_root=store.get("graphRoot", ""),
+        driver=store.get("graphDriverName", ""),
+        backing=status.get("Backing Filesystem", ""),
+        cgroup_controllers=None if controllers is None else tuple(controllers),
     )
 
 

@@ -11,6 +11,7 @@ from pod_exec_mcp.admission import (
     HostState,
     capacity_warnings,
     check_headroom,
+    unenforced_limits_warning,
 )
 from pod_exec_mcp.config import Settings, SettingsError, load_settings, parse_size
 from pod_exec_mcp.engine import EngineError, SandboxSpec, sandbox_spec
@@ -115,3 +116,16 @@ def test_capacity_warnings() -> None:
     warned = " ".join(capacity_warnings(Settings(max_sandboxes=50), small_file_max))
     assert "50 sandboxes x 2g memory" in warned and "pid_max 32768" in warned
     assert "x 10g disk" in warned and "fs.file-max" in warned
+
+
+def test_limits_podman_cannot_enforce_are_named() -> None:
+    # Rootless Podman 4.3 on cgroups v1 reports no controllers and drops --memory,
+    # --pids-limit and --cpus without an error (checked by hand: memory.limit_in_bytes
+    # was unlimited in such a sandbox).
+    assert unenforced_limits_warning(()) is not None
+    assert all(flag in (unenforced_limits_warning(()) or "") for flag in ("--memory", "--cpus"))
+    partial = unenforced_limits_warning(("cpuset", "memory", "pids")) or ""
+    assert "--cpus" in partial and "--memory" not in partial and "memory, pids" in partial
+    rootful_v1 = ("cpuset", "cpu", "cpuacct", "blkio", "memory", "devices", "freezer", "pids")
+    assert unenforced_limits_warning(rootful_v1) is None
+    assert unenforced_limits_warning(None) is None  # Podman did not say: no guess
