@@ -10,29 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_ruff_check() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True
-    )
+def _passes(*tool: str) -> None:
+    """Run `python -m TOOL ...` at the repository's root; its output is the failure text."""
+    done = subprocess.run([sys.executable, "-m", *tool], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff_check() -> None:
+    _passes("ruff", "check", ".")
 
 
 def test_ruff_format() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", "."],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    _passes("ruff", "format", "--check", ".")
 
 
 def test_mypy() -> None:
     # The product, its tests and the benchmark: a test's wrong argument type is as much a
     # defect as the product's (one here passed network=True where a mode name belongs).
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", "pod_exec_mcp", "tests", "bench"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    _passes("mypy", "pod_exec_mcp", "tests", "bench")
 
 
 def test_readme_settings_table_matches_the_model() -> None:
