@@ -147,7 +147,7 @@ def usage_path(lock_dir: Path, instance_id: str) -> Path:
 
 
 class _Session(Protocol):
-    """What write_usage reads of a registry's SessionEntry."""
+    """What write_usage reads of a sessions.Session."""
 
     @property
     def kind(self) -> str: ...

@@ -63,7 +63,7 @@ def start_reason(text: str) -> str:
 
 
 class _Session(Protocol):
-    """What the gauges read of a registry's SessionEntry."""
+    """What the gauges read of a sessions.Session."""
 
     @property
     def key(self) -> str: ...
@@ -73,7 +73,7 @@ class _Session(Protocol):
     def sandbox(self) -> object | None: ...
 
 
-# The live sessions, and the names of the pooled sandboxes (SessionRegistry.census).
+# The live sessions, and the names of the pooled sandboxes (Sessions.census).
 Census = tuple[Sequence[_Session], Sequence[str]]
 
 

@@ -72,35 +72,29 @@ class Podman:
 
     async def spawn(self, *args: str, stdin: bytes | None = None) -> asyncio.subprocess.Process:
         """Start `podman ARGS` with stdout/stderr piped and stdin from /dev/null, or fed
-        `stdin` (written in the background, then closed).
-
-        In a session of its own, so that a Ctrl-C meant for the server does not also kill
-        the podman clients it still needs for cleanup.
-        """
-        proc = await asyncio.create_subprocess_exec(
-            self.path,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        `stdin` (written in the background, then closed)."""
+        proc = await self._start(args, piped_stdin=stdin is not None)
         if stdin is not None:
             self._feeders.add(asyncio.create_task(_feed(proc, stdin)))
             self._feeders = {t for t in self._feeders if not t.done()}
         return proc
 
-    async def run(self, *args: str, check: bool = True, stdin: bytes | None = None) -> Completed:
-        """Run `podman ARGS` to completion, feeding it `stdin` if given; with `check`, a
-        non-zero exit raises PodmanError."""
-        proc = await asyncio.create_subprocess_exec(
+    async def _start(self, args: tuple[str, ...], piped_stdin: bool) -> asyncio.subprocess.Process:
+        """`podman ARGS` in a session of its own, so that a Ctrl-C meant for the server does
+        not also kill the podman clients it still needs for cleanup."""
+        return await asyncio.create_subprocess_exec(
             self.path,
             *args,
-            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE if piped_stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+
+    async def run(self, *args: str, check: bool = True, stdin: bytes | None = None) -> Completed:
+        """Run `podman ARGS` to completion, feeding it `stdin` if given; with `check`, a
+        non-zero exit raises PodmanError."""
+        proc = await self._start(args, piped_stdin=stdin is not None)
         try:
             stdout, stderr = await proc.communicate(stdin)
         except asyncio.CancelledError:
