@@ -170,6 +170,32 @@ async def test_fresh_sandbox_has_python_and_git_that_work(server: ServerProcess)
         assert done["output"] == "pod_exec_mcp agent\n"
 
 
+async def test_login_profile_acts_as_debians_without_starting_processes(
+    server: ServerProcess,
+) -> None:
+    """The image's /etc/profile (image/profile) runs for every command: it sets Debian's
+    PATH for root and for other users and sources profile.d as run-parts would pick its
+    scripts, yet starts no process of its own (Debian's starts `id` and `run-parts`)."""
+    async with server.client(legacy=True) as client:
+        done = await sh(
+            client,
+            "mkdir -p /etc/profile.d && echo 'export FROM_PROFILE_D=yes' > /etc/profile.d/zz.sh"
+            " && echo 'export HIDDEN=yes' > /etc/profile.d/.hidden.sh"
+            " && echo 'export OTHER=yes' > /etc/profile.d/other.txt"
+            " && sh -lc 'echo \"$PATH $FROM_PROFILE_D ${HIDDEN-no} ${OTHER-no}\"'"
+            " && setpriv --reuid=65534 --regid=65534 --clear-groups sh -lc 'echo \"$PATH\"'"
+            # The last field of /proc/loadavg: the last pid made in this pid namespace.
+            " && read _ _ _ _ before < /proc/loadavg && sh -lc true"
+            " && read _ _ _ _ after < /proc/loadavg && echo $((after - before))",
+        )
+        assert done["retval"] == 0, done
+        assert done["output"].splitlines() == [
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin yes no no",
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games",
+            "1",  # the login shell itself, and nothing it started
+        ]
+
+
 async def test_one_shot_legacy_sandbox_is_reaped(launch: Any) -> None:
     server = launch("--legacy-idle-timeout", "2")
     async with server.client(legacy=True) as client:
