@@ -170,3 +170,30 @@ async def test_the_exec_agent_is_init_and_kills_in_this_profile(server: ServerPr
     assert left["output"] == "0\n", left
     # The agent attached: nothing fell back to one podman exec per command.
     assert "using podman exec" not in server.log()
+
+
+# In the sandbox: take a copy of descriptor 3 of the agent serving this sandbox (its
+# channel to the server, a socket of the host's) with pidfd_getfd(2), as root of the
+# sandbox; prints the copy's number, or the error.
+_STEAL_AGENT_FD = """
+import ctypes, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+found = subprocess.run(["pgrep", "-f", "agent serve"], capture_output=True, text=True)
+pid = int(found.stdout.split()[0])
+pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+fd = libc.syscall(438, pidfd, 3, 0) if pidfd >= 0 else -1  # pidfd_getfd
+print(fd if fd >= 0 else os.strerror(ctypes.get_errno()))
+"""
+
+
+@pytest.mark.skipif(
+    os.environ.get("POD_EXEC_MCP_EXEC_CHANNEL") == "podman-exec", reason="no agent in this run"
+)
+async def test_commands_cannot_take_the_agents_descriptors(server: ServerProcess) -> None:
+    """The agent holds sockets of the host's (its channel, and the egress connections
+    handed to it): a command, even as the sandbox's root, must not take copies of them.
+    The agent is not dumpable, so only CAP_SYS_PTRACE could, and sandboxes lack it."""
+    async with server.client(legacy=True) as client:
+        stolen = await sh(client, f"python3 -c '{_STEAL_AGENT_FD}'")
+    assert stolen["retval"] == 0, stolen
+    assert not stolen["output"].strip().isdigit(), stolen

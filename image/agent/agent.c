@@ -1212,6 +1212,9 @@ static int serve_main(void) {
     int ignored[] = {SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGQUIT};
     for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++) signal(ignored[i], SIG_IGN);
     prctl(PR_SET_NAME, "pem-agent");
+    /* It holds sockets of the host's (its channel): without this, the sandbox's root could
+     * copy them with pidfd_getfd(2) or ptrace. Commands are dumpable again: exec resets it. */
+    prctl(PR_SET_DUMPABLE, 0);
     for (int i = 0; i < MAX_JOBS; i++) { /* -1: no descriptor (0 is the host's stdin) */
         struct job *j = &jobs[i];
         j->out_fd = j->ctl_r = j->ctl_w = j->in_fd = j->spill_fd = -1;
