@@ -73,20 +73,27 @@ def serve_argv(podman: Sequence[str], container: str) -> list[str]:
     return [*podman, "exec", "-i", container, AGENT_PATH, "serve"]
 
 
-def fd_serve_argv(podman: Sequence[str], container: str, child_fd: int) -> list[str]:
+def fd_serve_argv(
+    podman: Sequence[str], container: str, child_fd: int, pass_fd: int | None = None
+) -> list[str]:
     """The argv for `AgentChannel.attach(..., sock=...)`: the agent's channel is the socket
     `child_fd`, moved to fd 3 (by a small Python exec wrapper: POSIX shells cannot name fds
     above 9) and passed into the sandbox with `podman exec --preserve-fds`, so frames skip
-    the copy through Podman's stdio relay. Local Podman only: a remote client cannot pass
-    descriptors."""
+    the copy through Podman's stdio relay. `pass_fd`, moved to fd 4, is the agent's end of
+    the pass socket (splice). Local Podman only: a remote client cannot pass descriptors."""
+    fds = [child_fd] if pass_fd is None else [child_fd, pass_fd]
     move = (
-        "import os, sys; fd = int(sys.argv[1]); "
-        "fd != 3 and (os.dup2(fd, 3, inheritable=True), os.close(fd)); "
+        "import fcntl, os, sys; fds = [int(f) for f in sys.argv[1].split(',')]; "
+        # Out of the way first, so that moving one cannot overwrite another.
+        "high = [fcntl.fcntl(f, fcntl.F_DUPFD, 100) for f in fds]; "
+        "[os.close(f) for f in fds]; "
+        "[(os.dup2(h, 3 + i, inheritable=True), os.close(h)) for i, h in enumerate(high)]; "
         "os.execvp(sys.argv[2], sys.argv[2:])"
     )
+    serve = ["serve", "--fd", "3"] + ([] if pass_fd is None else ["--pass-fd", "4"])
     return [
-        sys.executable, "-c", move, str(child_fd),
-        *podman, "exec", "--preserve-fds=1", container, AGENT_PATH, "serve", "--fd", "3",
+        sys.executable, "-c", move, ",".join(map(str, fds)),
+        *podman, "exec", f"--preserve-fds={len(fds)}", container, AGENT_PATH, *serve,
     ]  # fmt: skip
 
 
@@ -228,6 +235,8 @@ class AgentChannel:
         on_stream: StreamHandler | None = None,
         sock: socket.socket | None = None,
         child_sock: socket.socket | None = None,
+        pass_sock: socket.socket | None = None,
+        child_pass_sock: socket.socket | None = None,
     ) -> AgentChannel:
         """Start the agent (argv is the full command, e.g. [podman, exec, -i, CTR,
         /.pod_exec_mcp/agent, serve]), handshake; AgentError if it cannot.
@@ -237,9 +246,12 @@ class AgentChannel:
         serves each connection the agent accepts once `listen` was called.
 
         With `sock` and `child_sock` (a socketpair; argv from `fd_serve_argv`), frames go
-        over `sock` instead of the agent's stdio; both are owned by the channel from here.
+        over `sock` instead of the agent's stdio; with `pass_sock` and `child_pass_sock`
+        too, streams can be spliced (agent_streams.py). All are owned by the channel from
+        here.
         """
         pipe = asyncio.subprocess.PIPE
+        children = [s for s in (child_sock, child_pass_sock) if s is not None]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -247,15 +259,16 @@ class AgentChannel:
                 stdout=pipe if sock is None else asyncio.subprocess.DEVNULL,
                 stderr=pipe,
                 limit=4 * MAX_PAYLOAD,
-                pass_fds=(child_sock.fileno(),) if child_sock is not None else (),
+                pass_fds=[s.fileno() for s in children],
             )
         except OSError as exc:
-            if sock is not None:
-                sock.close()
+            for own in (sock, pass_sock):
+                if own is not None:
+                    own.close()
             raise AgentError(f"cannot start the agent ({argv[0]}): {exc}") from exc
         finally:
-            if child_sock is not None:
-                child_sock.close()  # the agent's end now lives in podman and the agent only
+            for child in children:
+                child.close()  # the agent's ends now live in podman and the agent only
         chan = cls(proc, heartbeat_interval, heartbeat_timeout)
         if sock is not None:
             chan._reader, chan._writer = await asyncio.open_connection(
@@ -264,7 +277,7 @@ class AgentChannel:
         else:
             assert proc.stdout is not None and proc.stdin is not None
             chan._reader, chan._writer = proc.stdout, proc.stdin
-        chan._mux = StreamMux(chan._send, on_stream)
+        chan._mux = StreamMux(chan._send, on_stream, pass_socket=pass_sock)
         chan._tasks = [
             asyncio.create_task(chan._read_frames()),
             asyncio.create_task(chan._read_stderr()),

@@ -9,6 +9,11 @@ that the receiver has not credited back (STREAM_CREDIT). The agent credits bytes
 has written them to the socket; this side once the handler has read them. So one slow
 stream never blocks the channel (frames of every stream are always read at once) and never
 holds more than `window` bytes on either side.
+
+Where the channel has a pass socket (local Podman, runc), a stream can be spliced
+(`AgentStream.splice`): the proxy hands the agent its connection to the destination, and
+the agent copies between the two sockets itself, so a download's bytes never pass through
+this process.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -24,7 +30,15 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">BBHII")
 # Host to agent.
-T_LISTEN, T_STREAM_DATA, T_STREAM_END, T_STREAM_CREDIT, T_STREAM_RESET = range(0x10, 0x15)
+(
+    T_LISTEN,
+    T_STREAM_DATA,
+    T_STREAM_END,
+    T_STREAM_CREDIT,
+    T_STREAM_RESET,
+    T_SPLICE,
+    T_SPLICE_GO,
+) = range(0x10, 0x17)
 # Agent to host.
 (
     T_STREAM_OPEN,
@@ -33,8 +47,12 @@ T_LISTEN, T_STREAM_DATA, T_STREAM_END, T_STREAM_CREDIT, T_STREAM_RESET = range(0
     T_STREAM_CREDIT_IN,
     T_STREAM_RESET_IN,
     T_LISTENING,
-) = range(0x90, 0x96)
-STREAM_FRAMES = frozenset(range(0x90, 0x96))
+    T_SPLICED,
+    T_SPLICE_END,
+) = range(0x90, 0x98)
+STREAM_FRAMES = frozenset(range(0x90, 0x98))
+SPLICE_ONE_REQUEST = 1
+UNLIMITED = 2**64 - 1
 
 # Per stream: what the agent may buffer of ours (downloads: large, for throughput; the
 # memory is the sandbox's), and what we buffer of the agent's (uploads: the server's memory,
@@ -73,6 +91,10 @@ class AgentStream:
         self._consumed = 0  # bytes read here and not yet credited to the agent
         self._ended = False  # we sent END
         self._closed = False
+        # Splice: the agent's answer to SPLICE (True: it took the socket), then the end of
+        # the exchange it copies (bytes to the destination, bytes to the client).
+        self._spliced: asyncio.Future[bool] | None = None
+        self._splice_end: asyncio.Future[tuple[int, int]] | None = None
 
     # --- from the channel's reader (synchronous, never blocks) ---
 
@@ -99,6 +121,23 @@ class AgentStream:
             self._reset = why or "reset"
         self._readable.set()
         self._credited.set()
+        error = ConnectionResetError(f"the sandbox's connection was reset: {self._reset}")
+        for waiter in (self._spliced, self._splice_end):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved here: nobody may be waiting any more
+
+    def _on_spliced(self, payload: bytes) -> None:
+        if self._spliced is not None and not self._spliced.done() and len(payload) >= 4:
+            status = struct.unpack(">I", payload[:4])[0]
+            if status != 0:
+                log.debug("splice refused by the agent: %s", payload[4:].decode(errors="replace"))
+            self._spliced.set_result(status == 0)
+
+    def _on_splice_end(self, payload: bytes) -> None:
+        if self._splice_end is not None and not self._splice_end.done() and len(payload) == 16:
+            up, down = struct.unpack(">QQ", payload)
+            self._splice_end.set_result((up, down))
 
     # --- the ByteStream interface ---
 
@@ -140,12 +179,55 @@ class AgentStream:
             self._ended = True
             await self._mux.send(frame(T_STREAM_END, self.id))
 
+    async def splice(
+        self, upstream: socket.socket, first: bytes, limit: int | None, one_request: bool
+    ) -> tuple[int, int] | None:
+        """Hand `upstream` (connected, nothing read from it yet) to the agent, which copies
+        between it and the client itself: `first`, then at most `limit` more bytes of the
+        client's (None: all of them, then its EOF) go to upstream, and upstream's bytes to
+        the client; with `one_request` the end of upstream's answer ends the exchange.
+        Returns when the exchange is over, with the bytes each way (to upstream, to the
+        client). None, with nothing sent, where the agent cannot take the socket (no pass
+        socket, an agent without splice): the caller relays instead.
+
+        The agent stops reading the client when it takes the socket; what the client sent
+        before that is here (frames are ordered), and goes to upstream from here before
+        GO lets the agent send the rest."""
+        if self._reset is not None or self._spliced is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        if not self._mux.pass_fd(self.id, upstream.fileno()):
+            return None
+        self._spliced = loop.create_future()
+        self._splice_end = loop.create_future()
+        flags = SPLICE_ONE_REQUEST if one_request else 0
+        await self._mux.send(frame(T_SPLICE, self.id, struct.pack(">I", flags)))
+        if not await self._spliced:
+            self._spliced = self._splice_end = None
+            return None
+        held = bytes(self._buf)
+        self._buf.clear()
+        if limit is not None:
+            held = held[:limit]
+            limit -= len(held)
+        if first or held:
+            await loop.sock_sendall(upstream, first + held)
+        budget = UNLIMITED if limit is None else limit
+        await self._mux.send(frame(T_SPLICE_GO, self.id, struct.pack(">Q", budget)))
+        return await self._splice_end
+
     async def close(self) -> None:
         """End our side, let the client finish (reading and discarding what it still
         sends) for up to LINGER seconds, then reset whatever is left. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._spliced is not None:  # the agent freed the stream when it ended or reset it
+            if self._reset is None and not (self._splice_end and self._splice_end.done()):
+                self._reset = "closed"  # given up on (cancelled) while spliced
+                self._mux.send_soon(frame(T_STREAM_RESET, self.id, b"closed by the host"))
+            self._mux.forget(self.id)
+            return
         try:
             if self._reset is None:
                 await self.write_eof()
@@ -170,8 +252,12 @@ class StreamMux:
         handler: StreamHandler | None,
         window: int = WINDOW_TO_HOST,
         send_window: int = WINDOW_TO_AGENT,
+        pass_socket: socket.socket | None = None,
     ) -> None:
         self._send = send
+        # Where descriptors go to the agent for SPLICE (a SOCK_SEQPACKET socketpair's end);
+        # None: streams are relayed through this process.
+        self.pass_socket = pass_socket
         self._handler = handler
         self.window = window
         self.send_window = send_window
@@ -216,8 +302,25 @@ class StreamMux:
         finally:
             self._listening.pop(request_id, None)
 
+    def pass_fd(self, stream_id: int, fd: int) -> bool:
+        """Send descriptor `fd` to the agent for stream `stream_id` (before its SPLICE
+        frame); False where it cannot go (no pass socket, or the socket is full)."""
+        if self.pass_socket is None or self._dead is not None:
+            return False
+        try:
+            tag = struct.pack(">I", stream_id)
+            sent = socket.send_fds(self.pass_socket, [tag], [fd], socket.MSG_DONTWAIT)
+        except OSError as exc:
+            log.debug("cannot pass a descriptor to the agent: %s", exc)
+            return False
+        return sent == len(tag)
+
     def error(self, fid: int, message: str) -> bool:
-        """An ERROR frame: True if it answers a LISTEN of ours."""
+        """An ERROR frame: True if it answers a LISTEN or a SPLICE of ours."""
+        stream = self._streams.get(fid)
+        if stream is not None:  # an agent without SPLICE (UNSUPPORTED): the stream goes on
+            stream._on_spliced(struct.pack(">I", 1) + message.encode())
+            return True
         waiter = self._listening.get(fid)
         if waiter is None:
             return False
@@ -247,6 +350,11 @@ class StreamMux:
             stream._on_credit(struct.unpack(">I", payload)[0])
         elif ftype == T_STREAM_RESET_IN:
             stream._on_reset(payload.decode(errors="replace"))
+            self.forget(fid)
+        elif ftype == T_SPLICED:
+            stream._on_spliced(payload)
+        elif ftype == T_SPLICE_END:
+            stream._on_splice_end(payload)
             self.forget(fid)
 
     def _open(self, fid: int) -> None:
@@ -287,6 +395,8 @@ class StreamMux:
 
     async def close(self) -> None:
         self.fail("closed")
+        if self.pass_socket is not None:
+            self.pass_socket.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

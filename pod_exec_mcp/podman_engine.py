@@ -286,10 +286,12 @@ class PodmanEngine:
         # Agent image -> the volume holding its files (made once per image id).
         self._agent_volumes: dict[str, str] = {}
         self._filling = asyncio.Lock()
-        # Sandboxes whose kernel ignores the agent supervisor's PR_SET_CHILD_SUBREAPER
-        # (gVisor of 2022 reparents an orphan to PID 1): after a stop, a second sweep by
-        # EXEC_ID_ENV through `podman exec` (tests/test_hardening.py shows the escape).
-        self._no_subreaper: set[str] = set()
+        # Sandboxes under gVisor. Its kernel (2022) ignores the agent supervisor's
+        # PR_SET_CHILD_SUBREAPER (an orphan goes to PID 1): after a stop, a second sweep by
+        # EXEC_ID_ENV through `podman exec` (tests/test_hardening.py shows the escape). And
+        # their streams are relayed, never spliced: the runsc of 2022 is not known to take
+        # in a host TCP socket passed over a unix socket (not tried).
+        self._gvisor: set[str] = set()
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.headroom is not None:
@@ -315,7 +317,7 @@ class PodmanEngine:
                 raise EngineError(str(exc)) from None
             raise
         if is_gvisor(spec.runtime):
-            self._no_subreaper.add(spec.name)
+            self._gvisor.add(spec.name)
         if spec.agent_image:
             self._with_agent.add(spec.name)
             if spec.network == "isolated":
@@ -346,7 +348,7 @@ class PodmanEngine:
             self._with_agent.discard(s.name)
             self._isolated.discard(s.name)
             self._egress.pop(s.name, None)
-            self._no_subreaper.discard(s.name)
+            self._gvisor.discard(s.name)
             self._attaching.pop(s.name, None)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
@@ -430,10 +432,25 @@ class PodmanEngine:
                 # Room for a whole window of stream data per send (the kernel caps it at
                 # net.core.wmem_max): fewer, larger writes, and no copy into asyncio's buffer.
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * 1024 * 1024)
-            argv = fd_serve_argv([self.podman.path], name, child_end.fileno())
+            # The egress proxy's connections are handed to the agent over a second socket
+            # (splice); not into gVisor.
+            host_pass = child_pass = None
+            if on_stream is not None and name not in self._gvisor:
+                host_pass, child_pass = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            argv = fd_serve_argv(
+                [self.podman.path],
+                name,
+                child_end.fileno(),
+                child_pass.fileno() if child_pass is not None else None,
+            )
             try:
                 return await AgentChannel.attach(
-                    argv, on_stream=on_stream, sock=host_end, child_sock=child_end
+                    argv,
+                    on_stream=on_stream,
+                    sock=host_end,
+                    child_sock=child_end,
+                    pass_sock=host_pass,
+                    child_pass_sock=child_pass,
                 )
             except AgentError as exc:
                 if not await self.is_running(Sandbox(name, {})):
@@ -530,7 +547,7 @@ class PodmanEngine:
             while not task.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(task)
-            if sandbox.name in self._no_subreaper:
+            if sandbox.name in self._gvisor:
                 sweep = self._kill_tree(sandbox, request.kill_grace, None, exec_id)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(self._keep_running(sweep))
@@ -556,7 +573,7 @@ class PodmanEngine:
         text = output.text(whole_output_in=ran.spilled_to)
         retval = ran.status
         kill_note = None
-        if ran.stopped and sandbox.name in self._no_subreaper:
+        if ran.stopped and sandbox.name in self._gvisor:
             # The supervisor saw its own subtree empty, but processes that left it went to
             # PID 1 instead: kill those too, by the variable every one of them inherited.
             await self._kill_tree(sandbox, request.kill_grace, None, exec_id)

@@ -11,6 +11,10 @@ request head and:
 A refusal is an HTTP 403 whose body (and reason phrase) names the rule, sent before any
 connection is made; every other failure is a 4xx/5xx with a message. Nothing waits forever
 for the sandbox's client before the request head is complete (HEAD_TIMEOUT).
+
+Once the request is checked and the connection made, a client that can (`Splicer`: an
+agent stream with a pass socket) takes the connection over and copies the exchange itself,
+within the same bounds (the request's body length, one request); others are relayed here.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from pod_exec_mcp.egress import Decision, EgressPolicy, IPAddress, normalize_host
@@ -85,6 +89,51 @@ class SocketStream:
             await self.writer.wait_closed()
 
 
+@runtime_checkable
+class Splicer(Protocol):
+    """A client stream that can take over the connection to the destination and copy the
+    exchange itself (agent_streams.AgentStream.splice has the contract)."""
+
+    async def splice(
+        self, upstream: socket.socket, first: bytes, limit: int | None, one_request: bool
+    ) -> tuple[int, int] | None: ...
+
+
+class TcpStream:
+    """A ByteStream over a connected TCP socket. Nothing reads the socket before the first
+    read or write here, so until then it can still be handed over whole (`unused_socket`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._stream: SocketStream | None = None
+        self._opening = asyncio.Lock()
+
+    async def _opened(self) -> SocketStream:
+        async with self._opening:
+            if self._stream is None:
+                reader, writer = await asyncio.open_connection(sock=self.sock, limit=CHUNK * 4)
+                self._stream = SocketStream(reader, writer)
+        return self._stream
+
+    def unused_socket(self) -> socket.socket | None:
+        return self.sock if self._stream is None else None
+
+    async def read(self, n: int) -> bytes:
+        return await (await self._opened()).read(n)
+
+    async def write(self, data: bytes) -> None:
+        await (await self._opened()).write(data)
+
+    async def write_eof(self) -> None:
+        await (await self._opened()).write_eof()
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+        else:
+            self.sock.close()
+
+
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 Connector = Callable[[IPAddress, int], Awaitable[ByteStream]]
 
@@ -108,8 +157,16 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 
 async def connect(address: IPAddress, port: int) -> ByteStream:
     """A TCP connection to exactly this (checked) address."""
-    reader, writer = await asyncio.open_connection(str(address), port, limit=CHUNK * 4)
-    return SocketStream(reader, writer)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
+    except BaseException:
+        sock.close()
+        raise
+    return TcpStream(sock)
 
 
 class ProxyError(Exception):
@@ -319,6 +376,25 @@ async def relay(
         await asyncio.gather(to_b, to_a, return_exceptions=True)
 
 
+async def exchange(
+    client: ByteStream,
+    upstream: ByteStream,
+    first: bytes,
+    limit: int | None,
+    one_request: bool,
+    label: str = "",
+) -> None:
+    """`relay`'s exchange, copied by the client's side itself where it can take the
+    connection over (no byte then passes through this process), else relayed here."""
+    sock = upstream.unused_socket() if isinstance(upstream, TcpStream) else None
+    if sock is not None and isinstance(client, Splicer):
+        counts = await client.splice(sock, first, limit, one_request)
+        if counts is not None:
+            log.info("egress spliced%s: %d bytes up, %d down", label, *counts)
+            return
+    await relay(client, upstream, first, limit, one_request)
+
+
 async def serve_connection(
     client: ByteStream,
     policy: EgressPolicy,
@@ -340,16 +416,17 @@ async def serve_connection(
         log.info("egress %s %s:%d%s", request.method, request.host, request.port, label)
         if request.method == "CONNECT":
             await client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await relay(client, upstream, rest)
+            await exchange(client, upstream, rest, None, one_request=False, label=label)
         else:
             length = _body_length(request)
             body, extra = (rest, None) if length is None else (rest[:length], length)
-            await relay(
+            await exchange(
                 client,
                 upstream,
                 request.origin_form() + body,
                 None if extra is None else max(0, extra - len(body)),
                 one_request=True,
+                label=label,
             )
     except ProxyError as exc:
         if exc.status == 403:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -359,6 +361,66 @@ async def test_stream_flow_control_and_window_violation() -> None:
     assert any(t == st.T_STREAM_RESET and f == sid for t, f, _ in sent)
     # Frames for unknown streams are dropped, not fatal.
     mux.dispatch(st.T_STREAM_DATA_IN, 0x80000999, b"?")
+    await mux.close()
+
+
+async def test_splice_hands_over_the_socket_with_what_the_exchange_owes() -> None:
+    """The host side of SPLICE, with the agent played here: the descriptor goes down the
+    pass socket before the frame; a refusal leaves everything to the relay; once the agent
+    took it, the host writes the request and the client bytes it holds (within the body's
+    length) to the destination, and GO carries what is left of that length."""
+    sent: list[tuple[int, int, bytes]] = []
+
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        frame = data + bytes(more)
+        ftype, _, _, fid, _ = st.HEADER.unpack(frame[:12])
+        sent.append((ftype, fid, frame[12:]))
+
+    got: asyncio.Queue[st.AgentStream] = asyncio.Queue()
+
+    async def handler(stream: st.AgentStream) -> None:
+        await got.put(stream)
+        await asyncio.sleep(3600)
+
+    host_pass, agent_pass = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mux = st.StreamMux(send, handler, pass_socket=host_pass)
+    sid = 0x80000001
+    mux.dispatch(st.T_STREAM_OPEN, sid, b"")
+    stream = await got.get()
+    upstream, origin = socket.socketpair()
+    upstream.setblocking(False)
+
+    # Refused: nothing reaches the destination, and the caller relays.
+    splicing = asyncio.ensure_future(stream.splice(upstream, b"HEAD", 10, one_request=True))
+    await asyncio.sleep(0.05)
+    tag, fds, _, _ = socket.recv_fds(agent_pass, 16, 1)
+    assert tag == struct.pack(">I", sid) and len(fds) == 1
+    os.close(fds[0])
+    assert sent[-1] == (st.T_SPLICE, sid, struct.pack(">I", st.SPLICE_ONE_REQUEST))
+    mux.dispatch(st.T_SPLICED, sid, struct.pack(">I", 1) + b"no descriptor")
+    assert await asyncio.wait_for(splicing, 5) is None
+    origin.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        origin.recv(100)
+
+    # Taken: the head, then held client bytes up to the body's length (10), then GO with
+    # the rest of it; the exchange is over at SPLICE_END.
+    mux.dispatch(st.T_STREAM_DATA_IN, sid, b"0123456")
+    splicing = asyncio.ensure_future(stream.splice(upstream, b"HEAD|", 10, one_request=True))
+    await asyncio.sleep(0.05)
+    os.close(socket.recv_fds(agent_pass, 16, 1)[1][0])
+    mux.dispatch(st.T_STREAM_DATA_IN, sid, b"789abc")  # sent by the agent before SPLICED
+    mux.dispatch(st.T_SPLICED, sid, struct.pack(">I", 0))
+    await asyncio.sleep(0.05)
+    assert origin.recv(100) == b"HEAD|0123456789"
+    assert sent[-1] == (st.T_SPLICE_GO, sid, struct.pack(">Q", 0))
+    assert not splicing.done()
+    mux.dispatch(st.T_SPLICE_END, sid, struct.pack(">QQ", 15, 99))
+    assert await asyncio.wait_for(splicing, 5) == (15, 99)
+    await stream.close()  # the agent freed the stream: no RESET from here
+    assert not any(t == st.T_STREAM_RESET for t, _, _ in sent)
+    for s in (upstream, origin, agent_pass):
+        s.close()
     await mux.close()
 
 

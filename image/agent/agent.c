@@ -827,9 +827,13 @@ static void handle_run(uint32_t id, const unsigned char *p, size_t len) {
 
 enum {
     T_LISTEN = 0x10, T_SDATA = 0x11, T_SEND = 0x12, T_SCREDIT = 0x13, T_SRESET = 0x14,
+    T_SPLICE = 0x15, T_SPLICE_GO = 0x16,
     T_SOPEN = 0x90, T_SDATA_OUT = 0x91, T_SEND_OUT = 0x92, T_SCREDIT_OUT = 0x93,
-    T_SRESET_OUT = 0x94, T_LISTENING = 0x95,
+    T_SRESET_OUT = 0x94, T_LISTENING = 0x95, T_SPLICED = 0x96, T_SPLICE_END = 0x97,
 };
+enum { SPLICE_ONE_REQUEST = 1 };
+#define SPLICE_BUF (256u * 1024u)
+#define UNLIMITED UINT64_MAX
 #define MAX_STREAMS 128
 #define MIN_WINDOW (16u * 1024u)
 #define MAX_WINDOW (4u * 1024u * 1024u)
@@ -845,10 +849,21 @@ struct stream {
     int rd_eof;               /* the client sent EOF (STREAM_END sent) */
     int host_end;             /* STREAM_END received */
     int wr_shut;              /* our write side is shut down */
+    /* Spliced (SPLICE): the host handed over its connection to the destination (`up`), and
+     * this side copies between it and the client itself. */
+    int up;                   /* the destination's socket, or -1 */
+    uint32_t splice_flags;
+    int go;                   /* SPLICE_GO received: client bytes may go to `up` */
+    uint64_t budget;          /* client bytes `up` may still get (UNLIMITED: no limit) */
+    int up_eof, up_shut;      /* `up` sent EOF; our write side of `up` is shut down */
+    unsigned char *down, *upb; /* destination -> client, client -> destination */
+    size_t down_off, down_len, up_off, up_len;
+    uint64_t sent_up, sent_down; /* bytes copied each way (SPLICE_END) */
 };
 
 static struct stream streams[MAX_STREAMS];
 static int listen_fd = -1;
+static int pass_fd = -1;         /* `serve --pass-fd`: where SPLICE's descriptors arrive */
 static uint32_t stream_window;   /* bytes from the host a stream may buffer here */
 static uint32_t host_window;     /* bytes a stream may send the host before it credits them */
 static uint32_t next_stream = 1;
@@ -869,9 +884,12 @@ static struct stream *free_stream(void) {
 
 static void stream_free(struct stream *s) {
     if (s->fd >= 0) close(s->fd); /* a plain close: what the kernel holds is still sent */
+    if (s->up >= 0) close(s->up);
     bytes_free(&s->to_sock);
+    free(s->down);
+    free(s->upb);
     memset(s, 0, sizeof *s);
-    s->fd = -1;
+    s->fd = s->up = -1;
 }
 
 static void stream_reset(struct stream *s, const char *why) {
@@ -884,6 +902,8 @@ static void streams_close_all(void) {
     listen_fd = -1;
     for (int i = 0; i < MAX_STREAMS; i++)
         if (streams[i].used) stream_free(&streams[i]);
+    if (pass_fd >= 0) close(pass_fd);
+    pass_fd = -1;
 }
 
 /* Both directions are over: the stream is done. */
@@ -892,6 +912,10 @@ static void stream_maybe_done(struct stream *s) {
 }
 
 static void stream_credit_host(struct stream *s, int now) {
+    if (s->up >= 0) { /* spliced: the host sends no more data, so owes and is owed nothing */
+        s->owed = 0;
+        return;
+    }
     if (s->owed && (now || s->owed >= stream_window / 4)) {
         unsigned char p[4];
         put32(p, s->owed);
@@ -914,7 +938,7 @@ static void stream_write(struct stream *s) {
     if (bytes_pending(&s->to_sock) > 0) return stream_credit_host(s, 0);
     s->to_sock.off = s->to_sock.len = 0;
     stream_credit_host(s, 1);
-    if (s->host_end && !s->wr_shut) {
+    if (s->host_end && !s->wr_shut && s->up < 0) {
         shutdown(s->fd, SHUT_WR);
         s->wr_shut = 1;
         stream_maybe_done(s);
@@ -957,9 +981,164 @@ static void accept_streams(void) {
         s->used = 1;
         s->id = id;
         s->fd = fd;
+        s->up = -1;
         s->credit = host_window;
         send_frame(T_SOPEN, id, NULL, 0);
     }
+}
+
+/* ---- spliced streams (docs/agent-protocol.md, "Splice") ---- */
+
+/* The descriptor the host passed for stream `id` on the pass socket, or -1. The host sends
+ * it before the SPLICE frame, so it is already queued here. */
+static int recv_passed_fd(uint32_t id) {
+    if (pass_fd < 0) return -1;
+    unsigned char tag[4];
+    struct iovec iov = {.iov_base = tag, .iov_len = sizeof tag};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = control.buf;
+    m.msg_controllen = sizeof control.buf;
+    ssize_t n = recvmsg(pass_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0) return -1;
+    int fd = -1;
+    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+    if (h && h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS &&
+        h->cmsg_len == CMSG_LEN(sizeof(int)))
+        memcpy(&fd, CMSG_DATA(h), sizeof fd);
+    if (n != (ssize_t)sizeof tag || get32(tag) != id || (m.msg_flags & MSG_CTRUNC)) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* The spliced exchange is over (both directions, or the answer with ONE_REQUEST). */
+static void splice_maybe_done(struct stream *s) {
+    int down_done = s->wr_shut;
+    int up_done = s->go && s->up_len == 0 && (s->up_shut || s->budget == 0 ||
+                                              (s->rd_eof && s->budget != UNLIMITED));
+    if (down_done && (up_done || (s->splice_flags & SPLICE_ONE_REQUEST))) {
+        unsigned char p[16];
+        put64(p, s->sent_up);
+        put64(p + 8, s->sent_down);
+        send_frame(T_SPLICE_END, s->id, p, sizeof p);
+        stream_free(s);
+    }
+}
+
+/* Move what can move now between the client and the destination, both ways, without
+ * blocking (both sockets are non-blocking). Returns 0 once the stream is gone. */
+static int splice_pump(struct stream *s) {
+    for (int progress = 1; progress && s->used;) {
+        progress = 0;
+        /* destination -> client, after what the host had already sent (to_sock) */
+        if (s->down_len == 0 && !s->up_eof && bytes_pending(&s->to_sock) == 0) {
+            ssize_t n = read(s->up, s->down, SPLICE_BUF);
+            if (n > 0) {
+                s->down_off = 0;
+                s->down_len = (size_t)n;
+                progress = 1;
+            } else if (n == 0) {
+                s->up_eof = 1;
+                progress = 1;
+            } else if (errno != EAGAIN && errno != EINTR) {
+                stream_reset(s, strerror(errno));
+                return 0;
+            }
+        }
+        if (s->down_len > 0) {
+            ssize_t n = send(s->fd, s->down + s->down_off, s->down_len, MSG_NOSIGNAL);
+            if (n > 0) {
+                s->down_off += (size_t)n;
+                s->down_len -= (size_t)n;
+                s->sent_down += (uint64_t)n;
+                progress = 1;
+            } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+                stream_reset(s, strerror(errno));
+                return 0;
+            }
+        }
+        if (s->up_eof && s->down_len == 0 && bytes_pending(&s->to_sock) == 0 && !s->wr_shut) {
+            shutdown(s->fd, SHUT_WR);
+            s->wr_shut = 1;
+        }
+        /* client -> destination, once the host said GO, at most `budget` bytes */
+        if (s->go && s->up_len == 0 && !s->rd_eof && s->budget > 0) {
+            size_t want = s->budget < SPLICE_BUF ? (size_t)s->budget : SPLICE_BUF;
+            ssize_t n = read(s->fd, s->upb, want);
+            if (n > 0) {
+                s->up_off = 0;
+                s->up_len = (size_t)n;
+                if (s->budget != UNLIMITED) s->budget -= (uint64_t)n;
+                progress = 1;
+            } else if (n == 0) {
+                s->rd_eof = 1;
+                progress = 1;
+            } else if (errno != EAGAIN && errno != EINTR) {
+                stream_reset(s, strerror(errno));
+                return 0;
+            }
+        }
+        if (s->up_len > 0) {
+            ssize_t n = send(s->up, s->upb + s->up_off, s->up_len, MSG_NOSIGNAL);
+            if (n > 0) {
+                s->up_off += (size_t)n;
+                s->up_len -= (size_t)n;
+                s->sent_up += (uint64_t)n;
+                progress = 1;
+            } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+                stream_reset(s, strerror(errno));
+                return 0;
+            }
+        }
+        /* The client's EOF ends an unlimited upload (CONNECT, a chunked body): pass it on. */
+        if (s->go && s->rd_eof && s->up_len == 0 && s->budget == UNLIMITED && !s->up_shut) {
+            shutdown(s->up, SHUT_WR);
+            s->up_shut = 1;
+        }
+    }
+    if (s->used) splice_maybe_done(s);
+    return s->used;
+}
+
+static void splice_answer(uint32_t id, uint32_t status, const char *why) {
+    unsigned char p[4 + 200];
+    size_t n = strlen(why) < 200 ? strlen(why) : 200;
+    put32(p, status);
+    memcpy(p + 4, why, n);
+    send_frame(T_SPLICED, id, p, 4 + n);
+}
+
+/* SPLICE: take the host's connection to the destination (passed on the pass socket) and
+ * copy between it and the client here. Refused (SPLICED with a non-zero status) when it
+ * cannot be done; the host then goes on relaying the stream itself. */
+static void handle_splice(struct stream *s, const unsigned char *p, size_t len) {
+    if (len != 4) return splice_answer(s->id, 1, "SPLICE payload must be 4 bytes");
+    if (s->up >= 0) return splice_answer(s->id, 1, "already spliced");
+    int fd = recv_passed_fd(s->id);
+    if (fd < 0) return splice_answer(s->id, 1, "no descriptor was passed for this stream");
+    s->down = malloc(SPLICE_BUF);
+    s->upb = malloc(SPLICE_BUF);
+    if (!s->down || !s->upb) {
+        close(fd);
+        free(s->down);
+        free(s->upb);
+        s->down = s->upb = NULL;
+        return splice_answer(s->id, 1, "out of memory");
+    }
+    set_nonblock(fd);
+    s->up = fd;
+    s->splice_flags = get32(p);
+    s->budget = 0;
+    splice_answer(s->id, 0, "");
+    splice_pump(s);
 }
 
 static void handle_listen(uint32_t id, const unsigned char *p, size_t len) {
@@ -1002,6 +1181,19 @@ static void handle_stream_frame(uint32_t type, uint32_t id, const unsigned char 
     if (type == T_LISTEN) return handle_listen(id, p, len);
     struct stream *s = find_stream(id);
     if (!s) return;
+    if (type == T_SPLICE) return handle_splice(s, p, len);
+    if (s->up >= 0) { /* spliced: the host sends nothing more but GO, RESET and a late END */
+        if (type == T_SPLICE_GO && len == 8 && !s->go) {
+            s->go = 1;
+            s->budget = get64(p);
+            splice_pump(s);
+        } else if (type == T_SRESET) {
+            stream_free(s);
+        } else if (type != T_SEND && type != T_SCREDIT) {
+            stream_reset(s, "unexpected frame on a spliced stream");
+        }
+        return;
+    }
     switch (type) {
     case T_SDATA:
         if (s->host_end) return stream_reset(s, "data after the end of the stream");
@@ -1112,6 +1304,8 @@ static void handle_frame(uint32_t type, uint32_t id, const unsigned char *p, siz
     case T_SEND:
     case T_SCREDIT:
     case T_SRESET:
+    case T_SPLICE:
+    case T_SPLICE_GO:
         return handle_stream_frame(type, id, p, len);
     default:
         return send_error(id, E_UNSUPPORTED, "unsupported frame type 0x%02x", type);
@@ -1212,18 +1406,19 @@ static int serve_main(void) {
     int ignored[] = {SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGQUIT};
     for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++) signal(ignored[i], SIG_IGN);
     prctl(PR_SET_NAME, "pem-agent");
-    /* It holds sockets of the host's (its channel): without this, the sandbox's root could
-     * copy them with pidfd_getfd(2) or ptrace. Commands are dumpable again: exec resets it. */
+    /* It holds sockets of the host's (its channel, spliced egress connections): without
+     * this, the sandbox's root could copy them with pidfd_getfd(2) or ptrace. Commands are
+     * dumpable again: exec resets it. */
     prctl(PR_SET_DUMPABLE, 0);
     for (int i = 0; i < MAX_JOBS; i++) { /* -1: no descriptor (0 is the host's stdin) */
         struct job *j = &jobs[i];
         j->out_fd = j->ctl_r = j->ctl_w = j->in_fd = j->spill_fd = -1;
     }
-    for (int i = 0; i < MAX_STREAMS; i++) streams[i].fd = -1;
+    for (int i = 0; i < MAX_STREAMS; i++) streams[i].fd = streams[i].up = -1;
     set_nonblock(host_in);
     set_nonblock(host_out);
     last_rx = now_ms();
-    struct pollfd pf[2 + 3 * MAX_JOBS + 1 + MAX_STREAMS];
+    struct pollfd pf[2 + 3 * MAX_JOBS + 1 + 2 * MAX_STREAMS];
     struct job *owner[2 + 3 * MAX_JOBS];
     struct stream *sowner[MAX_STREAMS];
     for (;;) {
@@ -1269,10 +1464,19 @@ static int serve_main(void) {
         for (int i = 0; i < MAX_STREAMS; i++) {
             struct stream *s = &streams[i];
             if (!s->used) continue;
-            short ev = 0;
-            if (!s->rd_eof && s->credit > 0 && !paused) ev |= POLLIN;
-            if (bytes_pending(&s->to_sock) > 0) ev |= POLLOUT;
+            short ev = 0, uev = 0;
+            if (s->up < 0) {
+                if (!s->rd_eof && s->credit > 0 && !paused) ev |= POLLIN;
+                if (bytes_pending(&s->to_sock) > 0) ev |= POLLOUT;
+            } else { /* spliced: frames to the host play no part, so `paused` neither */
+                if (s->go && !s->rd_eof && s->up_len == 0 && s->budget > 0) ev |= POLLIN;
+                if (bytes_pending(&s->to_sock) > 0 || s->down_len > 0) ev |= POLLOUT;
+                if (!s->up_eof && s->down_len == 0 && bytes_pending(&s->to_sock) == 0)
+                    uev |= POLLIN;
+                if (s->up_len > 0) uev |= POLLOUT;
+            }
             pf[n++] = (struct pollfd){.fd = ev ? s->fd : -1, .events = ev};
+            pf[n++] = (struct pollfd){.fd = uev ? s->up : -1, .events = uev};
             sowner[ns++] = s;
         }
         if (poll(pf, (nfds_t)n, next_timeout()) < 0) {
@@ -1293,8 +1497,12 @@ static int serve_main(void) {
         if (pf[lidx].revents && listen_fd >= 0) accept_streams();
         for (int k = 0; k < ns; k++) {
             struct stream *s = sowner[k];
-            short re = pf[lidx + 1 + k].revents;
+            short re = pf[lidx + 1 + 2 * k].revents, ure = pf[lidx + 2 + 2 * k].revents;
             if (re && s->used && bytes_pending(&s->to_sock) > 0) stream_write(s);
+            if (s->used && s->up >= 0) {
+                if (re || ure) splice_pump(s);
+                continue;
+            }
             if (re && s->used && (re & (POLLIN | POLLHUP | POLLERR))) stream_read(s);
         }
     }
@@ -1344,8 +1552,17 @@ static int install_main(const char *dest) {
     return 0;
 }
 
+/* A descriptor number given on the command line that is open, or -1. */
+static int fd_arg(const char *text) {
+    char *end;
+    long fd = strtol(text, &end, 10);
+    if (*end || fd < 3 || fd > 1023 || fcntl((int)fd, F_GETFD) < 0) return -1;
+    return (int)fd;
+}
+
 static int usage(void) {
-    diag("usage: agent init LIFETIME_SECONDS | agent serve [--fd N] | agent install DEST"
+    diag("usage: agent init LIFETIME_SECONDS | agent serve [--fd N [--pass-fd M]] | "
+         "agent install DEST"
          "   (protocol version %d)",
          PROTOCOL_VERSION);
     return 2;
@@ -1359,12 +1576,16 @@ int main(int argc, char **argv) {
         return init_main(lifetime);
     }
     if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve_main();
-    if (argc == 4 && strcmp(argv[1], "serve") == 0 && strcmp(argv[2], "--fd") == 0) {
-        char *end;
-        long fd = strtol(argv[3], &end, 10);
-        if (*end || fd < 3 || fd > 1023 || fcntl((int)fd, F_GETFD) < 0) return usage();
-        host_in = host_out = (int)fd;
+    if ((argc == 4 || argc == 6) && strcmp(argv[1], "serve") == 0 &&
+        strcmp(argv[2], "--fd") == 0) {
+        int fd = fd_arg(argv[3]);
+        if (fd < 0) return usage();
+        host_in = host_out = fd;
         fcntl(host_in, F_SETFD, FD_CLOEXEC); /* never inherited by a command */
+        if (argc == 6) {
+            if (strcmp(argv[4], "--pass-fd") != 0 || (pass_fd = fd_arg(argv[5])) < 0) return usage();
+            fcntl(pass_fd, F_SETFD, FD_CLOEXEC);
+        }
         return serve_main();
     }
     if (argc == 3 && strcmp(argv[1], "install") == 0) return install_main(argv[2]);
