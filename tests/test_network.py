@@ -239,7 +239,9 @@ async def test_apt_get_update_works_in_the_default_mode(servers: Any) -> None:
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
     """A TLS server of our own, self-signed, on 127.0.0.2 (loopback, but not the
-    127.0.0.1 that NO_PROXY lists and that the host's own services use)."""
+    127.0.0.1 that NO_PROXY lists and that the host's own services use). It serves
+    "hello over tls" at /, a git repository at /repo.git (git's dumb HTTP protocol) and a
+    package index at /simple/ with one wheel, tinypkg."""
     import ssl
 
     if subprocess.run(["openssl", "version"], capture_output=True).returncode != 0:
@@ -253,25 +255,67 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
     )  # fmt: skip
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(d / "cert.pem", d / "key.pem")
+    www = d / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello over tls\n")
+    _make_git_repository(www / "repo.git", d / "work")
+    _make_package_index(www / "simple")
 
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello over tls\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(www), **kwargs)
 
         def log_message(self, *args: Any) -> None:
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Hello)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Files)
     httpd.daemon_threads = True
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd.server_address[1], (d / "cert.pem").read_text()
     httpd.shutdown()
     httpd.server_close()
+
+
+def _make_git_repository(bare: Path, work: Path) -> None:
+    """A bare repository with one commit (README: "cloned through the proxy"), ready for
+    git's dumb HTTP protocol (plain files, so any static web server serves it)."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+    subprocess.run([*git, "init", "-q", "-b", "main", str(work)], check=True)
+    (work / "README").write_text("cloned through the proxy\n")
+    subprocess.run([*git, "-C", str(work), "add", "README"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-qm", "one"], check=True)
+    subprocess.run([*git, "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+
+
+def _make_package_index(simple: Path) -> None:
+    """A PEP 503 index with one pure-Python wheel: tinypkg 1.0 (tinypkg.X == 42)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "tinypkg/__init__.py": b"X = 42\n",
+        "tinypkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
+        "tinypkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+        b"Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+
+    def digest(data: bytes) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{name},sha256={digest(data)},{len(data)}\n" for name, data in files.items())
+    record += "tinypkg-1.0.dist-info/RECORD,,\n"
+    files["tinypkg-1.0.dist-info/RECORD"] = record.encode()
+    (simple / "tinypkg").mkdir(parents=True)
+    wheel = simple / "tinypkg" / "tinypkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    link = f'<a href="{wheel.name}">{wheel.name}</a>'
+    (simple / "tinypkg" / "index.html").write_text(f"<html><body>{link}</body></html>\n")
+    (simple / "index.html").write_text('<html><body><a href="tinypkg/">tinypkg</a></body></html>\n')
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +342,27 @@ async def test_https_connect_end_to_end(
         allow_local, [f"curl -sS -m 5 -v https://127.0.0.3:{port}/ 2>&1 | grep '^< HTTP'"]
     )
     assert "403 Forbidden by egress policy: 127.0.0.3 is a loopback address" in other
+
+
+async def test_git_clone_and_pip_install_over_https(
+    allow_local: ServerProcess, tls_server: tuple[int, str]
+) -> None:
+    """The tools agents use, each through the proxy (HTTPS_PROXY, CONNECT) with its own
+    TLS check in the sandbox: git clone https://..., and pip install from an index."""
+    port, cert = tls_server
+    base = f"https://127.0.0.2:{port}"
+    cloned, installed = await session_call(
+        allow_local,
+        [
+            f"printf %s {shlex.quote(cert)} > /tmp/ca.pem && git -c http.sslCAInfo=/tmp/ca.pem "
+            f"clone -q {base}/repo.git /tmp/r && cat /tmp/r/README",
+            "python3 -m venv /tmp/v && /tmp/v/bin/pip install -q --cert /tmp/ca.pem "
+            f"--index-url {base}/simple/ tinypkg && "
+            "/tmp/v/bin/python -c 'import tinypkg; print(tinypkg.X)'",
+        ],
+    )
+    assert cloned.startswith("cloned through the proxy\n"), cloned
+    assert installed.startswith("42\n"), installed
 
 
 @pytest.fixture(scope="module")
