@@ -5,13 +5,14 @@ channel nor the others, and holds bounded memory), and bad stream frames."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import subprocess
 from collections.abc import Callable
 
 from test_agent import agent_vol, attach_argv, channel, new_sandbox, parse_frames, run, sandbox
 
-from pod_exec_mcp.agent_channel import HEADER, T_BYE, T_ERROR, T_HELLO_OK, T_PONG
+from pod_exec_mcp.agent_channel import HEADER, T_BYE, T_ERROR, T_HELLO_OK, T_PONG, fd_serve_argv
 from pod_exec_mcp.agent_streams import T_LISTENING, T_STREAM_OPEN, AgentStream
 
 __all__ = ["agent_vol", "new_sandbox", "sandbox"]  # fixtures, re-exported for pytest
@@ -65,6 +66,62 @@ async def test_streams_relay_and_flow_control(sandbox: str) -> None:
         # The agent holds at most a window per stream, not the 64 MiB the client pushed.
         assert int(rss.split()[1]) < 32 * 1024, rss
         release.set()
+
+
+# Asks, waits (the host splices meanwhile), sends a 5-byte body and more, prints the answer.
+SPLICE_CLIENT = """
+import socket, time
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"ASK 5 ")
+time.sleep(1)
+s.sendall(b"helloEXTRA")
+print(s.makefile("rb").read().decode())
+"""
+
+
+async def test_spliced_stream_over_the_pass_socket(sandbox: str) -> None:
+    """The real agent takes a connection over its pass socket and copies it itself: the
+    client's request (after what the host wrote first) reaches the destination, the
+    destination's answer reaches the client. A stale descriptor queued before it (for a
+    stream whose SPLICE never came) is skipped, not taken for this one."""
+    results: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+    destination, agent_side = socket.socketpair()
+    destination.setblocking(False)
+    agent_side.setblocking(False)
+
+    async def handler(stream: AgentStream) -> None:
+        head = await stream.read(6)  # "ASK 5 "
+        stale_a, stale_b = socket.socketpair()
+        assert stream._mux.pass_fd(0x80000999, stale_a.fileno())
+        stale_a.close()
+        stale_b.close()
+        results.put_nowait(await stream.splice(agent_side, b"FIRST:" + head, 5, one_request=True))
+
+    host_end, child_end = socket.socketpair()
+    host_pass, child_pass = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    argv = fd_serve_argv(["podman"], sandbox, child_end.fileno(), child_pass.fileno())
+    kwargs = {"sock": host_end, "child_sock": child_end}
+    kwargs |= {"pass_sock": host_pass, "child_pass_sock": child_pass}
+    async with channel(sandbox, argv, on_stream=handler, **kwargs) as chan:  # type: ignore[arg-type]
+        assert await chan.listen("127.0.0.1", 3128) == 3128
+        client = asyncio.ensure_future(
+            run(
+                chan,
+                f"python3 -c '{SPLICE_CLIENT}'",
+                timeout=20,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        got = b""
+        while len(got) < len(b"FIRST:ASK 5 hello"):
+            got += await asyncio.wait_for(loop.sock_recv(destination, 100), 10)
+        assert got == b"FIRST:ASK 5 hello"  # the budget kept EXTRA out
+        await loop.sock_sendall(destination, b"answer")
+        destination.close()  # the answer is over: ONE_REQUEST ends the exchange
+        assert await asyncio.wait_for(results.get(), 10) == (5, 6)
+        _, out = await asyncio.wait_for(client, 20)
+    assert out == b"answer\n"
+    agent_side.close()
 
 
 def test_bad_stream_frames_get_errors_or_are_dropped(new_sandbox: Callable[..., str]) -> None:

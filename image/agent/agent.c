@@ -990,33 +990,35 @@ static void accept_streams(void) {
 /* ---- spliced streams (docs/agent-protocol.md, "Splice") ---- */
 
 /* The descriptor the host passed for stream `id` on the pass socket, or -1. The host sends
- * it before the SPLICE frame, so it is already queued here. */
+ * it before the SPLICE frame, so it is already queued here. Older messages are for streams
+ * whose SPLICE never got here (the stream was reset first): they are closed and skipped. */
 static int recv_passed_fd(uint32_t id) {
     if (pass_fd < 0) return -1;
-    unsigned char tag[4];
-    struct iovec iov = {.iov_base = tag, .iov_len = sizeof tag};
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } control;
-    struct msghdr m;
-    memset(&m, 0, sizeof m);
-    m.msg_iov = &iov;
-    m.msg_iovlen = 1;
-    m.msg_control = control.buf;
-    m.msg_controllen = sizeof control.buf;
-    ssize_t n = recvmsg(pass_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-    if (n < 0) return -1;
-    int fd = -1;
-    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
-    if (h && h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS &&
-        h->cmsg_len == CMSG_LEN(sizeof(int)))
-        memcpy(&fd, CMSG_DATA(h), sizeof fd);
-    if (n != (ssize_t)sizeof tag || get32(tag) != id || (m.msg_flags & MSG_CTRUNC)) {
+    for (int tries = 0; tries < MAX_STREAMS; tries++) {
+        unsigned char tag[4];
+        struct iovec iov = {.iov_base = tag, .iov_len = sizeof tag};
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int))];
+        } control;
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        m.msg_control = control.buf;
+        m.msg_controllen = sizeof control.buf;
+        ssize_t n = recvmsg(pass_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (n < 0) return -1;
+        int fd = -1;
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        if (h && h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS &&
+            h->cmsg_len == CMSG_LEN(sizeof(int)))
+            memcpy(&fd, CMSG_DATA(h), sizeof fd);
+        if (n == (ssize_t)sizeof tag && get32(tag) == id && !(m.msg_flags & MSG_CTRUNC))
+            return fd;
         if (fd >= 0) close(fd);
-        return -1;
     }
-    return fd;
+    return -1;
 }
 
 /* The spliced exchange is over (both directions, or the answer with ONE_REQUEST). */
