@@ -839,6 +839,13 @@ enum { SPLICE_ONE_REQUEST = 1 };
 #define MAX_WINDOW (4u * 1024u * 1024u)
 #define STREAM_ID_BIT 0x80000000u
 
+/* One direction of a spliced stream: bytes read from one socket, not yet sent on. */
+struct copy_buf {
+    unsigned char *buf;       /* SPLICE_BUF bytes */
+    size_t off, len;
+    uint64_t sent;            /* bytes sent on so far (SPLICE_END) */
+};
+
 struct stream {
     int used;
     uint32_t id;              /* agent-chosen, top bit set */
@@ -856,9 +863,8 @@ struct stream {
     int go;                   /* SPLICE_GO received: client bytes may go to `up` */
     uint64_t budget;          /* client bytes `up` may still get (UNLIMITED: no limit) */
     int up_eof, up_shut;      /* `up` sent EOF; our write side of `up` is shut down */
-    unsigned char *down, *upb; /* destination -> client, client -> destination */
-    size_t down_off, down_len, up_off, up_len;
-    uint64_t sent_up, sent_down; /* bytes copied each way (SPLICE_END) */
+    struct copy_buf down;     /* destination -> client */
+    struct copy_buf upload;   /* client -> destination */
 };
 
 static struct stream streams[MAX_STREAMS];
@@ -886,8 +892,8 @@ static void stream_free(struct stream *s) {
     if (s->fd >= 0) close(s->fd); /* a plain close: what the kernel holds is still sent */
     if (s->up >= 0) close(s->up);
     bytes_free(&s->to_sock);
-    free(s->down);
-    free(s->upb);
+    free(s->down.buf);
+    free(s->upload.buf);
     memset(s, 0, sizeof *s);
     s->fd = s->up = -1;
 }
@@ -1024,87 +1030,77 @@ static int recv_passed_fd(uint32_t id) {
 /* The spliced exchange is over (both directions, or the answer with ONE_REQUEST). */
 static void splice_maybe_done(struct stream *s) {
     int down_done = s->wr_shut;
-    int up_done = s->go && s->up_len == 0 && (s->up_shut || s->budget == 0 ||
-                                              (s->rd_eof && s->budget != UNLIMITED));
+    int up_done = s->go && s->upload.len == 0 &&
+                  (s->up_shut || s->budget == 0 || (s->rd_eof && s->budget != UNLIMITED));
     if (down_done && (up_done || (s->splice_flags & SPLICE_ONE_REQUEST))) {
         unsigned char p[16];
-        put64(p, s->sent_up);
-        put64(p + 8, s->sent_down);
+        put64(p, s->upload.sent);
+        put64(p + 8, s->down.sent);
         send_frame(T_SPLICE_END, s->id, p, sizeof p);
         stream_free(s);
     }
+}
+
+/* One step of one direction: when `b` is empty and `want` > 0, read up to `want` bytes
+ * from `from` into it (end of stream: *eof); then send what it holds on to `to`. Returns
+ * whether anything moved (*got: bytes read), or -1 on an error (errno says which). */
+static int copy_step(int from, int to, struct copy_buf *b, size_t want, int *eof, size_t *got) {
+    int moved = 0;
+    *got = 0;
+    if (b->len == 0 && want > 0) {
+        ssize_t n = read(from, b->buf, want);
+        if (n > 0) {
+            b->off = 0;
+            b->len = *got = (size_t)n;
+            moved = 1;
+        } else if (n == 0) {
+            *eof = moved = 1;
+        } else if (errno != EAGAIN && errno != EINTR) {
+            return -1;
+        }
+    }
+    if (b->len > 0) {
+        ssize_t n = send(to, b->buf + b->off, b->len, MSG_NOSIGNAL);
+        if (n > 0) {
+            b->off += (size_t)n;
+            b->len -= (size_t)n;
+            b->sent += (uint64_t)n;
+            moved = 1;
+        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            return -1;
+        }
+    }
+    return moved;
 }
 
 /* Move what can move now between the client and the destination, both ways, without
  * blocking (both sockets are non-blocking). Returns 0 once the stream is gone. */
 static int splice_pump(struct stream *s) {
     for (int progress = 1; progress && s->used;) {
-        progress = 0;
+        size_t got;
         /* destination -> client, after what the host had already sent (to_sock) */
-        if (s->down_len == 0 && !s->up_eof && bytes_pending(&s->to_sock) == 0) {
-            ssize_t n = read(s->up, s->down, SPLICE_BUF);
-            if (n > 0) {
-                s->down_off = 0;
-                s->down_len = (size_t)n;
-                progress = 1;
-            } else if (n == 0) {
-                s->up_eof = 1;
-                progress = 1;
-            } else if (errno != EAGAIN && errno != EINTR) {
-                stream_reset(s, strerror(errno));
-                return 0;
-            }
-        }
-        if (s->down_len > 0) {
-            ssize_t n = send(s->fd, s->down + s->down_off, s->down_len, MSG_NOSIGNAL);
-            if (n > 0) {
-                s->down_off += (size_t)n;
-                s->down_len -= (size_t)n;
-                s->sent_down += (uint64_t)n;
-                progress = 1;
-            } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-                stream_reset(s, strerror(errno));
-                return 0;
-            }
-        }
-        if (s->up_eof && s->down_len == 0 && bytes_pending(&s->to_sock) == 0 && !s->wr_shut) {
+        int ready = !s->up_eof && bytes_pending(&s->to_sock) == 0;
+        int down = copy_step(s->up, s->fd, &s->down, ready ? SPLICE_BUF : 0, &s->up_eof, &got);
+        if (s->up_eof && s->down.len == 0 && bytes_pending(&s->to_sock) == 0 && !s->wr_shut) {
             shutdown(s->fd, SHUT_WR);
             s->wr_shut = 1;
         }
         /* client -> destination, once the host said GO, at most `budget` bytes */
-        if (s->go && s->up_len == 0 && !s->rd_eof && s->budget > 0) {
-            size_t want = s->budget < SPLICE_BUF ? (size_t)s->budget : SPLICE_BUF;
-            ssize_t n = read(s->fd, s->upb, want);
-            if (n > 0) {
-                s->up_off = 0;
-                s->up_len = (size_t)n;
-                if (s->budget != UNLIMITED) s->budget -= (uint64_t)n;
-                progress = 1;
-            } else if (n == 0) {
-                s->rd_eof = 1;
-                progress = 1;
-            } else if (errno != EAGAIN && errno != EINTR) {
-                stream_reset(s, strerror(errno));
-                return 0;
-            }
+        size_t want = 0;
+        if (down >= 0 && s->go && !s->rd_eof && s->budget > 0)
+            want = s->budget < SPLICE_BUF ? (size_t)s->budget : SPLICE_BUF;
+        int up = down < 0 ? -1 : copy_step(s->fd, s->up, &s->upload, want, &s->rd_eof, &got);
+        if (down < 0 || up < 0) {
+            stream_reset(s, strerror(errno));
+            return 0;
         }
-        if (s->up_len > 0) {
-            ssize_t n = send(s->up, s->upb + s->up_off, s->up_len, MSG_NOSIGNAL);
-            if (n > 0) {
-                s->up_off += (size_t)n;
-                s->up_len -= (size_t)n;
-                s->sent_up += (uint64_t)n;
-                progress = 1;
-            } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-                stream_reset(s, strerror(errno));
-                return 0;
-            }
-        }
+        if (s->budget != UNLIMITED) s->budget -= got;
         /* The client's EOF ends an unlimited upload (CONNECT, a chunked body): pass it on. */
-        if (s->go && s->rd_eof && s->up_len == 0 && s->budget == UNLIMITED && !s->up_shut) {
+        if (s->go && s->rd_eof && s->upload.len == 0 && s->budget == UNLIMITED && !s->up_shut) {
             shutdown(s->up, SHUT_WR);
             s->up_shut = 1;
         }
+        progress = down || up;
     }
     if (s->used) splice_maybe_done(s);
     return s->used;
@@ -1126,13 +1122,13 @@ static void handle_splice(struct stream *s, const unsigned char *p, size_t len) 
     if (s->up >= 0) return splice_answer(s->id, 1, "already spliced");
     int fd = recv_passed_fd(s->id);
     if (fd < 0) return splice_answer(s->id, 1, "no descriptor was passed for this stream");
-    s->down = malloc(SPLICE_BUF);
-    s->upb = malloc(SPLICE_BUF);
-    if (!s->down || !s->upb) {
+    s->down.buf = malloc(SPLICE_BUF);
+    s->upload.buf = malloc(SPLICE_BUF);
+    if (!s->down.buf || !s->upload.buf) {
         close(fd);
-        free(s->down);
-        free(s->upb);
-        s->down = s->upb = NULL;
+        free(s->down.buf);
+        free(s->upload.buf);
+        s->down.buf = s->upload.buf = NULL;
         return splice_answer(s->id, 1, "out of memory");
     }
     set_nonblock(fd);
@@ -1471,11 +1467,11 @@ static int serve_main(void) {
                 if (!s->rd_eof && s->credit > 0 && !paused) ev |= POLLIN;
                 if (bytes_pending(&s->to_sock) > 0) ev |= POLLOUT;
             } else { /* spliced: frames to the host play no part, so `paused` neither */
-                if (s->go && !s->rd_eof && s->up_len == 0 && s->budget > 0) ev |= POLLIN;
-                if (bytes_pending(&s->to_sock) > 0 || s->down_len > 0) ev |= POLLOUT;
-                if (!s->up_eof && s->down_len == 0 && bytes_pending(&s->to_sock) == 0)
+                if (s->go && !s->rd_eof && s->upload.len == 0 && s->budget > 0) ev |= POLLIN;
+                if (bytes_pending(&s->to_sock) > 0 || s->down.len > 0) ev |= POLLOUT;
+                if (!s->up_eof && s->down.len == 0 && bytes_pending(&s->to_sock) == 0)
                     uev |= POLLIN;
-                if (s->up_len > 0) uev |= POLLOUT;
+                if (s->upload.len > 0) uev |= POLLOUT;
             }
             pf[n++] = (struct pollfd){.fd = ev ? s->fd : -1, .events = ev};
             pf[n++] = (struct pollfd){.fd = uev ? s->up : -1, .events = uev};
