@@ -199,14 +199,16 @@ def unenforced_limits_warning(controllers: tuple[str, ...] | None) -> str | None
     )
 
 
-def disk_advice(disk_limit: str, driver: str, backing: str) -> str:
+def disk_advice(disk_limit: str, driver: str, backing: str, loop_unavailable: str) -> str:
     return (
         f"--disk-limit {disk_limit} needs container storage that enforces a size per "
-        "container: Podman's overlay driver on XFS mounted with pquota (prjquota). This "
-        f"Podman uses the {driver or '?'} driver on {backing or '?'}. Put Podman's storage "
-        f"on such a file system, or set {env_var('disk_limit')}=0 (no disk limit: a sandbox "
-        "can fill the host's disk), or use --strict (every writable path a tmpfs, bounded "
-        "by --memory)."
+        "container: Podman's overlay driver on XFS mounted with pquota (prjquota), or, on "
+        "any other file system, overlay storage on this host with the server running as "
+        "root, loop devices, mkfs.ext4 and mount (each sandbox then gets a loop disk; not "
+        f"here: {loop_unavailable or '?'}). This Podman uses the {driver or '?'} driver on "
+        f"{backing or '?'}. Set {env_var('disk_limit')}=0 (no disk limit: a sandbox can fill "
+        "the host's disk), or use --strict (every writable path a tmpfs, bounded by "
+        "--memory). See docs/disk-limit.md."
     )
 
 
@@ -220,7 +222,9 @@ def workdir_advice(image: str) -> str:
     )
 
 
-def start_advice(spec: SandboxSpec, error: str, driver: str, backing: str) -> str | None:
+def start_advice(
+    spec: SandboxSpec, error: str, driver: str, backing: str, loop_unavailable: str | None = None
+) -> str | None:
     """What to do when podman refused to start a sandbox because of containment; None when
     the refusal is about something else."""
     lowered = error.lower()
@@ -230,7 +234,8 @@ def start_advice(spec: SandboxSpec, error: str, driver: str, backing: str) -> st
     if spec.disk_limit and any(
         k in lowered for k in ("storage-opt", "storage option", "option size", "quota")
     ):
-        return f"{disk_advice(spec.disk_limit, driver, backing)} (Podman said: {error})"
+        advice = disk_advice(spec.disk_limit, driver, backing, loop_unavailable or "")
+        return f"{advice} (Podman said: {error})"
     if spec.userns and any(k in lowered for k in ("subuid", "subgid", "mappings")):
         return f"{USERNS_ADVICE} (Podman said: {error})"
     missing = any(k in lowered for k in ("not found", "no such file", "executable file"))

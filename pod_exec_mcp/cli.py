@@ -24,6 +24,7 @@ from pod_exec_mcp.admission import (
 )
 from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
+from pod_exec_mcp.engine import sandbox_spec
 from pod_exec_mcp.health import Readiness
 from pod_exec_mcp.http import MCP_PATH, http_app
 from pod_exec_mcp.http_guard import http_protocol, rate_limit_accept_errors
@@ -240,7 +241,7 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     try:
         # Where Podman keeps sandboxes: for the disk headroom, and the disk-limit advice.
         facts = await podman_facts(podman)
-        await check_sandbox_settings(podman, settings, instance, (facts.driver, facts.backing))
+        await check_sandbox_settings(podman, settings, instance, facts)
     except (PodmanError, SettingsError) as exc:
         sock.close()
         instance.release()
@@ -249,7 +250,10 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
         log.warning("limits: %s", unenforced)
     for warning in capacity_warnings(settings, host_state(facts.graph_root)):
         log.warning("capacity: %s", warning)
-    engine = PodmanEngine(podman, Headroom.of(settings, facts.graph_root))
+    loop_disks = facts.disk_limit_by_loop()
+    if loop_disks and sandbox_spec(settings, "", {}).disk_limit:
+        log.info("disk limit: each sandbox gets a loop disk of %s", settings.disk_limit)
+    engine = PodmanEngine(podman, Headroom.of(settings, facts.graph_root), loop_disks)
     mcp, sessions = build_server(settings, engine, instance, auth)
     metrics = Metrics.for_server(podman, sessions, sessions.exec_slots)
     config = uvicorn.Config(

@@ -166,10 +166,11 @@ class Settings(BaseModel):
     gVisor (`runtime` runsc) always uses `host`: its own kernel is the boundary there."""
 
     disk_limit: str = "10g"
-    """Disk each sandbox may fill (its writable layer, /workspace and /tmp), enforced by
-    the storage (overlay on XFS with pquota). The server refuses to start where Podman's
-    storage cannot enforce it: then set 0 (no limit) or use `strict` (everything writable
-    is a tmpfs, bounded by memory). 0 turns the limit off."""
+    """Disk each sandbox may fill (its writable layer, /workspace and /tmp; bytes and
+    inodes), enforced by the kernel: Podman's storage quota (overlay on XFS with pquota),
+    else a loop disk per sandbox (local overlay storage, server as root). The server
+    refuses to start where neither works: then set 0 (no limit) or use `strict`
+    (everything writable is a tmpfs, bounded by memory). 0 turns the limit off."""
 
     headroom_memory: str = "256m"
     """Memory (MemAvailable) the host must still have after a new sandbox took its whole

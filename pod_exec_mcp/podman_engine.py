@@ -32,6 +32,7 @@ from pod_exec_mcp.agent_channel import (
     serve_argv,
 )
 from pod_exec_mcp.agent_streams import AgentStream
+from pod_exec_mcp.config import parse_size
 from pod_exec_mcp.egress import DENY_ALL, EgressPolicy
 from pod_exec_mcp.engine import (
     EXEC_ID_ENV,
@@ -47,6 +48,7 @@ from pod_exec_mcp.engine import (
     SandboxSpec,
     is_gvisor,
 )
+from pod_exec_mcp.loop_disk import LoopDiskError, attach_loop_disk, loop_disk_unavailable
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
 from pod_exec_mcp.proxy import serve_connection
@@ -169,6 +171,39 @@ class PodmanFacts:
     backing: str
     # The cgroup controllers Podman can set limits with; None where it does not say.
     cgroup_controllers: tuple[str, ...] | None
+    # Whether Podman's storage is on another host (CONTAINER_HOST, --remote).
+    remote: bool = False
+
+    def loop_disk_unavailable(self) -> str | None:
+        """Why sandboxes here cannot have loop disks (loop_disk.py); None if they can."""
+        return loop_disk_unavailable(self.driver, not self.remote)
+
+    def disk_limit_by_loop(self) -> bool:
+        """Whether sandboxes get their disk limit from a loop disk rather than from
+        `--storage-opt size=`, which only overlay on XFS mounted with pquota enforces."""
+        xfs = self.driver == "overlay" and self.backing.lower() == "xfs"
+        quota = xfs and (self.remote or has_project_quota(self.graph_root))
+        return not quota and self.loop_disk_unavailable() is None
+
+
+def has_project_quota(path: str, mountinfo: str | None = None) -> bool:
+    """Whether the file system holding `path` is mounted with (enforced) project quotas,
+    by this host's /proc/self/mountinfo or the given text."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo") as file:
+                mountinfo = file.read()
+        except OSError:
+            return False
+    best, options = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        # Field 5 is the mount point; the super block's options come last.
+        point = fields[4] if len(fields) > 4 else ""
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if point and inside and len(point) >= len(best):
+            best, options = point, fields[-1]
+    return any(o in ("prjquota", "pquota") for o in options.split(","))
 
 
 async def podman_facts(podman: Podman) -> PodmanFacts:
@@ -176,12 +211,14 @@ async def podman_facts(podman: Podman) -> PodmanFacts:
     info = json.loads(done.stdout)
     store = info.get("store", {})
     status = store.get("graphStatus") or {}
-    controllers = (info.get("host") or {}).get("cgroupControllers")
+    host = info.get("host") or {}
+    controllers = host.get("cgroupControllers")
     return PodmanFacts(
         graph_root=store.get("graphRoot", ""),
         driver=store.get("graphDriverName", ""),
         backing=status.get("Backing Filesystem", ""),
         cgroup_controllers=None if controllers is None else tuple(controllers),
+        remote=bool(host.get("serviceIsRemote")),
     )
 
 
@@ -205,12 +242,17 @@ def global_arguments(spec: SandboxSpec) -> list[str]:
     return args
 
 
-def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[str]:
-    """The `podman` arguments that start one sandbox: global options, then `run ...`."""
+def run_arguments(
+    spec: SandboxSpec, agent_volume: str | None = None, *, loop_disk: bool = False
+) -> list[str]:
+    """The `podman` arguments that start one sandbox: global options, then `run ...`.
+    With `loop_disk`, `create ...` instead: the disk limit is then a loop disk, given to
+    the created container before `podman start` (give_loop_disk)."""
     # With the agent, its `init` mode is PID 1 (zombie reaper and lifetime bound, immune
     # to signals from inside); without it, podman's own init runs a plain sleep.
     init = [] if agent_volume else ["--init"]
-    args = [*global_arguments(spec), "run", "--detach", "--rm", *init, "--name", spec.name]
+    verb = ["create"] if loop_disk else ["run", "--detach"]
+    args = [*global_arguments(spec), *verb, "--rm", *init, "--name", spec.name]
     args += _label_arguments(spec.labels)
     args += [
         "--memory", spec.memory,
@@ -226,7 +268,7 @@ def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[st
         # Sandbox root becomes an unprivileged host id; the image's ids are shifted with it.
         # (runsc of 2022 cannot start id-mapped containers; gVisor's kernel is its boundary.)
         args.append(f"--userns=auto:size={USERNS_SIZE}")
-    if spec.disk_limit:
+    if spec.disk_limit and not loop_disk:
         # Enforced by the storage driver (XFS project quota) on the writable layer, which
         # holds /workspace and /tmp too; preflight.py checks at start-up that it can here.
         args += ["--storage-opt", f"size={spec.disk_limit}"]
@@ -259,12 +301,32 @@ def run_arguments(spec: SandboxSpec, agent_volume: str | None = None) -> list[st
     return args
 
 
+async def give_loop_disk(podman: Podman, name: str, size: str) -> None:
+    """Put a loop disk of `size` under created (not yet started) container `name`'s
+    writable layer; LoopDiskError if it cannot be done."""
+    try:
+        done = await podman.run(
+            "container", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", name
+        )
+    except PodmanError as exc:
+        raise LoopDiskError(str(exc)) from None
+    upper = done.stdout.decode().strip()
+    if not upper.endswith("/diff"):
+        raise LoopDiskError(f"unexpected overlay layout for {name}: upper dir {upper!r}")
+    await attach_loop_disk(os.path.dirname(upper), parse_size(size))
+
+
 class PodmanEngine:
     """Sandboxes as Podman containers; commands through each sandbox's exec agent, or
     through one `podman exec` each where there is no agent."""
 
-    def __init__(self, podman: Podman, headroom: Headroom | None = None) -> None:
+    def __init__(
+        self, podman: Podman, headroom: Headroom | None = None, loop_disks: bool = False
+    ) -> None:
         self.podman = podman
+        # Disk limits as loop disks (PodmanFacts.disk_limit_by_loop) rather than as a
+        # storage quota.
+        self.loop_disks = loop_disks
         # Network mode isolated: the sandboxes whose agent runs the egress proxy, and the
         # policy each one's connections are checked against (none set: refuse all).
         self._isolated: set[str] = set()
@@ -307,14 +369,22 @@ class PodmanEngine:
             volume = await self._agent_volume(spec) if spec.agent_image else None
         except PodmanError as exc:
             raise EngineError(f"could not provide the exec agent: {exc}") from None
+        loop_disk = self.loop_disks and spec.disk_limit is not None
         try:
-            await self.podman.run(*run_arguments(spec, volume))
+            await self.podman.run(*run_arguments(spec, volume, loop_disk=loop_disk))
+            if loop_disk:
+                assert spec.disk_limit is not None
+                await give_loop_disk(self.podman, spec.name, spec.disk_limit)
+                # The runtime's options again: Podman 4.3 keeps no global option from create.
+                await self.podman.run(*global_arguments(spec), "start", spec.name)
         except BaseException as exc:
             # A failed or cancelled start may have left a container behind.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.podman.remove(spec.name))
             if isinstance(exc, PodmanError):
                 raise EngineError(str(exc)) from None
+            if isinstance(exc, LoopDiskError):
+                raise EngineError(f"could not give the sandbox its disk: {exc}") from None
             raise
         if is_gvisor(spec.runtime):
             self._gvisor.add(spec.name)

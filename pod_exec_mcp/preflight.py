@@ -19,8 +19,14 @@ from pod_exec_mcp.admission import start_advice, workdir_advice
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var
 from pod_exec_mcp.engine import sandbox_spec
 from pod_exec_mcp.instances import Instance
-from pod_exec_mcp.podman import LABEL_SESSION, Podman
-from pod_exec_mcp.podman_engine import run_arguments
+from pod_exec_mcp.loop_disk import LoopDiskError
+from pod_exec_mcp.podman import LABEL_SESSION, Completed, Podman
+from pod_exec_mcp.podman_engine import (
+    PodmanFacts,
+    give_loop_disk,
+    global_arguments,
+    run_arguments,
+)
 
 # The dry run's exit status when sandbox root cannot write its workdir or /tmp.
 _UNWRITABLE = 99
@@ -64,16 +70,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def dry_run_arguments(settings: Settings, instance: Instance) -> list[str]:
-    """The full sandbox `podman run` arguments, attached and running `true` instead of the
-    long sleep, in a container labelled as this instance's (so any leftover is swept)."""
+def dry_run_arguments(settings: Settings, instance: Instance, loop_disk: bool = False) -> list[str]:
+    """The full sandbox `podman run` arguments (`create` with `loop_disk`), attached and
+    running a check instead of the long sleep, in a container labelled as this
+    instance's (so any leftover is swept)."""
     name = f"pod_exec_mcp-{instance.id[:8]}-preflight-{secrets.token_hex(2)}"
     labels = {**instance.labels(), LABEL_SESSION: "preflight"}
-    args = run_arguments(sandbox_spec(settings, name, labels))
+    args = run_arguments(sandbox_spec(settings, name, labels), loop_disk=loop_disk)
     # run_arguments detaches and ends with IMAGE and its long-running init (sleep, or the
     # exec agent's init); we wait for a check that root can write where commands run (in a
     # user namespace, a workdir Podman made at start is host root's) instead.
-    if "run" not in args or settings.image not in args:
+    if not {"run", "create"} & set(args) or settings.image not in args:
         raise RuntimeError(f"unexpected sandbox arguments: {args}")
     image_at = len(args) - 1 - args[::-1].index(settings.image)
     # Not --rm: through remote Podman 4.3 the attached client may then look for a
@@ -96,17 +103,40 @@ def _suspects(complaint: str, settings: Settings) -> list[str]:
     return names
 
 
+async def _dry_run(podman: Podman, args: list[str], settings: Settings) -> Completed:
+    if "create" not in args:
+        return await podman.run(*args, check=False)
+    created = await podman.run(*args, check=False)
+    spec = sandbox_spec(settings, "", {})
+    if created.returncode != 0 or spec.disk_limit is None:
+        return created
+    name = args[args.index("--name") + 1]
+    try:
+        await give_loop_disk(podman, name, spec.disk_limit)
+    except LoopDiskError as exc:
+        raise SettingsError(
+            f"--disk-limit {spec.disk_limit}: could not give a test sandbox a loop disk "
+            f"({exc}). Set {env_var('disk_limit')}=0 to run without a disk limit (a sandbox "
+            "can then fill the host's disk), or see docs/disk-limit.md."
+        ) from None
+    return await podman.run(*global_arguments(spec), "start", "--attach", name, check=False)
+
+
 async def check_sandbox_settings(
-    podman: Podman, settings: Settings, instance: Instance, storage: tuple[str, str] = ("", "")
+    podman: Podman,
+    settings: Settings,
+    instance: Instance,
+    facts: PodmanFacts | None = None,
 ) -> None:
     """Start (and remove) one throw-away sandbox with the configured settings; SettingsError
     naming the likely settings and quoting podman if it refuses, or saying what to do when
-    containment is the cause. `storage`: Podman's storage driver and backing file system,
-    for the disk-limit advice."""
-    args = dry_run_arguments(settings, instance)
+    containment is the cause. `facts`: Podman's storage, which decides how the disk limit
+    is enforced and what to advise when it cannot be."""
+    loop_disk = facts is not None and facts.disk_limit_by_loop()
+    args = dry_run_arguments(settings, instance, loop_disk)
     name = args[args.index("--name") + 1]
     try:
-        done = await asyncio.wait_for(podman.run(*args, check=False), DRY_RUN_TIMEOUT)
+        done = await asyncio.wait_for(_dry_run(podman, args, settings), DRY_RUN_TIMEOUT)
     except TimeoutError:
         raise SettingsError(
             f"podman did not start a test sandbox within {DRY_RUN_TIMEOUT:g} s; is podman "
@@ -118,6 +148,11 @@ async def check_sandbox_settings(
         return
     if done.returncode == _UNWRITABLE:
         raise SettingsError(workdir_advice(settings.image))
+    storage = (
+        ("", "", "")
+        if facts is None
+        else (facts.driver, facts.backing, facts.loop_disk_unavailable())
+    )
     advice = start_advice(sandbox_spec(settings, name, {}), done.error_text, *storage)
     if advice:
         raise SettingsError(advice)

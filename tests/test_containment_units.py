@@ -15,7 +15,8 @@ from pod_exec_mcp.admission import (
 )
 from pod_exec_mcp.config import Settings, SettingsError, load_settings, parse_size
 from pod_exec_mcp.engine import EngineError, SandboxSpec, sandbox_spec
-from pod_exec_mcp.podman_engine import run_arguments
+from pod_exec_mcp.loop_disk import _LO_FLAGS_OFFSET, _LOOP_CONFIG
+from pod_exec_mcp.podman_engine import PodmanFacts, has_project_quota, run_arguments
 
 GiB = 1024**3
 
@@ -44,6 +45,58 @@ def test_opt_outs_and_the_strict_profile() -> None:
     # Strict writes only to tmpfs (bounded by --memory): no storage quota needed.
     assert "--storage-opt" not in args_of(strict=True)
     assert spec_of(strict=True).disk_limit is None and spec_of().disk_limit == "10g"
+
+
+def test_with_loop_disks_a_sandbox_is_created_then_given_its_disk() -> None:
+    """The loop disk goes under the created container's layer before `podman start`, so
+    the arguments create (still --rm, still detached by start) and ask no storage quota."""
+    args = run_arguments(spec_of(), "agentvol", loop_disk=True)
+    assert args[:2] == ["create", "--rm"] and "--detach" not in args
+    assert "--storage-opt" not in args
+    gvisor = run_arguments(spec_of(runtime="runsc"), "agentvol", loop_disk=True)
+    assert gvisor[:5] == ["--runtime", "runsc", "--runtime-flag", "network=none", "create"]
+
+
+def test_the_disk_limit_mechanism_follows_the_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """XFS keeps Podman's own quota; anything else gets loop disks where this host can
+    make them, and says why not where it cannot."""
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("os.path.exists", lambda path: path == "/dev/loop-control")
+    monkeypatch.setattr("shutil.which", lambda tool: f"/usr/sbin/{tool}")
+
+    def facts(driver: str = "overlay", backing: str = "extfs", remote: bool = False) -> PodmanFacts:
+        return PodmanFacts("/var/lib/containers/storage", driver, backing, None, remote)
+
+    assert facts().disk_limit_by_loop() and facts(backing="btrfs").disk_limit_by_loop()
+    monkeypatch.setattr("pod_exec_mcp.podman_engine.has_project_quota", lambda path: True)
+    assert not facts(backing="xfs").disk_limit_by_loop()
+    # XFS without pquota cannot enforce Podman's size option: a loop disk does.
+    monkeypatch.setattr("pod_exec_mcp.podman_engine.has_project_quota", lambda path: False)
+    assert facts(backing="xfs").disk_limit_by_loop()
+    assert "remote" in (facts(remote=True).loop_disk_unavailable() or "")
+    assert "btrfs, not overlay" in (facts("btrfs").loop_disk_unavailable() or "")
+    assert not facts(remote=True).disk_limit_by_loop()
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool == "mkfs.ext4" else tool)
+    assert "mkfs.ext4 not found" in (facts().loop_disk_unavailable() or "")
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert "root" in (facts().loop_disk_unavailable() or "")
+
+
+def test_project_quota_is_read_from_the_mount_holding_the_storage() -> None:
+    mountinfo = (
+        "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "40 22 7:0 / /var/lib/containers rw,relatime - xfs /dev/loop0 rw,attr2,prjquota\n"
+        "41 22 7:1 / /srv rw - xfs /dev/loop1 rw,attr2,pqnoenforce\n"
+    )
+    assert has_project_quota("/var/lib/containers/storage", mountinfo)
+    assert not has_project_quota("/var/lib/containers-other", mountinfo)
+    assert not has_project_quota("/srv/storage", mountinfo)  # counted, not enforced
+    assert not has_project_quota("/var/lib/containers/storage", "garbage\n")
+
+
+def test_loop_config_matches_the_kernels_layout() -> None:
+    # struct loop_config is 304 bytes; lo_flags sits 52 bytes into its loop_info64.
+    assert _LOOP_CONFIG.size == 304 and _LO_FLAGS_OFFSET == 40 + 3 * 4
 
 
 def test_gvisor_profile_uses_global_runtime_options_and_no_userns() -> None:
