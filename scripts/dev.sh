@@ -38,6 +38,8 @@ install_packages() {
     command -v python3 >/dev/null || missing+=(python3)
     command -v nix-instantiate >/dev/null || missing+=(nix-bin)   # flake.nix checks
     command -v runsc >/dev/null || missing+=(runsc)               # the gVisor profile
+    PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.ext4 >/dev/null \
+        || missing+=(e2fsprogs)                                   # loop disks (--disk-limit)
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         as_root apt-get update -q
@@ -126,15 +128,21 @@ build_sandbox_image() {
         cat "$STATE/build.log" >&2; exit 1; }
 }
 
-# --disk-limit needs storage that can enforce a size per container (overlay on XFS with
-# pquota). Where it cannot (e.g. overlay on ext4, as on stock Debian), the server rightly
-# refuses its default; this quick start then opts out, and says so.
+# --disk-limit needs a way to enforce a size per sandbox: a loop disk each (Podman's overlay
+# storage on this host, run as root: the usual case) or overlay on XFS with pquota. Where
+# neither works (e.g. rootless Podman on ext4), the server rightly refuses its default;
+# this quick start then opts out, and says why.
 configure_disk_limit() {
     if [ -n "${POD_EXEC_MCP_DISK_LIMIT:-}" ]; then return; fi
-    if ! podman run --rm --log-driver none --storage-opt size=1g pod_exec_mcp_base true \
-        >/dev/null 2>&1; then
-        say "this host's Podman storage cannot enforce --disk-limit (needs overlay on XFS" \
-            "with pquota): running with POD_EXEC_MCP_DISK_LIMIT=0"
+    local no_loop
+    no_loop=$("$VENV/bin/python" -c 'import asyncio
+from pod_exec_mcp.podman import Podman
+from pod_exec_mcp.podman_engine import podman_facts
+print(asyncio.run(podman_facts(Podman())).loop_disk_unavailable() or "")')
+    if [ -n "$no_loop" ] && ! podman run --rm --log-driver none --storage-opt size=1g \
+        pod_exec_mcp_base true >/dev/null 2>&1; then
+        say "this host cannot enforce --disk-limit (no loop disks: $no_loop; no XFS" \
+            "pquota storage): running with POD_EXEC_MCP_DISK_LIMIT=0"
         export POD_EXEC_MCP_DISK_LIMIT=0
     fi
 }

@@ -7,6 +7,7 @@ no container of any instance the tests started may be left (checked by label).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from collections.abc import Iterator
@@ -32,6 +33,9 @@ from harness import (
     structured,
     wait_until,
 )
+
+from pod_exec_mcp.podman import Podman
+from pod_exec_mcp.podman_engine import podman_facts
 
 IMAGE = os.environ.get("POD_EXEC_MCP_IMAGE", "pod_exec_mcp_base")
 # Settings a CI run may give every test server, to run the same suites another way
@@ -78,30 +82,34 @@ def server_env(run_dir: Path) -> dict[str, str]:
     # Test servers share one state dir: a periodic sweep by one would remove the orphans
     # that lifecycle tests make and inspect. The sweep's own test sets an interval.
     env["POD_EXEC_MCP_SWEEP_INTERVAL"] = "0"
-    if "POD_EXEC_MCP_DISK_LIMIT" not in env and not disk_quota_supported():
-        # This host's storage cannot enforce a size per sandbox (e.g. overlay on ext4), so
-        # servers with the default --disk-limit rightly refuse to start (test_containment
-        # checks that refusal); every other test runs without the limit, and says so.
+    if "POD_EXEC_MCP_DISK_LIMIT" not in env and disk_limit_by() is None:
+        # This host can enforce no size per sandbox, so servers with the default
+        # --disk-limit rightly refuse to start (test_containment checks that refusal);
+        # every other test runs without the limit, and says so.
         env["POD_EXEC_MCP_DISK_LIMIT"] = "0"
         FIGURES["disk limit"] = (
-            "this host's Podman storage cannot enforce --disk-limit: test servers run with "
-            "POD_EXEC_MCP_DISK_LIMIT=0"
+            "this host cannot enforce --disk-limit: test servers run with POD_EXEC_MCP_DISK_LIMIT=0"
         )
+    else:
+        FIGURES["disk limit"] = f"enforced by {disk_limit_by()}"
     return env
 
 
-_QUOTA: list[bool] = []
+_DISK_LIMIT_BY: list[str | None] = []
 
 
-def disk_quota_supported() -> bool:
-    """Whether Podman's storage here enforces `--storage-opt size=` (asked once)."""
-    if not _QUOTA:
+def disk_limit_by() -> str | None:
+    """How servers here enforce --disk-limit: "loop disk" (loop_disk.py), "storage quota"
+    (`--storage-opt size=`), or None: they cannot (asked once)."""
+    if not _DISK_LIMIT_BY:
+        facts = asyncio.run(podman_facts(Podman()))
         done = podman(
             "run", "--rm", "--log-driver", "none", "--storage-opt", "size=1g", IMAGE, "true",
             check=False,
         )  # fmt: skip
-        _QUOTA.append(done.returncode == 0)
-    return _QUOTA[0]
+        by = "loop disk" if facts.disk_limit_by_loop() else None
+        _DISK_LIMIT_BY.append(by or ("storage quota" if done.returncode == 0 else None))
+    return _DISK_LIMIT_BY[0]
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +159,7 @@ __all__ = [
     "RUNTIME",
     "ServerProcess",
     "containers_of",
-    "disk_quota_supported",
+    "disk_limit_by",
     "error_text",
     "free_port",
     "new_session",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import disk_quota_supported
+from conftest import disk_limit_by
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ ALONE = ("warm.host", "warm.agent_direct", "warm.mcp_noop", "kill.grace0", "kill
 def test_quick_benchmark_reports_every_figure_and_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = dict(os.environ)
-    if not disk_quota_supported():
+    if disk_limit_by() is None:
         env["POD_EXEC_MCP_DISK_LIMIT"] = "0"  # the server would refuse to start otherwise
     done = subprocess.run(
         [sys.executable, "bench/run.py", "--quick", "--json", str(out)],

@@ -25,7 +25,7 @@ from conftest import (
     IMAGE,
     ServerProcess,
     containers_of,
-    disk_quota_supported,
+    disk_limit_by,
     error_text,
     podman,
     run_cli,
@@ -159,12 +159,13 @@ async def test_output_to_the_sandboxs_own_stdout_stays_off_the_host_disk(
 # --- 3. disk limit -------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not disk_quota_supported(), reason="this host's storage has no quota")
+@pytest.mark.skipif(disk_limit_by() is None, reason="this host cannot enforce a disk limit")
 async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
     storage = graph_root()
     server = launch("--disk-limit", "300m")
     async with server.client(legacy=True) as client:
         before = disk_used(storage)
+        # The writable layer (/var), /workspace and /tmp share the one limit.
         result = await sh(
             client,
             "head -c 200m /dev/zero > /workspace/a; head -c 200m /dev/zero > /tmp/b; "
@@ -172,20 +173,82 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
             timeout=120,
         )
         grown = disk_used(storage) - before
+        # Inodes are bounded too: 200,000 empty files (the attack) do not all fit.
+        files = await sh(
+            client,
+            "rm -f /workspace/a /tmp/b /var/c; python3 -c '\n"
+            'import os\nos.makedirs("/tmp/f")\nn = 0\n'
+            'try:\n    while n < 200000:\n        open(f"/tmp/f/{n}", "w").close(); n += 1\n'
+            "except OSError as e:\n    print(e.strerror)\nprint(n)'",
+            timeout=120,
+        )
     server.stop()
+    freed = disk_used(storage) - before
     assert "No space left" in result["output"] or "quota exceeded" in result["output"], result
-    FIGURES["disk growth at a 300m limit"] = f"{grown / 1e6:.0f} MB"
+    output: str = files["output"]
+    *_, reason, count = ["", "", *output.strip().splitlines()]
+    FIGURES[f"disk limit 300m ({disk_limit_by()})"] = (
+        f"host disk grew {grown / 1e6:.0f} MB for 600 MB written; {count.strip()} empty files "
+        f"fit ({reason.strip()}); {freed / 1e6:.0f} MB left once the sandbox was gone"
+    )
     assert grown < 300 * 1024 * 1024 + 64 * 1024 * 1024
+    assert reason.strip() in ("No space left on device", "Disk quota exceeded"), files
+    assert int(count) < 200000, files
+    # Nothing of the sandbox's disk outlives it (the loop disk's file has no name: only
+    # the host's free space can tell). Other tests' sandboxes may come and go meanwhile.
+    assert freed < 64 * 1024 * 1024
 
 
+def _path_without(tool: str, tmp_path: Path) -> str:
+    """This PATH, with every directory that holds `tool` replaced by links to all else."""
+    dirs = []
+    for d in os.environ["PATH"].split(":"):
+        if not os.path.exists(os.path.join(d, tool)):
+            dirs.append(d)
+            continue
+        farm = tmp_path / f"path{len(dirs)}"
+        farm.mkdir()
+        for entry in os.listdir(d):
+            if entry != tool:
+                (farm / entry).symlink_to(os.path.join(d, entry))
+        dirs.append(str(farm))
+    return ":".join(dirs)
+
+
+@pytest.mark.skipif(disk_limit_by() != "loop disk", reason="this host has no loop disks")
+def test_without_a_way_to_enforce_the_disk_limit_the_server_refuses_to_start(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Where neither the storage (XFS pquota) nor a loop disk can enforce the limit (here:
+    mkfs.ext4 taken off PATH), the default limit stops the server at start-up and says
+    what to do; and so does a loop disk that fails (a mkfs.ext4 that fails)."""
+    env = {**server_env, "POD_EXEC_MCP_DISK_LIMIT": "10g"}
+    done = run_cli({**env, "PATH": _path_without("mkfs.ext4", tmp_path)}, "--port", "0")
+    assert done.returncode == 1, done
+    message = done.stderr
+    assert "--disk-limit 10g needs container storage" in message, message
+    assert "not here: mkfs.ext4 not found on PATH" in message, message
+    assert "POD_EXEC_MCP_DISK_LIMIT=0" in message and "pquota" in message
+    assert "Podman said:" in message
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "mkfs.ext4").write_text(
+        "#!/bin/sh\necho 'mkfs.ext4: no room at the inn' >&2\nexit 1\n"
+    )
+    (broken / "mkfs.ext4").chmod(0o755)
+    done = run_cli({**env, "PATH": f"{broken}:{os.environ['PATH']}"}, "--port", "0")
+    assert done.returncode == 1, done
+    assert "could not give a test sandbox a loop disk" in done.stderr, done.stderr
+    assert "no room at the inn" in done.stderr and "POD_EXEC_MCP_DISK_LIMIT=0" in done.stderr
+
+
+@pytest.mark.skipif(disk_limit_by() is not None, reason="this host enforces the disk limit")
 def test_without_a_quota_capable_storage_the_server_refuses_to_start(
     server_env: dict[str, str],
 ) -> None:
-    """Where Podman cannot enforce a size per container, the default limit stops the
-    server at start-up with what to do; the opt-outs (0, or the tmpfs-only strict profile)
-    start."""
-    if disk_quota_supported():
-        pytest.skip("this host's storage enforces the disk limit")
+    """Where nothing can enforce a size per container, the default limit stops the
+    server at start-up with what to do."""
     done = run_cli({**server_env, "POD_EXEC_MCP_DISK_LIMIT": "10g"}, "--port", "0")
     assert done.returncode == 1, done
     message = done.stderr

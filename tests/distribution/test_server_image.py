@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FIGURES, IMAGE, disk_quota_supported
+from conftest import FIGURES, IMAGE, disk_limit_by
 from dist_helpers import (
     BASE_IMAGE,
     ROOT,
@@ -208,9 +208,9 @@ def deploy(server_image: str, podman_socket: Path) -> Iterator[Callable[..., Dep
             "--publish", "127.0.0.1::8000", *_socket_args(podman_socket),
             "--env", f"POD_EXEC_MCP_AUTH_TOKEN={TOKEN}", "--env", f"POD_EXEC_MCP_IMAGE={IMAGE}",
             *run_args,
-            # Where the host's storage cannot enforce the default disk limit, the server
-            # would rightly refuse to start (tests/test_containment.py checks that).
-            *([] if disk_quota_supported() else ["--env", "POD_EXEC_MCP_DISK_LIMIT=0"]),
+            # Through remote Podman only a storage quota enforces the default disk limit
+            # (loop disks need the host); without one the server rightly refuses to start.
+            *([] if disk_limit_by() == "storage quota" else ["--env", "POD_EXEC_MCP_DISK_LIMIT=0"]),
             server_image,
         )  # fmt: skip
         port = podman("port", dep.name, "8000/tcp").stdout.strip().rsplit(":", 1)[1]
