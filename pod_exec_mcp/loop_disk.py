@@ -89,7 +89,15 @@ async def _tool(*argv: str) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await process.communicate()
+    try:
+        output, _ = await process.communicate()
+    except BaseException:
+        # Cancelled (the session went away mid-start): a mount that lands after the
+        # caller removed the container would hold the loop disk on an orphan directory.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
     if process.returncode != 0:
         said = output.decode(errors="replace").strip()
         raise LoopDiskError(f"{argv[0]} failed ({process.returncode}): {said}")
