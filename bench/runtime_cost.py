@@ -5,8 +5,10 @@
     python bench/runtime_cost.py --reps 15 --execs 40 --image pod_exec_mcp_base
 
 Each profile's sandboxes are started by the server's own engine (PodmanEngine, with the
-settings' SandboxSpec, disk limit off), so the figures are what a session sees: start-up is
-`podman run -d ...` plus attaching the exec agent; a warm exec is `true` over the agent, and
+settings' SandboxSpec; disk limit off but in the profile that measures it, enforced as the
+server would here: a loop disk or a storage quota), so the figures are what a session
+sees: start-up is `podman run -d ...` (with a loop disk: create, disk, start) plus
+attaching the exec agent; a warm exec is `true` over the agent, and
 also through one `podman exec` (the fallback channel). Profiles alternate within every
 repetition so that a shared machine's noise hits all alike. Every container carries the
 label bench.runtime_cost=RUN and is removed at the end.
@@ -23,10 +25,11 @@ import time
 from pod_exec_mcp.config import Settings
 from pod_exec_mcp.engine import RunRequest, Sandbox, sandbox_spec
 from pod_exec_mcp.podman import Podman
-from pod_exec_mcp.podman_engine import PodmanEngine
+from pod_exec_mcp.podman_engine import PodmanEngine, podman_facts
 
 PROFILES = {
-    "runc, user namespace (default)": {},
+    "runc, user namespace, --disk-limit 10g (default)": {"disk_limit": "10g"},
+    "runc, user namespace, --disk-limit 0": {},
     "runc, --userns host": {"userns": "host"},
     "gVisor (runsc)": {"runtime": "runsc"},
 }
@@ -43,7 +46,9 @@ async def main() -> None:
     parser.add_argument("--execs", type=int, default=20)
     opts = parser.parse_args()
     run = secrets.token_hex(4)
-    engine = PodmanEngine(Podman())
+    podman = Podman()
+    loop_disks = (await podman_facts(podman)).disk_limit_by_loop()
+    engine = PodmanEngine(podman, loop_disks=loop_disks)
     starts: dict[str, list[float]] = {p: [] for p in PROFILES}
     agent: dict[str, list[float]] = {p: [] for p in PROFILES}
     execs: dict[str, list[float]] = {p: [] for p in PROFILES}
@@ -75,6 +80,7 @@ async def main() -> None:
         left = await engine.list_ours(f"bench.runtime_cost={run}")
         await engine.remove(*[info.as_sandbox() for info in left])
         await engine.close()
+    print(f"disk limit by: {'loop disk' if loop_disks else 'storage quota'}")
     print(
         "| profile | start-up (run + agent attach), median | warm `true` over the agent, "
         "median | warm `podman exec ... true`, median |"
