@@ -5,6 +5,8 @@ Between `podman create` and `podman start`, the container's overlay layer direct
 holds its upper and work dirs, so /workspace, /tmp and all that apt-get installs) gets a
 file system of its own: ext4 on a loop device the size of the limit. The kernel enforces
 it: a write past it fails with ENOSPC, and inodes are bounded by the same file system.
+The container's run directory (its /etc/hosts and the like) is bind-mounted from the same
+file system, so that nothing a sandbox can write lands on the host's disk unbounded.
 
 Nothing outlives the container: the backing file never has a name (O_TMPFILE, in Podman's
 own storage, so the host's disk-free figures count it), and the loop device clears itself
@@ -13,8 +15,8 @@ containers/storage unmounts a mount point that is busy before it deletes it, so 
 Podman (ours, `--rm`, or an orphan sweep) frees everything. Deletions in the sandbox give
 the space back to the host (mounted with `discard`, which punches holes in the file).
 
-Needs Podman's overlay storage on this host (not remote), root, loop devices, mkfs.ext4
-and mount. See docs/disk-limit.md.
+Needs Podman's overlay storage on this host (not remote), root, loop devices, mkfs.ext4,
+mount and cp. See docs/disk-limit.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _LO_FLAGS_AUTOCLEAR = 4
 _LOOP_CONFIG = struct.Struct("=II232s64s")
 _LO_FLAGS_OFFSET = 52
 
-_TOOLS = ("mkfs.ext4", "mount")
+_TOOLS = ("mkfs.ext4", "mount", "cp")
 
 
 class LoopDiskError(Exception):
@@ -103,9 +105,16 @@ async def _tool(*argv: str) -> None:
         raise LoopDiskError(f"{argv[0]} failed ({process.returncode}): {said}")
 
 
-async def attach_loop_disk(layer_dir: str, size: int) -> None:
+# Where, in a loop disk, the container's run directory lives (see attach_loop_disk).
+RUN_DIR_NAME = "pod_exec_mcp-run"
+
+
+async def attach_loop_disk(layer_dir: str, size: int, run_dir: str | None = None) -> None:
     """Put a file system of `size` bytes under `layer_dir` (a created, never started
-    container's overlay layer), keeping what Podman put there."""
+    container's overlay layer), keeping what Podman put there; and under `run_dir` too,
+    the container's run directory: Podman bind-mounts /etc/hosts, /etc/resolv.conf,
+    /etc/hostname and /run/.containerenv from files there, writable by sandbox root, on
+    whatever holds Podman's run root (the root disk on some hosts)."""
     # The layer's siblings' directory: Podman's storage, so the space is counted where
     # admission control looks for it.
     backing = os.open(os.path.dirname(layer_dir), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -126,6 +135,14 @@ async def attach_loop_disk(layer_dir: str, size: int) -> None:
         os.chmod(layer_dir, status.st_mode & 0o7777)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(layer_dir, "lost+found"))
+        if run_dir is not None:
+            inside = os.path.join(layer_dir, RUN_DIR_NAME)
+            status = os.stat(run_dir)
+            os.mkdir(inside)
+            await _tool("cp", "-a", f"{run_dir}/.", inside)
+            os.chown(inside, status.st_uid, status.st_gid)
+            os.chmod(inside, status.st_mode & 0o7777)
+            await _tool("mount", "--bind", inside, run_dir)
     except OSError as exc:
         raise LoopDiskError(f"{exc.strerror or exc} ({exc.filename or layer_dir})") from None
     finally:

@@ -303,17 +303,21 @@ def run_arguments(
 
 async def give_loop_disk(podman: Podman, name: str, size: str) -> None:
     """Put a loop disk of `size` under created (not yet started) container `name`'s
-    writable layer; LoopDiskError if it cannot be done."""
+    writable layer and run directory; LoopDiskError if it cannot be done."""
     try:
         done = await podman.run(
-            "container", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", name
-        )
+            "container", "inspect", "--format",
+            "{{.GraphDriver.Data.UpperDir}}\n{{.ConmonPidFile}}", name,
+        )  # fmt: skip
     except PodmanError as exc:
         raise LoopDiskError(str(exc)) from None
-    upper = done.stdout.decode().strip()
-    if not upper.endswith("/diff"):
-        raise LoopDiskError(f"unexpected overlay layout for {name}: upper dir {upper!r}")
-    await attach_loop_disk(os.path.dirname(upper), parse_size(size))
+    upper, _, pidfile = done.stdout.decode().strip().partition("\n")
+    # The run directory, which Podman fills at start (hosts, resolv.conf, ...), is where
+    # it keeps conmon's pid file.
+    run_dir = os.path.dirname(pidfile)
+    if not upper.endswith("/diff") or not pidfile.endswith("/userdata/conmon.pid"):
+        raise LoopDiskError(f"unexpected storage layout for {name}: {upper!r}, {pidfile!r}")
+    await attach_loop_disk(os.path.dirname(upper), parse_size(size), run_dir)
 
 
 class PodmanEngine:

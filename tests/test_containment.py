@@ -46,6 +46,11 @@ def graph_root() -> Path:
     return Path(info["store"]["graphRoot"])
 
 
+def run_root() -> Path:
+    info = json.loads(podman("info", "--format", "json").stdout)
+    return Path(info["store"]["runRoot"])
+
+
 def du_bytes(*paths: Path) -> int:
     done = subprocess.run(
         ["du", "-s", "-B1", "-x", *[str(p) for p in paths if p.exists()]],
@@ -161,7 +166,7 @@ async def test_output_to_the_sandboxs_own_stdout_stays_off_the_host_disk(
 
 @pytest.mark.skipif(disk_limit_by() is None, reason="this host cannot enforce a disk limit")
 async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
-    storage = graph_root()
+    storage, runs = graph_root(), run_root()
     server = launch("--disk-limit", "300m")
     async with server.client(legacy=True) as client:
         before = disk_used(storage)
@@ -173,10 +178,22 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
             timeout=120,
         )
         grown = disk_used(storage) - before
+        # Podman bind-mounts /etc/hosts, /etc/resolv.conf, /etc/hostname and
+        # /run/.containerenv from files in its run root (here on the root disk), writable
+        # by sandbox root: appending to them meets the same limit.
+        await sh(client, "rm -f /workspace/a /tmp/b /var/c; sync")
+        before_run = disk_used(runs)
+        bound = await sh(
+            client,
+            "head -c 200m /dev/zero >> /etc/hosts; "
+            "head -c 200m /dev/zero >> /run/.containerenv; echo status=$?",
+            timeout=120,
+        )
+        grown_run = disk_used(runs) - before_run
         # Inodes are bounded too: 200,000 empty files (the attack) do not all fit.
         files = await sh(
             client,
-            "rm -f /workspace/a /tmp/b /var/c; python3 -c '\n"
+            ": > /etc/hosts; : > /run/.containerenv; python3 -c '\n"
             'import os\nos.makedirs("/tmp/f")\nn = 0\n'
             'try:\n    while n < 200000:\n        open(f"/tmp/f/{n}", "w").close(); n += 1\n'
             "except OSError as e:\n    print(e.strerror)\nprint(n)'",
@@ -188,10 +205,14 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
     output: str = files["output"]
     *_, reason, count = ["", "", *output.strip().splitlines()]
     FIGURES[f"disk limit 300m ({disk_limit_by()})"] = (
-        f"host disk grew {grown / 1e6:.0f} MB for 600 MB written; {count.strip()} empty files "
-        f"fit ({reason.strip()}); {freed / 1e6:.0f} MB left once the sandbox was gone"
+        f"host disk grew {grown / 1e6:.0f} MB for 600 MB written; {grown_run / 1e6:.0f} MB "
+        f"for 400 MB appended to /etc/hosts and /run/.containerenv; {count.strip()} empty "
+        f"files fit ({reason.strip()}); {freed / 1e6:.0f} MB left once the sandbox was gone"
     )
     assert grown < 300 * 1024 * 1024 + 64 * 1024 * 1024
+    if disk_limit_by() == "loop disk":  # (a storage quota covers the graph root only)
+        assert "No space left" in bound["output"], bound
+        assert grown_run < 300 * 1024 * 1024 + 64 * 1024 * 1024
     assert reason.strip() in ("No space left on device", "Disk quota exceeded"), files
     assert int(count) < 200000, files
     # Nothing of the sandbox's disk outlives it (the loop disk's file has no name: only
