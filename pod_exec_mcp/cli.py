@@ -38,7 +38,7 @@ from pod_exec_mcp.instances import (
 )
 from pod_exec_mcp.metrics import Metrics
 from pod_exec_mcp.podman import Podman, PodmanError
-from pod_exec_mcp.podman_engine import PodmanEngine, podman_facts
+from pod_exec_mcp.podman_engine import PodmanEngine, gets_loop_disk, podman_facts
 from pod_exec_mcp.preflight import bind_socket, check_sandbox_settings
 from pod_exec_mcp.server import build_server
 from pod_exec_mcp.sessions import Sessions
@@ -251,7 +251,7 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     for warning in capacity_warnings(settings, host_state(facts.graph_root)):
         log.warning("capacity: %s", warning)
     loop_disks = facts.disk_limit_by_loop()
-    if loop_disks and sandbox_spec(settings, "", {}).disk_limit:
+    if gets_loop_disk(sandbox_spec(settings, "", {}), loop_disks):
         log.info("disk limit: each sandbox gets a loop disk of %s", settings.disk_limit)
     engine = PodmanEngine(podman, Headroom.of(settings, facts.graph_root), loop_disks)
     mcp, sessions = build_server(settings, engine, instance, auth)

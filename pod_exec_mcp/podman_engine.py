@@ -301,6 +301,12 @@ def run_arguments(
     return args
 
 
+def gets_loop_disk(spec: SandboxSpec, loop_disks: bool) -> bool:
+    """Whether a sandbox of `spec` is created, given a loop disk and then started, where
+    the host gives loop disks (PodmanFacts.disk_limit_by_loop): only with a disk limit."""
+    return loop_disks and spec.disk_limit is not None
+
+
 async def give_loop_disk(podman: Podman, name: str, size: str) -> None:
     """Put a loop disk of `size` under created (not yet started) container `name`'s
     writable layer and run directory; LoopDiskError if it cannot be done."""
@@ -373,7 +379,7 @@ class PodmanEngine:
             volume = await self._agent_volume(spec) if spec.agent_image else None
         except PodmanError as exc:
             raise EngineError(f"could not provide the exec agent: {exc}") from None
-        loop_disk = self.loop_disks and spec.disk_limit is not None
+        loop_disk = gets_loop_disk(spec, self.loop_disks)
         try:
             await self.podman.run(*run_arguments(spec, volume, loop_disk=loop_disk))
             if loop_disk:

@@ -17,12 +17,13 @@ import socket
 
 from pod_exec_mcp.admission import start_advice, workdir_advice
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var
-from pod_exec_mcp.engine import sandbox_spec
+from pod_exec_mcp.engine import SandboxSpec, sandbox_spec
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.loop_disk import LoopDiskError
 from pod_exec_mcp.podman import LABEL_SESSION, Completed, Podman
 from pod_exec_mcp.podman_engine import (
     PodmanFacts,
+    gets_loop_disk,
     give_loop_disk,
     global_arguments,
     run_arguments,
@@ -70,19 +71,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def dry_run_arguments(settings: Settings, instance: Instance, loop_disk: bool = False) -> list[str]:
-    """The full sandbox `podman run` arguments (`create` with `loop_disk`), attached and
-    running a check instead of the long sleep, in a container labelled as this
-    instance's (so any leftover is swept)."""
-    name = f"pod_exec_mcp-{instance.id[:8]}-preflight-{secrets.token_hex(2)}"
-    labels = {**instance.labels(), LABEL_SESSION: "preflight"}
-    args = run_arguments(sandbox_spec(settings, name, labels), loop_disk=loop_disk)
+def dry_run_arguments(spec: SandboxSpec, loop_disk: bool = False) -> list[str]:
+    """The full `podman run` arguments of sandbox `spec` (`create` with `loop_disk`),
+    attached and running a check instead of the long sleep."""
+    args = run_arguments(spec, loop_disk=loop_disk)
     # run_arguments detaches and ends with IMAGE and its long-running init (sleep, or the
     # exec agent's init); we wait for a check that root can write where commands run (in a
     # user namespace, a workdir Podman made at start is host root's) instead.
-    if not {"run", "create"} & set(args) or settings.image not in args:
+    if not {"run", "create"} & set(args) or spec.image not in args:
         raise RuntimeError(f"unexpected sandbox arguments: {args}")
-    image_at = len(args) - 1 - args[::-1].index(settings.image)
+    image_at = len(args) - 1 - args[::-1].index(spec.image)
     # Not --rm: through remote Podman 4.3 the attached client may then look for a
     # container that --rm already removed ("no such container"); the caller removes it.
     return [a for a in args[: image_at + 1] if a not in ("--detach", "--rm")] + [
@@ -103,23 +101,22 @@ def _suspects(complaint: str, settings: Settings) -> list[str]:
     return names
 
 
-async def _dry_run(podman: Podman, args: list[str], settings: Settings) -> Completed:
-    if "create" not in args:
-        return await podman.run(*args, check=False)
-    created = await podman.run(*args, check=False)
-    spec = sandbox_spec(settings, "", {})
-    if created.returncode != 0 or spec.disk_limit is None:
-        return created
-    name = args[args.index("--name") + 1]
+async def _dry_run(podman: Podman, spec: SandboxSpec, loop_disk: bool) -> Completed:
+    """Run the check in a sandbox of `spec`: `podman run`, or with a loop disk `podman
+    create`, the disk, `podman start --attach` (as PodmanEngine starts one)."""
+    done = await podman.run(*dry_run_arguments(spec, loop_disk), check=False)
+    if not loop_disk or done.returncode != 0:
+        return done
+    assert spec.disk_limit is not None
     try:
-        await give_loop_disk(podman, name, spec.disk_limit)
+        await give_loop_disk(podman, spec.name, spec.disk_limit)
     except LoopDiskError as exc:
         raise SettingsError(
             f"--disk-limit {spec.disk_limit}: could not give a test sandbox a loop disk "
             f"({exc}). Set {env_var('disk_limit')}=0 to run without a disk limit (a sandbox "
             "can then fill the host's disk), or see docs/disk-limit.md."
         ) from None
-    return await podman.run(*global_arguments(spec), "start", "--attach", name, check=False)
+    return await podman.run(*global_arguments(spec), "start", "--attach", spec.name, check=False)
 
 
 async def check_sandbox_settings(
@@ -132,11 +129,12 @@ async def check_sandbox_settings(
     naming the likely settings and quoting podman if it refuses, or saying what to do when
     containment is the cause. `facts`: Podman's storage, which decides how the disk limit
     is enforced and what to advise when it cannot be."""
-    loop_disk = facts is not None and facts.disk_limit_by_loop()
-    args = dry_run_arguments(settings, instance, loop_disk)
-    name = args[args.index("--name") + 1]
+    # Labelled as this instance's, so that any leftover is swept.
+    name = f"pod_exec_mcp-{instance.id[:8]}-preflight-{secrets.token_hex(2)}"
+    spec = sandbox_spec(settings, name, {**instance.labels(), LABEL_SESSION: "preflight"})
+    loop_disk = gets_loop_disk(spec, facts is not None and facts.disk_limit_by_loop())
     try:
-        done = await asyncio.wait_for(_dry_run(podman, args, settings), DRY_RUN_TIMEOUT)
+        done = await asyncio.wait_for(_dry_run(podman, spec, loop_disk), DRY_RUN_TIMEOUT)
     except TimeoutError:
         raise SettingsError(
             f"podman did not start a test sandbox within {DRY_RUN_TIMEOUT:g} s; is podman "
@@ -153,7 +151,7 @@ async def check_sandbox_settings(
         if facts is None
         else (facts.driver, facts.backing, facts.loop_disk_unavailable())
     )
-    advice = start_advice(sandbox_spec(settings, name, {}), done.error_text, *storage)
+    advice = start_advice(spec, done.error_text, *storage)
     if advice:
         raise SettingsError(advice)
     names = _suspects(done.error_text, settings)

@@ -330,6 +330,11 @@ def test_settings_podman_refuses_are_found_at_start(server_env: dict[str, str]) 
     line = json.loads(refused_with(server_env, "--memory", "1k"))
     assert line["level"] == "critical"
     assert "--memory / POD_EXEC_MCP_MEMORY" in line["event"] and "podman said" in line["event"]
+    # Without a disk limit too (no loop disk then, where the host gives them): the check
+    # still starts its sandbox rather than only creating it.
+    for without_disk_limit in (["--strict"], ["--disk-limit", "0"]):
+        line = json.loads(refused_with(server_env, "--memory", "1k", *without_disk_limit))
+        assert "--memory / POD_EXEC_MCP_MEMORY" in line["event"], without_disk_limit
     line = json.loads(refused_with(server_env, "--extra-run-args=--no-such-flag"))
     assert "--extra-run-args / POD_EXEC_MCP_EXTRA_RUN_ARGS" in line["event"]
     assert "--no-such-flag" in line["event"]
