@@ -109,7 +109,12 @@ async def _tool(*argv: str) -> None:
 RUN_DIR_NAME = "pod_exec_mcp-run"
 
 
-async def attach_loop_disk(layer_dir: str, size: int, run_dir: str | None = None) -> None:
+def _set_owner_and_mode(path: str, like: os.stat_result) -> None:
+    os.chown(path, like.st_uid, like.st_gid)
+    os.chmod(path, like.st_mode & 0o7777)
+
+
+async def attach_loop_disk(layer_dir: str, size: int, run_dir: str) -> None:
     """Put a file system of `size` bytes under `layer_dir` (a created, never started
     container's overlay layer), keeping what Podman put there; and under `run_dir` too,
     the container's run directory: Podman bind-mounts /etc/hosts, /etc/resolv.conf,
@@ -129,20 +134,16 @@ async def attach_loop_disk(layer_dir: str, size: int, run_dir: str | None = None
             "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
             "-E", "lazy_itable_init=1,nodiscard", "-d", layer_dir, loop_path,
         )  # fmt: skip
-        status = os.stat(layer_dir)
+        layer_status = os.stat(layer_dir)
         await _tool("mount", "-t", "ext4", "-o", "discard", loop_path, layer_dir)
-        os.chown(layer_dir, status.st_uid, status.st_gid)
-        os.chmod(layer_dir, status.st_mode & 0o7777)
+        _set_owner_and_mode(layer_dir, layer_status)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(layer_dir, "lost+found"))
-        if run_dir is not None:
-            inside = os.path.join(layer_dir, RUN_DIR_NAME)
-            status = os.stat(run_dir)
-            os.mkdir(inside)
-            await _tool("cp", "-a", f"{run_dir}/.", inside)
-            os.chown(inside, status.st_uid, status.st_gid)
-            os.chmod(inside, status.st_mode & 0o7777)
-            await _tool("mount", "--bind", inside, run_dir)
+        inside = os.path.join(layer_dir, RUN_DIR_NAME)
+        os.mkdir(inside)
+        await _tool("cp", "-a", f"{run_dir}/.", inside)
+        _set_owner_and_mode(inside, os.stat(run_dir))
+        await _tool("mount", "--bind", inside, run_dir)
     except OSError as exc:
         raise LoopDiskError(f"{exc.strerror or exc} ({exc.filename or layer_dir})") from None
     finally:
