@@ -417,9 +417,7 @@ class Bench:
         if self.settings.exec_channel == "agent":
             volume = await agent_volume(Podman(self.podman), self.settings.agent_image)
         spec = sandbox_spec(self.settings, name, self.labels)
-        if (await podman_facts(Podman(self.podman))).disk_limit_by_loop():
-            # Raw Podman cannot enforce the disk limit on this storage (the server gives
-            # each sandbox a loop disk): the baseline goes without, to its advantage.
+        if self._raw_without_disk_limit:
             spec = dataclasses.replace(spec, disk_limit=None)
         args = run_arguments(spec, volume)
         started = time.perf_counter()
@@ -436,6 +434,10 @@ class Bench:
         reps = self.args.first_reps
         self.log(f"first: {reps} interleaved repetitions, warm pool of {POOL}")
         self._raw_first: list[float] = []
+        # Raw Podman cannot enforce the disk limit on this storage where the server gives
+        # each sandbox a loop disk: the baseline then goes without, to its advantage.
+        facts = await podman_facts(Podman(self.podman))
+        self._raw_without_disk_limit = facts.disk_limit_by_loop()
         times: dict[str, list[float]] = {"legacy": [], "modern": []}
         await self.pool_refilled(POOL)
         baseline = sum(1 for c in containers_of(main.instance) if c.get("State") == "running")

@@ -102,13 +102,14 @@ def disk_limit_by() -> str | None:
     """How servers here enforce --disk-limit: "loop disk" (loop_disk.py), "storage quota"
     (`--storage-opt size=`), or None: they cannot (asked once)."""
     if not _DISK_LIMIT_BY:
-        facts = asyncio.run(podman_facts(Podman()))
-        done = podman(
-            "run", "--rm", "--log-driver", "none", "--storage-opt", "size=1g", IMAGE, "true",
-            check=False,
-        )  # fmt: skip
-        by = "loop disk" if facts.disk_limit_by_loop() else None
-        _DISK_LIMIT_BY.append(by or ("storage quota" if done.returncode == 0 else None))
+        if asyncio.run(podman_facts(Podman())).disk_limit_by_loop():
+            _DISK_LIMIT_BY.append("loop disk")
+        else:
+            done = podman(
+                "run", "--rm", "--log-driver", "none", "--storage-opt", "size=1g", IMAGE,
+                "true", check=False,
+            )  # fmt: skip
+            _DISK_LIMIT_BY.append("storage quota" if done.returncode == 0 else None)
     return _DISK_LIMIT_BY[0]
 
 
