@@ -182,6 +182,8 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
         # /run/.containerenv from files in its run root (here on the root disk), writable
         # by sandbox root: appending to them meets the same limit.
         await sh(client, "rm -f /workspace/a /tmp/b /var/c; sync")
+        # Deleting gives the space back to the host (the loop disk's `discard`).
+        kept = disk_used(storage) - before
         before_run = disk_used(runs)
         bound = await sh(
             client,
@@ -205,11 +207,14 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
     output: str = files["output"]
     *_, reason, count = ["", "", *output.strip().splitlines()]
     FIGURES[f"disk limit 300m ({disk_limit_by()})"] = (
-        f"host disk grew {grown / 1e6:.0f} MB for 600 MB written; {grown_run / 1e6:.0f} MB "
+        f"host disk grew {grown / 1e6:.0f} MB for 600 MB written ({kept / 1e6:.0f} MB kept "
+        f"after rm); {grown_run / 1e6:.0f} MB "
         f"for 400 MB appended to /etc/hosts and /run/.containerenv; {count.strip()} empty "
         f"files fit ({reason.strip()}); {freed / 1e6:.0f} MB left once the sandbox was gone"
     )
     assert grown < 300 * 1024 * 1024 + 64 * 1024 * 1024
+    if disk_limit_by() == "loop disk":
+        assert kept < 64 * 1024 * 1024, f"{kept / 1e6:.0f} MB still held after rm"
     if disk_limit_by() == "loop disk":  # (a storage quota covers the graph root only)
         assert "No space left" in bound["output"], bound
         assert grown_run < 300 * 1024 * 1024 + 64 * 1024 * 1024
