@@ -90,7 +90,7 @@ def server_env(run_dir: Path) -> dict[str, str]:
         FIGURES["disk limit"] = (
             "this host cannot enforce --disk-limit: test servers run with POD_EXEC_MCP_DISK_LIMIT=0"
         )
-    else:
+    elif "POD_EXEC_MCP_DISK_LIMIT" not in env:
         FIGURES["disk limit"] = f"enforced by {disk_limit_by()}"
     return env
 
