@@ -435,9 +435,9 @@ class Bench:
         self.log(f"first: {reps} interleaved repetitions, warm pool of {POOL}")
         self._raw_first: list[float] = []
         # Raw Podman cannot enforce the disk limit on this storage where the server gives
-        # each sandbox a loop disk: the baseline then goes without, to its advantage.
+        # each sandbox a root disk: the baseline then goes without, to its advantage.
         facts = await podman_facts(Podman(self.podman))
-        self._raw_without_disk_limit = facts.disk_limit_by_loop()
+        self._raw_without_disk_limit = facts.disk_limit_by_root_disk()
         times: dict[str, list[float]] = {"legacy": [], "modern": []}
         await self.pool_refilled(POOL)
         baseline = sum(1 for c in containers_of(main.instance) if c.get("State") == "running")

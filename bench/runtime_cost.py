@@ -6,8 +6,8 @@
 
 Each profile's sandboxes are started by the server's own engine (PodmanEngine, with the
 settings' SandboxSpec; disk limit off but in the profile that measures it, enforced as the
-server would here: a loop disk or a storage quota), so the figures are what a session
-sees: start-up is `podman run -d ...` (with a loop disk: create, disk, start) plus
+server would here: a root disk or a storage quota), so the figures are what a session
+sees: start-up is `podman run -d ...` (with a root disk: the disk, then the run) plus
 attaching the exec agent; a warm exec is `true` over the agent, and
 also through one `podman exec` (the fallback channel). Profiles alternate within every
 repetition so that a shared machine's noise hits all alike. Every container carries the
@@ -19,13 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from pod_exec_mcp.config import Settings
 from pod_exec_mcp.engine import RunRequest, Sandbox, sandbox_spec
 from pod_exec_mcp.podman import Podman
 from pod_exec_mcp.podman_engine import PodmanEngine, podman_facts
+from pod_exec_mcp.root_disk import IdRange, RootDisks
 
 PROFILES = {
     "runc, user namespace, --disk-limit 10g (default)": {"disk_limit": "10g"},
@@ -47,8 +51,13 @@ async def main() -> None:
     opts = parser.parse_args()
     run = secrets.token_hex(4)
     podman = Podman()
-    loop_disks = (await podman_facts(podman)).disk_limit_by_loop()
-    engine = PodmanEngine(podman, loop_disks=loop_disks)
+    facts = await podman_facts(podman)
+    root_disks = (
+        RootDisks(Path(tempfile.mkdtemp(prefix="pod_exec_mcp-bench-")), podman, IdRange.read())
+        if facts.disk_limit_by_root_disk()
+        else None
+    )
+    engine = PodmanEngine(podman, root_disks=root_disks)
     starts: dict[str, list[float]] = {p: [] for p in PROFILES}
     agent: dict[str, list[float]] = {p: [] for p in PROFILES}
     execs: dict[str, list[float]] = {p: [] for p in PROFILES}
@@ -80,7 +89,10 @@ async def main() -> None:
         left = await engine.list_ours(f"bench.runtime_cost={run}")
         await engine.remove(*[info.as_sandbox() for info in left])
         await engine.close()
-    print(f"disk limit by: {'loop disk' if loop_disks else 'storage quota'}")
+        if root_disks is not None:
+            root_disks.close()
+            shutil.rmtree(root_disks.directory, ignore_errors=True)
+    print(f"disk limit by: {'root disk' if root_disks else 'storage quota'}")
     print(
         "| profile | start-up (run + agent attach), median | warm `true` over the agent, "
         "median | warm `podman exec ... true`, median |"

@@ -199,13 +199,13 @@ def unenforced_limits_warning(controllers: tuple[str, ...] | None) -> str | None
     )
 
 
-def disk_advice(disk_limit: str, driver: str, backing: str, loop_unavailable: str) -> str:
+def disk_advice(disk_limit: str, driver: str, backing: str, root_disk_unavailable: str) -> str:
     return (
         f"--disk-limit {disk_limit} needs container storage that enforces a size per "
-        "container: Podman's overlay driver on XFS mounted with pquota (prjquota), or, on "
-        "any other file system, overlay storage on this host with the server running as "
-        "root, loop devices, mkfs.ext4 and mount (each sandbox then gets a loop disk; not "
-        f"here: {loop_unavailable or '?'}). This Podman uses the {driver or '?'} driver on "
+        "container: Podman's overlay driver on XFS mounted with pquota (prjquota), or, "
+        "anywhere else, Podman on this host with the server running as root, loop devices, "
+        "mkfs.ext4, unshare and tar (each sandbox then gets a root disk of its own; not "
+        f"here: {root_disk_unavailable or '?'}). This Podman uses the {driver or '?'} driver on "
         f"{backing or '?'}. Set {env_var('disk_limit')}=0 (no disk limit: a sandbox can fill "
         "the host's disk), or use --strict (every writable path a tmpfs, bounded by "
         "--memory). See docs/disk-limit.md."
@@ -223,7 +223,11 @@ def workdir_advice(image: str) -> str:
 
 
 def start_advice(
-    spec: SandboxSpec, error: str, driver: str, backing: str, loop_unavailable: str | None = None
+    spec: SandboxSpec,
+    error: str,
+    driver: str,
+    backing: str,
+    root_disk_unavailable: str | None = None,
 ) -> str | None:
     """What to do when podman refused to start a sandbox because of containment; None when
     the refusal is about something else."""
@@ -234,7 +238,7 @@ def start_advice(
     if spec.disk_limit and any(
         k in lowered for k in ("storage-opt", "storage option", "option size", "quota")
     ):
-        advice = disk_advice(spec.disk_limit, driver, backing, loop_unavailable or "")
+        advice = disk_advice(spec.disk_limit, driver, backing, root_disk_unavailable or "")
         return f"{advice} (Podman said: {error})"
     if spec.userns and any(k in lowered for k in ("subuid", "subgid", "mappings")):
         return f"{USERNS_ADVICE} (Podman said: {error})"

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import uvicorn
@@ -30,6 +31,7 @@ from pod_exec_mcp.http import MCP_PATH, http_app
 from pod_exec_mcp.http_guard import http_protocol, rate_limit_accept_errors
 from pod_exec_mcp.instances import (
     Instance,
+    default_lock_dir,
     format_listing,
     survey,
     sweep_forever,
@@ -38,10 +40,12 @@ from pod_exec_mcp.instances import (
 )
 from pod_exec_mcp.metrics import Metrics
 from pod_exec_mcp.podman import Podman, PodmanError
-from pod_exec_mcp.podman_engine import PodmanEngine, gets_loop_disk, podman_facts
+from pod_exec_mcp.podman_engine import PodmanEngine, PodmanFacts, gets_root_disk, podman_facts
 from pod_exec_mcp.preflight import bind_socket, check_sandbox_settings
+from pod_exec_mcp.root_disk import IdRange, RootDisks, existing_names
 from pod_exec_mcp.server import build_server
 from pod_exec_mcp.sessions import Sessions
+from pod_exec_mcp.stale_mounts import repair_stale_mounts
 
 log = logging.getLogger("pod_exec_mcp")
 
@@ -136,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         die(str(exc))
 
     if args.list_containers or args.cleanup or args.cleanup_all:
-        return asyncio.run(_manage_containers(podman, args))
+        return asyncio.run(_manage_containers(podman, args, settings))
 
     try:
         auth = auth_provider(settings)
@@ -145,7 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(serve(settings, podman, auth))
 
 
-async def _manage_containers(podman: Podman, args: argparse.Namespace) -> int:
+async def _sweep_disks(podman: Podman, settings: Settings) -> list[str]:
+    directory = disk_dir(settings)
+    if not directory.is_dir() or (await podman_facts(podman)).remote:
+        return []
+    root_disks = RootDisks(directory, podman)
+    try:
+        return await sweep_root_disks(root_disks, podman)
+    finally:
+        root_disks.close()
+
+
+async def _manage_containers(podman: Podman, args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.cleanup_all:
             # Servers of other owners (another state dir) are not ours to judge; their
@@ -153,12 +168,18 @@ async def _manage_containers(podman: Podman, args: argparse.Namespace) -> int:
             found = [c for c in await survey(podman) if c.owner_alive is not None]
             await podman.remove(*[c.id for c in found])
             print(f"removed {len(found)} container(s)")
+            swept = await _sweep_disks(podman, settings)
+            print(f"unmounted {len(swept)} root disk(s) of sandboxes gone with their server")
         elif args.cleanup:
             removed = await sweep_orphans(podman)
             print(f"removed {len(removed)} orphaned container(s)")
+            swept = await _sweep_disks(podman, settings)
+            print(f"unmounted {len(swept)} root disk(s) of sandboxes gone with their server")
+            for line in await repair_stale_mounts(podman):
+                print(line)
         else:
             print(format_listing(await survey(podman)))
-    except PodmanError as exc:
+    except (PodmanError, OSError) as exc:
         die(str(exc))
     return 0
 
@@ -196,6 +217,26 @@ def _raise_nofile() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _root_disks(settings: Settings, podman: Podman, facts: PodmanFacts) -> RootDisks | None:
+    """Where sandboxes' root disks go, if this host gives them and the settings ask for a
+    disk limit (strict sandboxes write only to tmpfs)."""
+    if not facts.disk_limit_by_root_disk() or sandbox_spec(settings, "", {}).disk_limit is None:
+        return None
+    return RootDisks(disk_dir(settings), podman, IdRange.read())
+
+
+def disk_dir(settings: Settings) -> Path:
+    return Path(settings.disk_dir) if settings.disk_dir else default_lock_dir().parent / "disks"
+
+
+async def sweep_root_disks(root_disks: RootDisks, podman: Podman) -> list[str]:
+    """Unmount the root disks of sandboxes gone with their server; their names."""
+    swept = root_disks.sweep(existing_names(await podman.list_containers()))
+    if swept:
+        log.info("unmounted %d root disk(s) of sandboxes gone with their server", len(swept))
+    return swept
 
 
 async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
@@ -238,22 +279,33 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     rate_limit_accept_errors(asyncio.get_running_loop())
 
     instance = Instance.acquire()
+    root_disks: RootDisks | None = None
     try:
         # Where Podman keeps sandboxes: for the disk headroom, and the disk-limit advice.
         facts = await podman_facts(podman)
-        await check_sandbox_settings(podman, settings, instance, facts)
-    except (PodmanError, SettingsError) as exc:
+        root_disks = _root_disks(settings, podman, facts)
+        if root_disks is not None:
+            await sweep_root_disks(root_disks, podman)
+        await check_sandbox_settings(podman, settings, instance, facts, root_disks)
+    except (PodmanError, SettingsError, OSError) as exc:
         sock.close()
         instance.release()
+        if root_disks is not None:
+            root_disks.close()
         die(str(exc))
     if (unenforced := unenforced_limits_warning(facts.cgroup_controllers)) is not None:
         log.warning("limits: %s", unenforced)
     for warning in capacity_warnings(settings, host_state(facts.graph_root)):
         log.warning("capacity: %s", warning)
-    loop_disks = facts.disk_limit_by_loop()
-    if gets_loop_disk(sandbox_spec(settings, "", {}), loop_disks):
-        log.info("disk limit: each sandbox gets a loop disk of %s", settings.disk_limit)
-    engine = PodmanEngine(podman, Headroom.of(settings, facts.graph_root), loop_disks)
+    if gets_root_disk(sandbox_spec(settings, "", {}), root_disks):
+        assert root_disks is not None
+        log.info(
+            "disk limit: each sandbox gets a root disk of %s in %s",
+            settings.disk_limit, root_disks.directory,
+        )  # fmt: skip
+    # The disk headroom is checked where sandboxes' disks take their space.
+    disk_home = str(root_disks.directory) if root_disks is not None else facts.graph_root
+    engine = PodmanEngine(podman, Headroom.of(settings, disk_home), root_disks)
     mcp, sessions = build_server(settings, engine, instance, auth)
     metrics = Metrics.for_server(podman, sessions, sessions.exec_slots)
     config = uvicorn.Config(
@@ -277,8 +329,9 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
 
     server = _Server(config, serving)
     usage_writer = asyncio.create_task(_record_usage_forever(sessions, instance))
+    then = None if root_disks is None else (lambda: sweep_root_disks(root_disks, podman))
     sweeper = (
-        asyncio.create_task(sweep_forever(podman, settings.sweep_interval))
+        asyncio.create_task(sweep_forever(podman, settings.sweep_interval, then=then))
         if settings.sweep_interval > 0
         else None
     )
@@ -292,6 +345,8 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
         # The lifespan's shutdown removed every sandbox (uvicorn runs it on a failed bind
         # too); releasing the lock lets a later sweep judge anything left by a crash.
         instance.release()
+        if root_disks is not None:
+            root_disks.close()
         sock.close()
         log.info("stopped; every sandbox of this server was removed")
     return 0 if server.started else 1

@@ -166,11 +166,17 @@ class Settings(BaseModel):
     gVisor (`runtime` runsc) always uses `host`: its own kernel is the boundary there."""
 
     disk_limit: str = "10g"
-    """Disk each sandbox may fill (its writable layer, /workspace and /tmp; bytes and
-    inodes), enforced by the kernel: Podman's storage quota (overlay on XFS with pquota),
-    else a loop disk per sandbox (local overlay storage, server as root). The server
-    refuses to start where neither works: then set 0 (no limit) or use `strict`
-    (everything writable is a tmpfs, bounded by memory). 0 turns the limit off."""
+    """Disk each sandbox may fill (its root file system, so /workspace, /tmp and all that
+    apt-get installs, and its /etc/hosts and the like; bytes and inodes), enforced by the
+    kernel: Podman's storage quota (overlay on XFS with pquota), else a root disk per
+    sandbox (a loop disk the server makes in `disk_dir`; local Podman, server as root).
+    The server refuses to start where neither works: then set 0 (no limit) or use
+    `strict` (everything writable is a tmpfs, bounded by memory). 0 turns the limit off."""
+
+    disk_dir: str | None = None
+    """Directory where the server keeps sandboxes' root disks and the image files they
+    share (root_disk.py). Default: `disks` in the server's state dir. Its file system
+    holds the disks' sparse files, so admission control checks its free space."""
 
     headroom_memory: str = "256m"
     """Memory (MemAvailable) the host must still have after a new sandbox took its whole

@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -280,7 +280,12 @@ async def sweep_orphans(podman: Podman, lock_dir: Path | None = None) -> list[Co
     return orphans
 
 
-async def sweep_forever(podman: Podman, interval: float, lock_dir: Path | None = None) -> None:
+async def sweep_forever(
+    podman: Podman,
+    interval: float,
+    lock_dir: Path | None = None,
+    then: Callable[[], Awaitable[object]] | None = None,
+) -> None:
     """Sweep orphans every `interval` seconds while this server runs.
 
     The sweep at start-up alone leaves a race: a server killed while `podman run`s were in
@@ -296,3 +301,8 @@ async def sweep_forever(podman: Podman, interval: float, lock_dir: Path | None =
             continue
         if removed:
             log.info("removed %d orphaned container(s) of dead servers", len(removed))
+        if then is not None:
+            try:
+                await then()
+            except Exception:
+                log.exception("sweeping after the orphaned containers failed")

@@ -48,10 +48,16 @@ from pod_exec_mcp.engine import (
     SandboxSpec,
     is_gvisor,
 )
-from pod_exec_mcp.loop_disk import LoopDiskError, attach_loop_disk, loop_disk_unavailable
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
 from pod_exec_mcp.proxy import serve_connection
+from pod_exec_mcp.root_disk import (
+    USERNS_SIZE,
+    RootDisk,
+    RootDiskError,
+    RootDisks,
+    root_disk_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +180,16 @@ class PodmanFacts:
     # Whether Podman's storage is on another host (CONTAINER_HOST, --remote).
     remote: bool = False
 
-    def loop_disk_unavailable(self) -> str | None:
-        """Why sandboxes here cannot have loop disks (loop_disk.py); None if they can."""
-        return loop_disk_unavailable(self.driver, not self.remote)
+    def root_disk_unavailable(self) -> str | None:
+        """Why sandboxes here cannot have root disks (root_disk.py); None if they can."""
+        return root_disk_unavailable(self.driver, not self.remote)
 
-    def disk_limit_by_loop(self) -> bool:
-        """Whether sandboxes get their disk limit from a loop disk rather than from
-        `--storage-opt size=`, which only overlay on XFS mounted with pquota enforces."""
+    def disk_limit_by_root_disk(self) -> bool:
+        """Whether sandboxes get their disk limit from a root disk of their own rather than
+        from `--storage-opt size=`, which only overlay on XFS mounted with pquota enforces."""
         xfs = self.driver == "overlay" and self.backing.lower() == "xfs"
         quota = xfs and (self.remote or has_project_quota(self.graph_root))
-        return not quota and self.loop_disk_unavailable() is None
+        return not quota and self.root_disk_unavailable() is None
 
 
 def has_project_quota(path: str, mountinfo: str | None = None) -> bool:
@@ -222,11 +228,6 @@ async def podman_facts(podman: Podman) -> PodmanFacts:
     )
 
 
-# Container ids 0-65535 (all the image's files, nobody included) map to a range of
-# unprivileged host ids that no other sandbox shares.
-USERNS_SIZE = 65536
-
-
 def global_arguments(spec: SandboxSpec) -> list[str]:
     """The `podman` global options (before `run`) a sandbox needs: its OCI runtime."""
     if not spec.runtime:
@@ -243,16 +244,15 @@ def global_arguments(spec: SandboxSpec) -> list[str]:
 
 
 def run_arguments(
-    spec: SandboxSpec, agent_volume: str | None = None, *, loop_disk: bool = False
+    spec: SandboxSpec, agent_volume: str | None = None, root: RootDisk | None = None
 ) -> list[str]:
     """The `podman` arguments that start one sandbox: global options, then `run ...`.
-    With `loop_disk`, `create ...` instead: the disk limit is then a loop disk, given to
-    the created container before `podman start` (give_loop_disk)."""
+    With `root`, the sandbox runs on that root disk (root_disk.py) instead of a writable
+    layer in Podman's storage: the disk limit then needs nothing of the storage."""
     # With the agent, its `init` mode is PID 1 (zombie reaper and lifetime bound, immune
     # to signals from inside); without it, podman's own init runs a plain sleep.
     init = [] if agent_volume else ["--init"]
-    verb = ["create"] if loop_disk else ["run", "--detach"]
-    args = [*global_arguments(spec), *verb, "--rm", *init, "--name", spec.name]
+    args = [*global_arguments(spec), "run", "--detach", "--rm", *init, "--name", spec.name]
     args += _label_arguments(spec.labels)
     args += [
         "--memory", spec.memory,
@@ -264,11 +264,14 @@ def run_arguments(
         # file on the host: an unbounded k8s-file log filled the host's disk.
         "--log-driver", "none",
     ]  # fmt: skip
-    if spec.userns and not is_gvisor(spec.runtime):
+    if root is not None:
+        # Its own id range (--uidmap), host name and run-directory files.
+        args += root.podman_arguments()
+    elif spec.userns and not is_gvisor(spec.runtime):
         # Sandbox root becomes an unprivileged host id; the image's ids are shifted with it.
         # (runsc of 2022 cannot start id-mapped containers; gVisor's kernel is its boundary.)
         args.append(f"--userns=auto:size={USERNS_SIZE}")
-    if spec.disk_limit and not loop_disk:
+    if spec.disk_limit and root is None:
         # Enforced by the storage driver (XFS project quota) on the writable layer, which
         # holds /workspace and /tmp too; preflight.py checks at start-up that it can here.
         args += ["--storage-opt", f"size={spec.disk_limit}"]
@@ -291,39 +294,46 @@ def run_arguments(
         # so it works for any sandbox image and through remote Podman too.
         args += mount_arguments(agent_volume)
     args += spec.extra_run_args
+    source = ["--rootfs", str(root.path)] if root is not None else [spec.image]
     # The init's own lifetime bound: if this server dies without cleaning up, the
     # container still exits (and --rm removes it) after `lifetime` seconds.
     if agent_volume:
-        args += [spec.image, *init_command(spec.lifetime)]
+        args += [*source, *init_command(spec.lifetime)]
     else:
         lifetime = f"{spec.lifetime:.0f}" if spec.lifetime else "infinity"
-        args += [spec.image, "sleep", lifetime]
+        args += [*source, "sleep", lifetime]
     return args
 
 
-def gets_loop_disk(spec: SandboxSpec, loop_disks: bool) -> bool:
-    """Whether a sandbox of `spec` is created, given a loop disk and then started, where
-    the host gives loop disks (PodmanFacts.disk_limit_by_loop): only with a disk limit."""
-    return loop_disks and spec.disk_limit is not None
+def gets_root_disk(spec: SandboxSpec, root_disks: RootDisks | None) -> bool:
+    """Whether a sandbox of `spec` runs on a root disk of its own: where the host gives
+    them (PodmanFacts.disk_limit_by_root_disk), and only with a disk limit."""
+    return root_disks is not None and spec.disk_limit is not None
 
 
-async def give_loop_disk(podman: Podman, name: str, size: str) -> None:
-    """Put a loop disk of `size` under created (not yet started) container `name`'s
-    writable layer and run directory; LoopDiskError if it cannot be done."""
+async def build_root_disk(root_disks: RootDisks, spec: SandboxSpec) -> RootDisk:
+    """The root disk of a sandbox of `spec`; RootDiskError if it cannot be made."""
+    assert spec.disk_limit is not None
+    # gVisor's kernel is its boundary (no user namespace: see run_arguments).
+    userns = spec.userns and not is_gvisor(spec.runtime)
+    return await root_disks.build(
+        spec.name, spec.image, parse_size(spec.disk_limit), userns, dict(spec.labels)
+    )
+
+
+def container_pid(root: RootDisk) -> int:
+    """The PID of a started sandbox's init (Podman's --pidfile); RootDiskError if none."""
     try:
-        done = await podman.run(
-            "container", "inspect", "--format",
-            "{{.GraphDriver.Data.UpperDir}}\n{{.ConmonPidFile}}", name,
-        )  # fmt: skip
-    except PodmanError as exc:
-        raise LoopDiskError(str(exc)) from None
-    upper, _, pidfile = done.stdout.decode().strip().partition("\n")
-    # The run directory, which Podman fills at start (hosts, resolv.conf, ...), is where
-    # it keeps conmon's pid file.
-    run_dir = os.path.dirname(pidfile)
-    if not upper.endswith("/diff") or not pidfile.endswith("/userdata/conmon.pid"):
-        raise LoopDiskError(f"unexpected storage layout for {name}: {upper!r}, {pidfile!r}")
-    await attach_loop_disk(os.path.dirname(upper), parse_size(size), run_dir)
+        return int(root.pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise RootDiskError(f"podman wrote no pid file for {root.name} ({exc})") from None
+
+
+def verify_root_disk(root: RootDisk, spec: SandboxSpec, probe: bool = False) -> None:
+    """RootDiskError unless the started sandbox's disk limit is in force (RootDisk.verify).
+    Under gVisor the init's root is runsc's own, not the sandbox's: the disk is checked
+    where its gofer serves it from."""
+    root.verify(None if is_gvisor(spec.runtime) else container_pid(root), probe)
 
 
 class PodmanEngine:
@@ -331,12 +341,13 @@ class PodmanEngine:
     through one `podman exec` each where there is no agent."""
 
     def __init__(
-        self, podman: Podman, headroom: Headroom | None = None, loop_disks: bool = False
+        self, podman: Podman, headroom: Headroom | None = None, root_disks: RootDisks | None = None
     ) -> None:
         self.podman = podman
-        # Disk limits as loop disks (PodmanFacts.disk_limit_by_loop) rather than as a
-        # storage quota.
-        self.loop_disks = loop_disks
+        # Disk limits as root disks (PodmanFacts.disk_limit_by_root_disk) rather than as a
+        # storage quota; and each sandbox's.
+        self.root_disks = root_disks
+        self._roots: dict[str, RootDisk] = {}
         # Network mode isolated: the sandboxes whose agent runs the egress proxy, and the
         # policy each one's connections are checked against (none set: refuse all).
         self._isolated: set[str] = set()
@@ -379,23 +390,27 @@ class PodmanEngine:
             volume = await self._agent_volume(spec) if spec.agent_image else None
         except PodmanError as exc:
             raise EngineError(f"could not provide the exec agent: {exc}") from None
-        loop_disk = gets_loop_disk(spec, self.loop_disks)
+        root: RootDisk | None = None
         try:
-            await self.podman.run(*run_arguments(spec, volume, loop_disk=loop_disk))
-            if loop_disk:
-                assert spec.disk_limit is not None
-                await give_loop_disk(self.podman, spec.name, spec.disk_limit)
-                # The runtime's options again: Podman 4.3 keeps no global option from create.
-                await self.podman.run(*global_arguments(spec), "start", spec.name)
+            if self.root_disks is not None and gets_root_disk(spec, self.root_disks):
+                root = await build_root_disk(self.root_disks, spec)
+            await self.podman.run(*run_arguments(spec, volume, root))
+            if root is not None:
+                # Fail closed: no sandbox whose limit is not in force is handed out.
+                verify_root_disk(root, spec)
         except BaseException as exc:
             # A failed or cancelled start may have left a container behind.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.podman.remove(spec.name))
+            if root is not None and self.root_disks is not None:
+                self.root_disks.release(root)
             if isinstance(exc, PodmanError):
                 raise EngineError(str(exc)) from None
-            if isinstance(exc, LoopDiskError):
+            if isinstance(exc, RootDiskError):
                 raise EngineError(f"could not give the sandbox its disk: {exc}") from None
             raise
+        if root is not None:
+            self._roots[spec.name] = root
         if is_gvisor(spec.runtime):
             self._gvisor.add(spec.name)
         if spec.agent_image:
@@ -422,6 +437,11 @@ class PodmanEngine:
     async def remove(self, *sandboxes: Sandbox) -> None:
         # The container first: its end ends each agent at once, with no stop grace.
         await self.podman.remove(*[s.name for s in sandboxes])
+        for s in sandboxes:
+            root = self._roots.pop(s.name, None)
+            if root is not None and self.root_disks is not None:
+                # The container is gone, or it keeps its own copy of the mount until it is.
+                self.root_disks.release(root)
         channels = [self._channels.pop(s.name, None) for s in sandboxes]
         await asyncio.gather(*(c.abort() for c in channels if c is not None))
         for s in sandboxes:

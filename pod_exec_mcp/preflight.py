@@ -15,19 +15,20 @@ import errno
 import secrets
 import socket
 
-from pod_exec_mcp.admission import start_advice, workdir_advice
+from pod_exec_mcp.admission import USERNS_ADVICE, start_advice, workdir_advice
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var
 from pod_exec_mcp.engine import SandboxSpec, sandbox_spec
 from pod_exec_mcp.instances import Instance
-from pod_exec_mcp.loop_disk import LoopDiskError
 from pod_exec_mcp.podman import LABEL_SESSION, Completed, Podman
 from pod_exec_mcp.podman_engine import (
     PodmanFacts,
-    gets_loop_disk,
-    give_loop_disk,
+    build_root_disk,
+    gets_root_disk,
     global_arguments,
     run_arguments,
+    verify_root_disk,
 )
+from pod_exec_mcp.root_disk import NoSubIds, RootDisk, RootDiskError, RootDisks
 
 # The dry run's exit status when sandbox root cannot write its workdir or /tmp.
 _UNWRITABLE = 99
@@ -71,20 +72,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def dry_run_arguments(spec: SandboxSpec, loop_disk: bool = False) -> list[str]:
-    """The full `podman run` arguments of sandbox `spec` (`create` with `loop_disk`),
-    attached and running a check instead of the long sleep."""
-    args = run_arguments(spec, loop_disk=loop_disk)
-    # run_arguments detaches and ends with IMAGE and its long-running init (sleep, or the
-    # exec agent's init); we wait for a check that root can write where commands run (in a
-    # user namespace, a workdir Podman made at start is host root's) instead.
-    if not {"run", "create"} & set(args) or spec.image not in args:
+# The check that sandbox root can write where commands run (in a user namespace, a
+# workdir Podman made at start is host root's).
+_WRITABLE_CHECK = f"test -w . && test -w /tmp || exit {_UNWRITABLE}"
+
+
+def dry_run_arguments(spec: SandboxSpec, root: RootDisk | None = None) -> list[str]:
+    """The full `podman run` arguments of sandbox `spec` (on `root`, if given), attached
+    and running the writability check instead of the long sleep."""
+    args = run_arguments(spec, root=root)
+    # run_arguments detaches and ends with IMAGE (or --rootfs PATH) and its long-running
+    # init (sleep, or the exec agent's init): the check runs instead.
+    source = spec.image if root is None else str(root.path)
+    if "run" not in args or source not in args:
         raise RuntimeError(f"unexpected sandbox arguments: {args}")
-    image_at = len(args) - 1 - args[::-1].index(spec.image)
+    image_at = len(args) - 1 - args[::-1].index(source)
     # Not --rm: through remote Podman 4.3 the attached client may then look for a
     # container that --rm already removed ("no such container"); the caller removes it.
     return [a for a in args[: image_at + 1] if a not in ("--detach", "--rm")] + [
-        "/bin/sh", "-c", f"test -w . && test -w /tmp || exit {_UNWRITABLE}",
+        "/bin/sh", "-c", _WRITABLE_CHECK,
     ]  # fmt: skip
 
 
@@ -101,22 +107,44 @@ def _suspects(complaint: str, settings: Settings) -> list[str]:
     return names
 
 
-async def _dry_run(podman: Podman, spec: SandboxSpec, loop_disk: bool) -> Completed:
-    """Run the check in a sandbox of `spec`: `podman run`, or with a loop disk `podman
-    create`, the disk, `podman start --attach` (as PodmanEngine starts one)."""
-    done = await podman.run(*dry_run_arguments(spec, loop_disk), check=False)
-    if not loop_disk or done.returncode != 0:
-        return done
-    assert spec.disk_limit is not None
+def _disk_advice(spec: SandboxSpec, what: str) -> SettingsError:
+    return SettingsError(
+        f"--disk-limit {spec.disk_limit}: {what}. Set {env_var('disk_limit')}=0 to run "
+        "without a disk limit (a sandbox can then fill the host's disk), use --strict, or "
+        "see docs/disk-limit.md."
+    )
+
+
+async def _dry_run(podman: Podman, spec: SandboxSpec, root_disks: RootDisks | None) -> Completed:
+    """Run the check in a sandbox of `spec`, as PodmanEngine starts one. On a root disk,
+    the sandbox starts detached, the limit is checked from its own root (the file system
+    is the limit's size, and a write past it fails: RootDisk.verify), then the check runs
+    in it."""
+    if root_disks is None or not gets_root_disk(spec, root_disks):
+        return await podman.run(*dry_run_arguments(spec), check=False)
     try:
-        await give_loop_disk(podman, spec.name, spec.disk_limit)
-    except LoopDiskError as exc:
-        raise SettingsError(
-            f"--disk-limit {spec.disk_limit}: could not give a test sandbox a loop disk "
-            f"({exc}). Set {env_var('disk_limit')}=0 to run without a disk limit (a sandbox "
-            "can then fill the host's disk), or see docs/disk-limit.md."
-        ) from None
-    return await podman.run(*global_arguments(spec), "start", "--attach", spec.name, check=False)
+        root = await build_root_disk(root_disks, spec)
+    except NoSubIds as exc:
+        raise SettingsError(f"{USERNS_ADVICE} ({exc})") from None
+    except RootDiskError as exc:
+        raise _disk_advice(spec, f"could not give a test sandbox its disk ({exc})") from None
+    try:
+        done = await podman.run(*run_arguments(spec, root=root), check=False)
+        if done.returncode != 0:
+            return done
+        try:
+            verify_root_disk(root, spec, probe=True)
+        except RootDiskError as exc:
+            raise _disk_advice(
+                spec, f"the limit is not in force in a test sandbox ({exc})"
+            ) from None
+        return await podman.run(
+            *global_arguments(spec), "exec", spec.name, "/bin/sh", "-c", _WRITABLE_CHECK,
+            check=False,
+        )  # fmt: skip
+    finally:
+        await podman.remove(spec.name)
+        root_disks.release(root)
 
 
 async def check_sandbox_settings(
@@ -124,17 +152,18 @@ async def check_sandbox_settings(
     settings: Settings,
     instance: Instance,
     facts: PodmanFacts | None = None,
+    root_disks: RootDisks | None = None,
 ) -> None:
     """Start (and remove) one throw-away sandbox with the configured settings; SettingsError
     naming the likely settings and quoting podman if it refuses, or saying what to do when
     containment is the cause. `facts`: Podman's storage, which decides how the disk limit
-    is enforced and what to advise when it cannot be."""
+    is enforced and what to advise when it cannot be; `root_disks`: where the engine puts
+    sandboxes' root disks, if it does."""
     # Labelled as this instance's, so that any leftover is swept.
     name = f"pod_exec_mcp-{instance.id[:8]}-preflight-{secrets.token_hex(2)}"
     spec = sandbox_spec(settings, name, {**instance.labels(), LABEL_SESSION: "preflight"})
-    loop_disk = gets_loop_disk(spec, facts is not None and facts.disk_limit_by_loop())
     try:
-        done = await asyncio.wait_for(_dry_run(podman, spec, loop_disk), DRY_RUN_TIMEOUT)
+        done = await asyncio.wait_for(_dry_run(podman, spec, root_disks), DRY_RUN_TIMEOUT)
     except TimeoutError:
         raise SettingsError(
             f"podman did not start a test sandbox within {DRY_RUN_TIMEOUT:g} s; is podman "
@@ -149,7 +178,7 @@ async def check_sandbox_settings(
     storage = (
         ("", "", "")
         if facts is None
-        else (facts.driver, facts.backing, facts.loop_disk_unavailable())
+        else (facts.driver, facts.backing, facts.root_disk_unavailable())
     )
     advice = start_advice(spec, done.error_text, *storage)
     if advice:

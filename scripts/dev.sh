@@ -39,7 +39,7 @@ install_packages() {
     command -v nix-instantiate >/dev/null || missing+=(nix-bin)   # flake.nix checks
     command -v runsc >/dev/null || missing+=(runsc)               # the gVisor profile
     PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.ext4 >/dev/null \
-        || missing+=(e2fsprogs)                                   # loop disks (--disk-limit)
+        || missing+=(e2fsprogs)                                   # root disks (--disk-limit)
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         as_root apt-get update -q
@@ -128,20 +128,20 @@ build_sandbox_image() {
         cat "$STATE/build.log" >&2; exit 1; }
 }
 
-# --disk-limit needs a way to enforce a size per sandbox: a loop disk each (Podman's overlay
-# storage on this host, run as root: the usual case) or overlay on XFS with pquota. Where
-# neither works (e.g. rootless Podman on ext4), the server rightly refuses its default;
-# this quick start then opts out, and says why.
+# --disk-limit needs a way to enforce a size per sandbox: a root disk each (a loop disk the
+# server makes; Podman on this host, run as root: the usual case) or overlay on XFS with
+# pquota. Where neither works (e.g. rootless Podman on ext4), the server rightly refuses
+# its default; this quick start then opts out, and says why.
 configure_disk_limit() {
     if [ -n "${POD_EXEC_MCP_DISK_LIMIT:-}" ]; then return; fi
     local no_loop
     no_loop=$("$VENV/bin/python" -c 'import asyncio
 from pod_exec_mcp.podman import Podman
 from pod_exec_mcp.podman_engine import podman_facts
-print(asyncio.run(podman_facts(Podman())).loop_disk_unavailable() or "")')
+print(asyncio.run(podman_facts(Podman())).root_disk_unavailable() or "")')
     if [ -n "$no_loop" ] && ! podman run --rm --log-driver none --storage-opt size=1g \
         pod_exec_mcp_base true >/dev/null 2>&1; then
-        say "this host cannot enforce --disk-limit (no loop disks: $no_loop; no XFS" \
+        say "this host cannot enforce --disk-limit (no root disks: $no_loop; no XFS" \
             "pquota storage): running with POD_EXEC_MCP_DISK_LIMIT=0"
         export POD_EXEC_MCP_DISK_LIMIT=0
     fi

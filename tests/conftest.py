@@ -22,6 +22,8 @@ from harness import (
     LABEL_MANAGED,
     STARTED_INSTANCES,
     ServerProcess,
+    assert_no_root_disk_left,
+    assert_podman_healthy,
     containers_of,
     error_text,
     free_port,
@@ -99,11 +101,11 @@ _DISK_LIMIT_BY: list[str | None] = []
 
 
 def disk_limit_by() -> str | None:
-    """How servers here enforce --disk-limit: "loop disk" (loop_disk.py), "storage quota"
+    """How servers here enforce --disk-limit: "root disk" (root_disk.py), "storage quota"
     (`--storage-opt size=`), or None: they cannot (asked once)."""
     if not _DISK_LIMIT_BY:
-        if asyncio.run(podman_facts(Podman())).disk_limit_by_loop():
-            _DISK_LIMIT_BY.append("loop disk")
+        if asyncio.run(podman_facts(Podman())).disk_limit_by_root_disk():
+            _DISK_LIMIT_BY.append("root disk")
         else:
             done = podman(
                 "run", "--rm", "--log-driver", "none", "--storage-opt", "size=1g", IMAGE,
@@ -159,6 +161,8 @@ __all__ = [
     "LABEL_MANAGED",
     "RUNTIME",
     "ServerProcess",
+    "assert_no_root_disk_left",
+    "assert_podman_healthy",
     "containers_of",
     "disk_limit_by",
     "error_text",

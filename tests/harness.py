@@ -43,6 +43,34 @@ def containers_with(*labels: str) -> list[dict[str, Any]]:
     return json.loads(out.stdout or "[]") or []
 
 
+def assert_podman_healthy() -> None:
+    """Podman answers `ps` and `images`, with no "incomplete layer" (a broken storage)."""
+    for args in (("ps", "--all"), ("images",)):
+        done = podman(*args, check=False)
+        assert done.returncode == 0 and "incomplete" not in done.stderr, (args, done.stderr)
+
+
+def root_disks_left(under: Path) -> list[str]:
+    """What of sandboxes' root disks (root_disk.py) is still there under `under`: mount
+    points, and loop devices whose (nameless) file lives there."""
+    prefix = str(under).rstrip("/") + "/"
+    points = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(prefix)
+    ]
+    listed = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    return points + [line for line in listed.splitlines() if prefix in line]
+
+
+def assert_no_root_disk_left(under: Path) -> None:
+    left = root_disks_left(under)
+    assert left == [], f"root disks left behind: {left}"
+
+
 def remove_containers(ids: list[str]) -> None:
     """Remove containers at once (no stop grace); missing ones are fine."""
     if ids:

@@ -24,6 +24,8 @@ from conftest import (
     GVISOR,
     IMAGE,
     ServerProcess,
+    assert_no_root_disk_left,
+    assert_podman_healthy,
     containers_of,
     disk_limit_by,
     error_text,
@@ -165,10 +167,15 @@ async def test_output_to_the_sandboxs_own_stdout_stays_off_the_host_disk(
 
 
 @pytest.mark.skipif(disk_limit_by() is None, reason="this host cannot enforce a disk limit")
-async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
-    storage, runs = graph_root(), run_root()
+async def test_writing_past_the_disk_limit_fails(launch: Any, server_env: dict[str, str]) -> None:
+    # Where the sandboxes' disks take their space: the server's disk_dir for root disks.
+    root_disks = disk_limit_by() == "root disk"
+    storage = Path(server_env["XDG_STATE_HOME"]) if root_disks else graph_root()
+    runs = run_root()
     server = launch("--disk-limit", "300m")
     async with server.client(legacy=True) as client:
+        # The sandbox sees a file system of the limit's size.
+        size = await sh(client, "df -P -B1M / | awk 'NR==2 {print $2}'")
         before = disk_used(storage)
         # The writable layer (/var), /workspace and /tmp share the one limit.
         result = await sh(
@@ -179,10 +186,10 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
         )
         grown = disk_used(storage) - before
         # Podman bind-mounts /etc/hosts, /etc/resolv.conf, /etc/hostname and
-        # /run/.containerenv from files in its run root (here on the root disk), writable
-        # by sandbox root: appending to them meets the same limit.
+        # /run/.containerenv from files in its run root (here on the host's disk),
+        # writable by sandbox root: appending to them must meet the same limit.
         await sh(client, "rm -f /workspace/a /tmp/b /var/c; sync")
-        # Deleting gives the space back to the host (the loop disk's `discard`).
+        # Deleting gives the space back to the host (the root disk's `discard`).
         kept = disk_used(storage) - before
         before_run = disk_used(runs)
         bound = await sh(
@@ -203,6 +210,10 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
         )
     server.stop()
     freed = disk_used(storage) - before
+    if root_disks:
+        assert 255 <= int(size["output"]) <= 300, size
+        assert_podman_healthy()
+        assert_no_root_disk_left(Path(server_env["XDG_STATE_HOME"]))
     assert "No space left" in result["output"] or "quota exceeded" in result["output"], result
     output: str = files["output"]
     *_, reason, count = ["", "", *output.strip().splitlines()]
@@ -213,14 +224,14 @@ async def test_writing_past_the_disk_limit_fails(launch: Any) -> None:
         f"files fit ({reason.strip()}); {freed / 1e6:.0f} MB left once the sandbox was gone"
     )
     assert grown < 300 * 1024 * 1024 + 64 * 1024 * 1024
-    if disk_limit_by() == "loop disk":
+    if disk_limit_by() == "root disk":
         assert kept < 64 * 1024 * 1024, f"{kept / 1e6:.0f} MB still held after rm"
-    if disk_limit_by() == "loop disk":  # (a storage quota covers the graph root only)
+    if disk_limit_by() == "root disk":  # (a storage quota covers the graph root only)
         assert "No space left" in bound["output"], bound
         assert grown_run < 300 * 1024 * 1024 + 64 * 1024 * 1024
     assert reason.strip() in ("No space left on device", "Disk quota exceeded"), files
     assert int(count) < 200000, files
-    # Nothing of the sandbox's disk outlives it (the loop disk's file has no name: only
+    # Nothing of the sandbox's disk outlives it (the root disk's file has no name: only
     # the host's free space can tell). Other tests' sandboxes may come and go meanwhile.
     assert freed < 64 * 1024 * 1024
 
@@ -241,13 +252,13 @@ def _path_without(tool: str, tmp_path: Path) -> str:
     return ":".join(dirs)
 
 
-@pytest.mark.skipif(disk_limit_by() != "loop disk", reason="this host has no loop disks")
+@pytest.mark.skipif(disk_limit_by() != "root disk", reason="this host gives no root disks")
 def test_without_a_way_to_enforce_the_disk_limit_the_server_refuses_to_start(
     server_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Where neither the storage (XFS pquota) nor a loop disk can enforce the limit (here:
+    """Where neither the storage (XFS pquota) nor a root disk can enforce the limit (here:
     mkfs.ext4 taken off PATH), the default limit stops the server at start-up and says
-    what to do; and so does a loop disk that fails (a mkfs.ext4 that fails)."""
+    what to do; and so does a root disk that fails (a mkfs.ext4 that fails)."""
     env = {**server_env, "POD_EXEC_MCP_DISK_LIMIT": "10g"}
     done = run_cli({**env, "PATH": _path_without("mkfs.ext4", tmp_path)}, "--port", "0")
     assert done.returncode == 1, done
@@ -265,7 +276,7 @@ def test_without_a_way_to_enforce_the_disk_limit_the_server_refuses_to_start(
     (broken / "mkfs.ext4").chmod(0o755)
     done = run_cli({**env, "PATH": f"{broken}:{os.environ['PATH']}"}, "--port", "0")
     assert done.returncode == 1, done
-    assert "could not give a test sandbox a loop disk" in done.stderr, done.stderr
+    assert "could not give a test sandbox its disk" in done.stderr, done.stderr
     assert "no room at the inn" in done.stderr and "POD_EXEC_MCP_DISK_LIMIT=0" in done.stderr
 
 

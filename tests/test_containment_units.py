@@ -3,6 +3,8 @@ admission arithmetic on a made-up host."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pod_exec_mcp.admission import (
@@ -15,8 +17,8 @@ from pod_exec_mcp.admission import (
 )
 from pod_exec_mcp.config import Settings, SettingsError, load_settings, parse_size
 from pod_exec_mcp.engine import EngineError, SandboxSpec, sandbox_spec
-from pod_exec_mcp.loop_disk import _LO_FLAGS_OFFSET, _LOOP_CONFIG
 from pod_exec_mcp.podman_engine import PodmanFacts, has_project_quota, run_arguments
+from pod_exec_mcp.root_disk import _LO_FLAGS_OFFSET, _LOOP_CONFIG, RootDisk
 
 GiB = 1024**3
 
@@ -47,19 +49,29 @@ def test_opt_outs_and_the_strict_profile() -> None:
     assert spec_of(strict=True).disk_limit is None and spec_of().disk_limit == "10g"
 
 
-def test_with_loop_disks_a_sandbox_is_created_then_given_its_disk() -> None:
-    """The loop disk goes under the created container's layer before `podman start`, so
-    the arguments create (still --rm, still detached by start) and ask no storage quota."""
-    args = run_arguments(spec_of(), "agentvol", loop_disk=True)
-    assert args[:2] == ["create", "--rm"] and "--detach" not in args
-    assert "--storage-opt" not in args
-    gvisor = run_arguments(spec_of(runtime="runsc"), "agentvol", loop_disk=True)
-    assert gvisor[:5] == ["--runtime", "runsc", "--runtime-flag", "network=none", "create"]
+def test_on_a_root_disk_a_sandbox_runs_from_it_with_ids_and_files_of_its_own() -> None:
+    """On a root disk (root_disk.py) the sandbox runs from that directory, not from the
+    image in Podman's storage: no storage quota, its own id range instead of Podman's
+    --userns=auto, and Podman's run-directory files replaced by its own."""
+    root = RootDisk("name", Path("/d/roots/name"), 1 << 30, "name", 2**31, 2**31 + 7)
+    args = run_arguments(spec_of(), "agentvol", root)
+    assert args[:3] == ["run", "--detach", "--rm"] and "--storage-opt" not in args
+    assert "pod_exec_mcp_base" not in args and not any(a.startswith("--userns") for a in args)
+    assert args[-5:] == ["--rootfs", "/d/roots/name", "/.pod_exec_mcp/agent", "init", "86400"]
+    assert args[args.index("--uidmap") + 1] == f"0:{2**31}:65536"
+    assert args[args.index("--gidmap") + 1] == f"0:{2**31 + 7}:65536"
+    volumes = [args[i + 1] for i, a in enumerate(args) if a == "--volume"]
+    for inside in ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv"):
+        assert f"/d/roots/name{inside}:{inside}" in volumes
+    assert args[args.index("--pidfile") + 1] == "/d/roots/name.pid"
+    # No user namespace (gVisor, or --userns host): no id maps either.
+    plain = RootDisk("name", Path("/d/roots/name"), 1 << 30, "name", None, None)
+    assert "--uidmap" not in run_arguments(spec_of(runtime="runsc"), "agentvol", plain)
 
 
 def test_the_disk_limit_mechanism_follows_the_storage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """XFS keeps Podman's own quota; anything else gets loop disks where this host can
-    make them, and says why not where it cannot."""
+    """XFS keeps Podman's own quota; anything else gets root disks where this host can
+    make them (any storage driver: the root is ours), and says why not where it cannot."""
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("os.path.exists", lambda path: path == "/dev/loop-control")
     monkeypatch.setattr("shutil.which", lambda tool: f"/usr/sbin/{tool}")
@@ -67,19 +79,19 @@ def test_the_disk_limit_mechanism_follows_the_storage(monkeypatch: pytest.Monkey
     def facts(driver: str = "overlay", backing: str = "extfs", remote: bool = False) -> PodmanFacts:
         return PodmanFacts("/var/lib/containers/storage", driver, backing, None, remote)
 
-    assert facts().disk_limit_by_loop() and facts(backing="btrfs").disk_limit_by_loop()
+    assert facts().disk_limit_by_root_disk() and facts(backing="btrfs").disk_limit_by_root_disk()
     monkeypatch.setattr("pod_exec_mcp.podman_engine.has_project_quota", lambda path: True)
-    assert not facts(backing="xfs").disk_limit_by_loop()
-    # XFS without pquota cannot enforce Podman's size option: a loop disk does.
+    assert not facts(backing="xfs").disk_limit_by_root_disk()
+    # XFS without pquota cannot enforce Podman's size option: a root disk does.
     monkeypatch.setattr("pod_exec_mcp.podman_engine.has_project_quota", lambda path: False)
-    assert facts(backing="xfs").disk_limit_by_loop()
-    assert "remote" in (facts(remote=True).loop_disk_unavailable() or "")
-    assert "btrfs, not overlay" in (facts("btrfs").loop_disk_unavailable() or "")
-    assert not facts(remote=True).disk_limit_by_loop()
+    assert facts(backing="xfs").disk_limit_by_root_disk()
+    assert "remote" in (facts(remote=True).root_disk_unavailable() or "")
+    assert facts("btrfs").disk_limit_by_root_disk()
+    assert not facts(remote=True).disk_limit_by_root_disk()
     monkeypatch.setattr("shutil.which", lambda tool: None if tool == "mkfs.ext4" else tool)
-    assert "mkfs.ext4 not found" in (facts().loop_disk_unavailable() or "")
+    assert "mkfs.ext4 not found" in (facts().root_disk_unavailable() or "")
     monkeypatch.setattr("os.geteuid", lambda: 1000)
-    assert "root" in (facts().loop_disk_unavailable() or "")
+    assert "root" in (facts().root_disk_unavailable() or "")
 
 
 def test_project_quota_is_read_from_the_mount_holding_the_storage() -> None:
