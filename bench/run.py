@@ -73,6 +73,7 @@ from pod_exec_mcp.config import load_settings  # noqa: E402
 from pod_exec_mcp.engine import sandbox_spec  # noqa: E402
 from pod_exec_mcp.podman import Podman  # noqa: E402
 from pod_exec_mcp.podman_engine import agent_volume, podman_facts, run_arguments  # noqa: E402
+from pod_exec_mcp.root_disk import hostname_for  # noqa: E402
 
 LARGE_BYTES = 10_000_000
 LARGE_COMMAND = f"head -c {LARGE_BYTES} /dev/zero | tr '\\0' a"
@@ -264,10 +265,15 @@ class Bench:
         assert status == 0
 
     async def container_of(self, server: ServerProcess, client: Client, **args: Any) -> str:
-        """The id of the container a session runs in (its hostname is the id's prefix)."""
+        """The id of the container a session runs in, by its hostname: the id's prefix,
+        or on a root disk one made from its name (root_disk.hostname_for)."""
         data = ok(await client.call_tool("shell_exec", {"command": "hostname", **args}))
-        prefix = data["output"].strip()
-        (ctr,) = [c["Id"] for c in containers_of(server.instance) if c["Id"].startswith(prefix)]
+        hostname = data["output"].strip()
+        (ctr,) = [
+            c["Id"]
+            for c in containers_of(server.instance)
+            if c["Id"].startswith(hostname) or hostname_for((c.get("Names") or [""])[0]) == hostname
+        ]
         return ctr
 
     async def modern(

@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import struct
 import subprocess
 import tomllib
@@ -208,7 +209,7 @@ def _first_range(path: str, user: str) -> tuple[int, int] | None:
     return None
 
 
-def _hostname(name: str) -> str:
+def hostname_for(name: str) -> str:
     """A valid host name (RFC 1123 label) for container `name`; unique as names are."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
     return label[-63:].strip("-") or "sandbox"
@@ -410,6 +411,24 @@ def _unpack_export(podman: str, name: str, into: Path) -> None:
         raise RootDiskError(f"tar failed ({unpacked.returncode}): {said}")
 
 
+def _kill_processes_on(root: Path) -> None:
+    """SIGKILL every process whose root directory is the file system mounted at `root`:
+    what a removal left of the sandbox. A `podman run` killed between the runtime's create
+    and start leaves its `runc init` behind, unknown to Podman, holding the disk."""
+    try:
+        if not os.path.ismount(root):
+            return
+        device = os.stat(root).st_dev
+    except OSError:
+        return
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{entry.name}/root").st_dev == device:
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 class RootDisks:
     """Builds, checks and removes sandboxes' root disks under `directory`."""
 
@@ -536,7 +555,7 @@ class RootDisks:
         user-namespace range of its own if `userns`. RootDiskError if it cannot be."""
         files = await self.image_files(image, labels)
         lower = files.path
-        root = RootDisk(name, self.roots / name, size, _hostname(name), None, None, files.config)
+        root = RootDisk(name, self.roots / name, size, hostname_for(name), None, None, files.config)
         lock = os.open(self.roots / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -639,6 +658,7 @@ class RootDisks:
 
     def release(self, root: RootDisk) -> None:
         """Unmount a root whose container is gone, and give back its reservations."""
+        _kill_processes_on(root.path)
         with contextlib.suppress(OSError):
             mount_api.detach(str(root.path))
         with contextlib.suppress(OSError):

@@ -50,20 +50,21 @@ def assert_podman_healthy() -> None:
         assert done.returncode == 0 and "incomplete" not in done.stderr, (args, done.stderr)
 
 
-def root_disks_left(under: Path) -> list[str]:
-    """What of sandboxes' root disks (root_disk.py) is still there under `under`: mount
-    points, and loop devices whose (nameless) file lives there."""
-    prefix = str(under).rstrip("/") + "/"
+def root_disks_left(under: Path, prefix: str = "") -> list[str]:
+    """What of sandboxes' root disks (root_disk.py) is still there in directory `under`
+    (entries whose name starts with `prefix`): mount points, and loop devices whose
+    (nameless) file lives there."""
+    start = str(under).rstrip("/") + "/" + prefix
     points = [
         line.split()[4]
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split()[4].startswith(prefix)
+        if line.split()[4].startswith(start)
     ]
     listed = subprocess.run(
         ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
-    return points + [line for line in listed.splitlines() if prefix in line]
+    return points + [line for line in listed.splitlines() if start in line]
 
 
 def assert_no_root_disk_left(under: Path) -> None:
