@@ -311,14 +311,37 @@ def gets_root_disk(spec: SandboxSpec, root_disks: RootDisks | None) -> bool:
     return root_disks is not None and spec.disk_limit is not None
 
 
-async def build_root_disk(root_disks: RootDisks, spec: SandboxSpec) -> RootDisk:
-    """The root disk of a sandbox of `spec`; RootDiskError if it cannot be made."""
+async def build_root_disk(
+    root_disks: RootDisks, spec: SandboxSpec, hosts: dict[str, str] | None = None
+) -> RootDisk:
+    """The root disk of a sandbox of `spec`, its /etc/hosts naming `hosts` (name ->
+    address) besides localhost; RootDiskError if it cannot be made."""
     assert spec.disk_limit is not None
     # gVisor's kernel is its boundary (no user namespace: see run_arguments).
     userns = spec.userns and not is_gvisor(spec.runtime)
     return await root_disks.build(
-        spec.name, spec.image, parse_size(spec.disk_limit), userns, dict(spec.labels)
+        spec.name, spec.image, parse_size(spec.disk_limit), userns, dict(spec.labels), hosts
     )
+
+
+# Podman's default network, which `--network bridge` sandboxes join (run_arguments).
+BRIDGE_NETWORK = "podman"
+
+
+async def bridge_gateway(podman: Podman) -> str | None:
+    """The host's address on the bridge network: what Podman names host.containers.internal
+    in a bridge container's /etc/hosts. None if the network has no IPv4 gateway."""
+    done = await podman.run("network", "inspect", BRIDGE_NETWORK, "--format", "json", check=False)
+    try:
+        networks = json.loads(done.stdout) if done.returncode == 0 else []
+    except ValueError:
+        networks = []
+    for network in networks:
+        for subnet in network.get("subnets") or []:
+            gateway = subnet.get("gateway") or ""
+            if gateway and ":" not in gateway:
+                return str(gateway)
+    return None
 
 
 def container_pid(root: RootDisk) -> int:
@@ -348,6 +371,8 @@ class PodmanEngine:
         # storage quota; and each sandbox's.
         self.root_disks = root_disks
         self._roots: dict[str, RootDisk] = {}
+        # The bridge network's gateway ("" once found to have none), asked for once.
+        self._gateway: str | None = None
         # Network mode isolated: the sandboxes whose agent runs the egress proxy, and the
         # policy each one's connections are checked against (none set: refuse all).
         self._isolated: set[str] = set()
@@ -384,6 +409,15 @@ class PodmanEngine:
             check_headroom(spec, self.headroom)
         return await self._start(spec)
 
+    async def _hosts(self, spec: SandboxSpec) -> dict[str, str]:
+        """The names a root disk's /etc/hosts gives besides localhost: as Podman would,
+        host.containers.internal for a bridge sandbox (the others cannot reach the host)."""
+        if spec.network != "bridge":
+            return {}
+        if self._gateway is None:
+            self._gateway = await bridge_gateway(self.podman) or ""
+        return {"host.containers.internal": self._gateway} if self._gateway else {}
+
     async def _start(self, spec: SandboxSpec) -> Sandbox:
         sandbox = Sandbox(spec.name, spec.labels)
         try:
@@ -393,7 +427,7 @@ class PodmanEngine:
         root: RootDisk | None = None
         try:
             if self.root_disks is not None and gets_root_disk(spec, self.root_disks):
-                root = await build_root_disk(self.root_disks, spec)
+                root = await build_root_disk(self.root_disks, spec, await self._hosts(spec))
             await self.podman.run(*run_arguments(spec, volume, root))
             if root is not None:
                 # Fail closed: no sandbox whose limit is not in force is handed out.

@@ -549,10 +549,17 @@ class RootDisks:
     # --- one sandbox's root ---------------------------------------------------------------
 
     async def build(
-        self, name: str, image: str, size: int, userns: bool, labels: dict[str, str]
+        self,
+        name: str,
+        image: str,
+        size: int,
+        userns: bool,
+        labels: dict[str, str],
+        hosts: dict[str, str] | None = None,
     ) -> RootDisk:
         """The root disk of new sandbox `name`: `size` bytes over `image`'s files, with a
-        user-namespace range of its own if `userns`. RootDiskError if it cannot be."""
+        user-namespace range of its own if `userns`, and `hosts` (name -> address) in its
+        /etc/hosts. RootDiskError if it cannot be."""
         files = await self.image_files(image, labels)
         lower = files.path
         root = RootDisk(name, self.roots / name, size, hostname_for(name), None, None, files.config)
@@ -569,10 +576,10 @@ class RootDisks:
                 root.slot_fd, root.uid_base, root.gid_base = self._reserve_ids(name)
             await self._mount(root, lower)
             uid, gid = root.uid_base or 0, root.gid_base or 0
-            hosts = (
+            hosts_file = (
                 f"127.0.0.1\tlocalhost {root.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            )
-            _write_owned(root.path / "etc/hosts", hosts, uid, gid)
+            ) + "".join(f"{address}\t{host}\n" for host, address in (hosts or {}).items())
+            _write_owned(root.path / "etc/hosts", hosts_file, uid, gid)
             _write_owned(root.path / "etc/hostname", root.hostname + "\n", uid, gid)
             _write_owned(root.path / "etc/resolv.conf", _resolv_conf(), uid, gid)
             _write_owned(root.path / "run/.containerenv", "", uid, gid)

@@ -167,12 +167,14 @@ async def test_output_to_the_sandboxs_own_stdout_stays_off_the_host_disk(
 
 
 @pytest.mark.skipif(disk_limit_by() is None, reason="this host cannot enforce a disk limit")
-async def test_writing_past_the_disk_limit_fails(launch: Any, server_env: dict[str, str]) -> None:
-    # Where the sandboxes' disks take their space: the server's disk_dir for root disks.
+async def test_writing_past_the_disk_limit_fails(launch: Any, tmp_path: Path) -> None:
+    # Where the sandboxes' disks take their space: this server's own disk_dir for root
+    # disks (other tests' live servers keep theirs in the shared state dir).
     root_disks = disk_limit_by() == "root disk"
-    storage = Path(server_env["XDG_STATE_HOME"]) if root_disks else graph_root()
+    storage = tmp_path / "disks" if root_disks else graph_root()
+    storage.mkdir()
     runs = run_root()
-    server = launch("--disk-limit", "300m")
+    server = launch("--disk-limit", "300m", "--disk-dir", str(storage))
     async with server.client(legacy=True) as client:
         # The sandbox sees a file system of the limit's size.
         size = await sh(client, "df -P -B1M / | awk 'NR==2 {print $2}'")
@@ -213,7 +215,7 @@ async def test_writing_past_the_disk_limit_fails(launch: Any, server_env: dict[s
     if root_disks:
         assert 255 <= int(size["output"]) <= 300, size
         assert_podman_healthy()
-        assert_no_root_disk_left(Path(server_env["XDG_STATE_HOME"]))
+        assert_no_root_disk_left(storage)
     assert "No space left" in result["output"] or "quota exceeded" in result["output"], result
     output: str = files["output"]
     *_, reason, count = ["", "", *output.strip().splitlines()]
