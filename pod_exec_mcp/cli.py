@@ -171,11 +171,14 @@ async def _manage_containers(podman: Podman, args: argparse.Namespace, settings:
             swept = await _sweep_disks(podman, settings)
             print(f"unmounted {len(swept)} root disk(s) of sandboxes gone with their server")
         elif args.cleanup:
+            # First: an earlier version's mounts may leave Podman failing the commands
+            # the sweeps below need.
+            repaired = await repair_stale_mounts(podman)
             removed = await sweep_orphans(podman)
             print(f"removed {len(removed)} orphaned container(s)")
             swept = await _sweep_disks(podman, settings)
             print(f"unmounted {len(swept)} root disk(s) of sandboxes gone with their server")
-            for line in await repair_stale_mounts(podman):
+            for line in repaired:
                 print(line)
         else:
             print(format_listing(await survey(podman)))

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from pod_exec_mcp import mount_api
-from pod_exec_mcp.podman import Podman
+from pod_exec_mcp.podman import Podman, PodmanError
 
 # The directory name, inside an old loop disk, its run-directory bind came from.
 _OLD_RUN_DIR = "/pod_exec_mcp-run"
@@ -96,10 +98,48 @@ def stale_mounts(
     return binds + disks
 
 
+def configured_store(environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """Rootful Podman's graph root and run root as its storage.conf sets them (the lookup
+    and defaults of containers-storage.conf(5)); for when `podman info` itself fails."""
+    environ = dict(os.environ) if environ is None else environ
+    candidates = (
+        environ.get("CONTAINERS_STORAGE_CONF", ""),
+        "/etc/containers/storage.conf",
+        "/usr/share/containers/storage.conf",
+    )
+    storage: dict[str, object] = {}
+    for candidate in filter(None, candidates):
+        try:
+            with open(candidate, "rb") as file:
+                storage = tomllib.load(file).get("storage", {})
+            break
+        except FileNotFoundError:
+            continue
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PodmanError(f"cannot read Podman's storage settings {candidate}: {exc}") from None
+    return (
+        str(storage.get("graphroot") or "/var/lib/containers/storage"),
+        str(storage.get("runroot") or "/run/containers/storage"),
+    )
+
+
 async def _podman_facts(podman: Podman) -> tuple[str, str, set[str], set[str]]:
-    info = json.loads((await podman.run("info", "--format", "json")).stdout)
-    store = info.get("store", {})
-    ids = (await podman.run("ps", "--all", "--no-trunc", "--format", "{{.ID}}")).stdout.split()
+    """Podman's graph root, run root, the layer directories containers use and the
+    containers' IDs. The stale layers make `podman info` fail (it cannot delete them):
+    then the roots come from the storage settings. PodmanError if Podman cannot list
+    its containers."""
+    done = await podman.run("info", "--format", "json", check=False)
+    try:
+        store = json.loads(done.stdout).get("store", {}) if done.returncode == 0 else {}
+    except ValueError:
+        store = {}
+    graph_root, run_root = (
+        (store.get("graphRoot", ""), store.get("runRoot", "")) if store else configured_store()
+    )
+    listed = await podman.run("ps", "--all", "--no-trunc", "--format", "{{.ID}}", check=False)
+    if listed.returncode != 0:
+        raise PodmanError(f"podman ps failed: {listed.error_text}")
+    ids = listed.stdout.split()
     layers: set[str] = set()
     if ids:
         done = await podman.run(
@@ -108,12 +148,7 @@ async def _podman_facts(podman: Podman) -> tuple[str, str, set[str], set[str]]:
         )  # fmt: skip
         # .../overlay/LAYER/diff -> .../overlay/LAYER
         layers = {line.rsplit("/", 1)[0] for line in done.stdout.decode().split() if line}
-    return (
-        store.get("graphRoot", ""),
-        store.get("runRoot", ""),
-        layers,
-        {i.decode() for i in ids},
-    )
+    return graph_root, run_root, layers, {i.decode() for i in ids}
 
 
 async def repair_stale_mounts(podman: Podman, mountinfo: str | None = None) -> list[str]:
@@ -129,7 +164,9 @@ async def repair_stale_mounts(podman: Podman, mountinfo: str | None = None) -> l
     home = graph_root.rstrip("/") + "/overlay"
     for mount in found:
         said.append(_unmount_stale(mount, home))
-    # Podman finishes deleting the layers it had flagged incomplete at its next command.
+    # Podman finishes deleting the layers it had flagged incomplete at its next command
+    # (warning that it does); the one after shows whether the storage is clean.
+    await podman.run("images", "--quiet", check=False)
     done = await podman.run("images", "--quiet", check=False)
     healthy = done.returncode == 0 and b"incomplete" not in done.stderr
     said.append(

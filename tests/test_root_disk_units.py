@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pod_exec_mcp.podman import Podman
+from pod_exec_mcp.podman import Podman, PodmanError
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
     IdRange,
@@ -20,7 +20,7 @@ from pod_exec_mcp.root_disk import (
     auto_userns_user,
     hostname_for,
 )
-from pod_exec_mcp.stale_mounts import parse_mountinfo, stale_mounts
+from pod_exec_mcp.stale_mounts import configured_store, parse_mountinfo, stale_mounts
 
 
 def disks(tmp_path: Path, ids: IdRange | None = None, run: str = "run") -> RootDisks:
@@ -143,3 +143,18 @@ def test_cleanup_repairs_only_an_earlier_versions_mounts_whose_sandbox_is_gone()
         "/run/c/overlay-containers/c1/userdata",
         "/var/lib/c/overlay/aaa",
     ]
+
+
+def test_where_podman_info_fails_the_store_comes_from_its_storage_settings(
+    tmp_path: Path,
+) -> None:
+    conf = tmp_path / "storage.conf"
+    conf.write_text('[storage]\ndriver = "overlay"\ngraphroot = "/g/root"\nrunroot = "/g/run"\n')
+    assert configured_store({"CONTAINERS_STORAGE_CONF": str(conf)}) == ("/g/root", "/g/run")
+    # Unset keys take containers-storage.conf(5)'s defaults.
+    conf.write_text('[storage]\ndriver = "overlay"\n')
+    environ = {"CONTAINERS_STORAGE_CONF": str(conf)}
+    assert configured_store(environ) == ("/var/lib/containers/storage", "/run/containers/storage")
+    conf.write_text("[storage\n")
+    with pytest.raises(PodmanError, match="storage settings"):
+        configured_store(environ)
