@@ -8,7 +8,9 @@
 #   1. installs Podman (+ runc, mmdebstrap), Python venv support, Node.js and nix-bin from
 #      apt, and the devcontainers CLI from npm (the last two for tests/distribution);
 #   2. writes a containers.conf for this host if it needs one (see configure_podman) and
-#      exports CONTAINERS_CONF so that every podman call of ours uses it;
+#      exports CONTAINERS_CONF so that every podman call of ours uses it; with
+#      POD_EXEC_MCP_DEV_STORE=DIR, uses a new Podman store of its own in DIR instead of
+#      the host's (see use_own_store);
 #   3. provides the Debian base image: pulled from the registry, or, where no registry is
 #      reachable, made from the Debian mirror with mmdebstrap and imported under its tag;
 #   4. installs the project into .venv (editable, with test extras);
@@ -84,6 +86,30 @@ configure_podman() {
     say "using $CONTAINERS_CONF for this host"
 }
 
+# POD_EXEC_MCP_DEV_STORE=DIR: a Podman store of its own in DIR (graph root, run root and
+# libpod tmp dir), through CONTAINERS_STORAGE_CONF and a CONTAINERS_CONF of this host's
+# lines plus the tmp dir. A brand-new store has nothing in it and nothing running: what a
+# fresh host has, which a warm machine hides (CI's fresh-host lane, .ci/run).
+use_own_store() {
+    local dir="${POD_EXEC_MCP_DEV_STORE:-}"
+    if [ -z "$dir" ]; then return; fi
+    mkdir -p "$dir/root" "$dir/run" "$dir/tmp"
+    dir=$(cd "$dir" && pwd)
+    printf '[storage]\ndriver = "overlay"\ngraphroot = "%s/root"\nrunroot = "%s/run"\n' \
+        "$dir" "$dir" > "$dir/storage.conf"
+    local host="${CONTAINERS_CONF:-}" tmp_line="tmp_dir = \"$dir/tmp\""
+    if [ "$host" != "$dir/containers.conf" ]; then
+        if [ -n "$host" ] && grep -q '^\[engine\]' "$host"; then
+            sed "s|^\[engine\]|&\n$tmp_line|" "$host"
+        else
+            if [ -n "$host" ]; then cat "$host"; fi
+            printf '[engine]\n%s\n' "$tmp_line"
+        fi > "$dir/containers.conf"
+    fi
+    export CONTAINERS_STORAGE_CONF="$dir/storage.conf" CONTAINERS_CONF="$dir/containers.conf"
+    say "using the Podman store in $dir"
+}
+
 # Rootful Podman's --userns=auto takes host ids from the ranges of the `containers` user.
 # Without one, sandbox root would be host root; add a range far above any real user's ids.
 configure_subids() {
@@ -150,6 +176,7 @@ print(asyncio.run(podman_facts(Podman())).root_disk_unavailable() or "")')
 setup() {
     install_packages
     configure_podman
+    use_own_store
     configure_subids
     provide_base_image
     install_project
