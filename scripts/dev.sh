@@ -99,8 +99,9 @@ use_own_store() {
         "$dir" "$dir" > "$dir/storage.conf"
     local host="${CONTAINERS_CONF:-}" tmp_line="tmp_dir = \"$dir/tmp\""
     if [ "$host" != "$dir/containers.conf" ]; then
+        # Another store's tmp dir gives way to this one's.
         if [ -n "$host" ] && grep -q '^\[engine\]' "$host"; then
-            sed "s|^\[engine\]|&\n$tmp_line|" "$host"
+            sed -e '/^[[:space:]]*tmp_dir[[:space:]]*=/d' -e "s|^\[engine\]|&\n$tmp_line|" "$host"
         else
             if [ -n "$host" ]; then cat "$host"; fi
             printf '[engine]\n%s\n' "$tmp_line"

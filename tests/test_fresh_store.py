@@ -60,6 +60,8 @@ def fresh_store(tmp_path: Path, server_env: dict[str, str]) -> Iterator[dict[str
     # the store's own (it is shared between stores otherwise).
     host_conf = os.environ.get("CONTAINERS_CONF")
     text = Path(host_conf).read_text() if host_conf else ""
+    # Another store's tmp dir (CI's fresh-host lane has one) gives way to this one's.
+    text = "".join(ln for ln in text.splitlines(True) if not ln.lstrip().startswith("tmp_dir"))
     tmp_line = f'tmp_dir = "{store}/tmp"'
     text = (
         text.replace("[engine]", f"[engine]\n{tmp_line}", 1)
