@@ -51,6 +51,7 @@ from pod_exec_mcp.shell_state import (
     prune_output_files,
     restoring_command,
 )
+from pod_exec_mcp.slots import ExecSlots
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Sessions:
         self._live: dict[str, Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._closed = False
-        self._exec_slots = audit.ExecSlots(settings.max_concurrent_execs)  # ops: was a Semaphore
+        self._exec_slots = ExecSlots(settings.max_concurrent_execs)
         self.egress = EgressPolicy.from_rules(settings.egress_allow, settings.egress_deny)
         self.pool = WarmPool(
             engine, lambda: self._spec("pool"), settings.warm_pool, settings.sandbox_lifetime
@@ -147,7 +148,7 @@ class Sessions:
     # --- lifecycle of the service -------------------------------------------------------
 
     @property
-    def exec_slots(self) -> audit.ExecSlots:  # ops: metrics
+    def exec_slots(self) -> ExecSlots:  # ops: metrics
         return self._exec_slots
 
     def census(self) -> tuple[list[Session], list[str]]:  # ops: metrics, --list-containers
@@ -331,7 +332,7 @@ class Sessions:
         try:
             sandbox = await self._sandbox_of(session)
             queued = time.monotonic()
-            async with session.exec_slots, self._exec_slots:
+            async with session.exec_slots, self._exec_slots.slot(session.key):
                 queue_wait = time.monotonic() - queued
                 try:
                     result = await self.engine.run(sandbox, request, on_progress, on_output)

@@ -19,6 +19,7 @@ from pod_exec_mcp.engine import EngineError, RunResult, Sandbox
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.pool import max_pooled_age
 from pod_exec_mcp.sessions import SessionError, Sessions, describe_seconds
+from pod_exec_mcp.slots import ExecSlots
 
 
 @pytest.fixture
@@ -281,3 +282,73 @@ def test_text_and_base64_slices() -> None:
     assert (chunk.content, chunk.next_offset, chunk.total_bytes) == ("dHdvCg==", 8, 16)
     with pytest.raises(SessionError, match="line number from 1"):
         _text_slice("f", data, 0, 1, 10)
+
+
+async def test_exec_slots_go_round_robin_and_an_idle_session_goes_next(
+    instance: Instance,
+) -> None:
+    # Two server-wide slots, held by the busy sessions a and b, each with more queued. The
+    # idle session c's one command must get the very next slot that frees, ahead of a's and
+    # b's queues; after it, a and b take turns.
+    sessions, engine = make(instance, max_concurrent_execs=2, max_execs_per_session=4)
+    busy = {name: sessions.explicit(None, await sessions.create_explicit(None)) for name in "ab"}
+    idle = sessions.explicit(None, await sessions.create_explicit(None))
+    gates: dict[str, asyncio.Event] = {}
+    order: list[str] = []
+
+    def gated(name: str) -> Any:
+        async def act(*_: object) -> None:
+            order.append(name)
+            gates[name] = asyncio.Event()
+            await gates[name].wait()
+
+        return act
+
+    tasks = []
+    for round_ in range(3):
+        for name, session in busy.items():
+            command = f"{name}{round_}"
+            engine.behaviour[command] = gated(command)
+            tasks.append(asyncio.create_task(sessions.run(session, command, 60)))
+            await asyncio.sleep(0)  # queue in this order
+    for _ in range(20):
+        await asyncio.sleep(0)
+    engine.behaviour["c0"] = gated("c0")
+    tasks.append(asyncio.create_task(sessions.run(idle, "c0", 60)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert order == ["a0", "b0"]
+    # Each freed slot goes to the session holding the fewest, the least recently served
+    # first: c0 at once, then a and b in turn.
+    for finishing, granted in [("a0", "c0"), ("b0", "a1"), ("c0", "b1"), ("a1", "a2")]:
+        gates[finishing].set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert order[-1] == granted, order
+    for finishing in ["b1", "a2", "b2"]:
+        gates[finishing].set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert sessions.exec_slots.in_use == 0
+
+
+async def test_a_cancelled_wait_for_an_exec_slot_hands_the_slot_on() -> None:
+    slots = ExecSlots(1)
+    holding = slots.slot("a")
+    await holding.__aenter__()
+    waiters = [asyncio.create_task(_hold_briefly(slots, owner)) for owner in "bc"]
+    await asyncio.sleep(0)
+    waiters[0].cancel()  # waiting, never granted
+    await holding.__aexit__(None, None, None)
+    waiters[1].cancel()  # granted just now, cancelled before it ran: the slot goes back
+    outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+    assert slots.in_use == 0
+    async with slots.slot("d"):
+        assert slots.in_use == 1
+
+
+async def _hold_briefly(slots: ExecSlots, owner: str) -> None:
+    async with slots.slot(owner):
+        await asyncio.sleep(0)
