@@ -228,6 +228,11 @@ class Settings(BaseModel):
     max_jobs_per_session: int = Field(default=8, ge=1)
     """Background jobs (start_job) one session may have running at once."""
 
+    max_kept_jobs_per_session: int = Field(default=100, ge=1)
+    """Finished background jobs per session whose unread output and exit status are kept
+    for read_job (each holds up to max_output_bytes). Past it the oldest finished job is
+    dropped; read_job then says so, with its exit status and its log file in the sandbox."""
+
     max_file_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest file read_file reads or write_file writes, in bytes."""
 

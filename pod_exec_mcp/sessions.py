@@ -40,7 +40,7 @@ from pod_exec_mcp.engine import (
     sandbox_spec,
 )
 from pod_exec_mcp.instances import Instance
-from pod_exec_mcp.jobs import Job, JobRead, job_key, new_job_id
+from pod_exec_mcp.jobs import DroppedJob, Job, JobRead, job_key, new_job_id
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
 from pod_exec_mcp.pool import WarmPool
 from pod_exec_mcp.shell_state import (
@@ -81,6 +81,8 @@ class Session:
     ended: bool = False
     # The session's egress policy (the operator's, maybe narrowed at create_session).
     egress: EgressPolicy | None = None
+    # Its background jobs, running and finished, oldest first (keyed as Sessions._jobs).
+    jobs: OrderedDict[str, Job] = field(default_factory=OrderedDict)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class Sessions:
         )
         self._reaper: asyncio.Task[None] | None = None
         self._jobs: dict[str, Job] = {}
+        # Finished jobs dropped to bound their session's memory, so that read_job can say so.
+        self._dropped_jobs: OrderedDict[str, DroppedJob] = OrderedDict()
         # Housekeeping commands (pruning kept outputs) that nobody waits for.
         self._background: set[asyncio.Future[None]] = set()
 
@@ -411,7 +415,7 @@ class Sessions:
 
     async def start_job(self, session: Session, principal: str | None, command: str) -> str:
         """Start `command` as a background job of the session; returns its id at once."""
-        running = [j for j in self._jobs.values() if j.session_key == session.key and j.running]
+        running = [j for j in session.jobs.values() if j.running]
         if len(running) >= self.settings.max_jobs_per_session:
             raise SessionError(
                 f"this session already runs {len(running)} jobs, its maximum. Stop one you "
@@ -425,31 +429,62 @@ class Sessions:
             session.busy -= 1
             session.last_used = time.monotonic()
         job_id = new_job_id()
-        job = Job(
-            id=job_id,
-            session_key=session.key,
-            command=command,
-            window_bytes=self.settings.max_output_bytes,
-        )
+        job = Job(id=job_id, session_key=session.key, window_bytes=self.settings.max_output_bytes)
         script, env = (
             restoring_command(command) if self.settings.persistent_shell else (command, {})
         )
         request = self._request(script, None, env=env, spill_path=f"{JOBS_DIR}/{job_id}.log")
         # The whole output goes to the job's log from its first byte on.
         request = replace(request, max_output_bytes=1)
+        key = job_key(principal, job_id)
+        self._jobs[key] = session.jobs[key] = job
         job.task = asyncio.create_task(self._run_job(session, sandbox, job, request))
-        self._jobs[job_key(principal, job_id)] = job
         return job_id
 
     def job(self, principal: str | None, job_id: str) -> Job:
         """A job of `principal`'s, live or finished, while its session lives."""
-        job = self._jobs.get(job_key(principal, job_id))
-        if job is None:
-            raise SessionError(
-                f"unknown job_id {job_id!r}: no such job exists for this client (jobs end "
-                "with their session). Start one with start_job and pass the id it returns."
-            )
-        return job
+        key = job_key(principal, job_id)
+        job = self._jobs.get(key)
+        if job is not None:
+            return job
+        dropped = self._dropped_jobs.get(key)
+        if dropped is not None:
+            raise SessionError(self._dropped_message(job_id, dropped))
+        raise SessionError(
+            f"unknown job_id {job_id!r}: no such job exists for this client (jobs end "
+            "with their session). Start one with start_job and pass the id it returns."
+        )
+
+    def _dropped_message(self, job_id: str, dropped: DroppedJob) -> str:
+        status = (
+            "without an exit status" if dropped.retval is None
+            else f"(exit status {dropped.retval})"
+        )  # fmt: skip
+        where = (
+            "Its session has ended since, so its log is gone too."
+            if dropped.session_key not in self._live
+            else f"Everything it printed is in {dropped.log_file} in the sandbox: read it "
+            "with read_file or shell_exec."
+            if dropped.log_file
+            else "It left no log file in the sandbox."
+        )
+        return (
+            f"job {job_id!r} ended {status} and was dropped unread: a session keeps the "
+            f"output of only its {self.settings.max_kept_jobs_per_session} most recent "
+            f"finished jobs. {where} Read jobs soon after they end, or ask the operator to "
+            f"raise {env_var('max_kept_jobs_per_session')}."
+        )
+
+    def _drop_oldest_finished_jobs(self, session: Session) -> None:
+        """Keep at most max_kept_jobs_per_session finished jobs of the session, dropping the
+        oldest first, and remember what became of each (bounded, like ended sessions)."""
+        finished = [k for k, j in session.jobs.items() if not j.running]
+        for key in finished[: max(0, len(finished) - self.settings.max_kept_jobs_per_session)]:
+            job = session.jobs.pop(key)
+            self._jobs.pop(key, None)
+            self._dropped_jobs[key] = DroppedJob(session.key, job.retval, job.log_file)
+        while len(self._dropped_jobs) > _TOMBSTONES:
+            self._dropped_jobs.popitem(last=False)
 
     async def read_job(self, job: Job, wait: float) -> JobRead:
         """The job's output since the last read; waits up to `wait` s for news first."""
@@ -482,11 +517,13 @@ class Sessions:
             raise
         except (SandboxBroken, EngineError) as exc:
             job.finished(None, f"the job ended without an exit status: {exc}")
+            self._drop_oldest_finished_jobs(session)
             return None
         note = f"stopped by stop_job; {result.kill_note}" if result.timed_out else None
         if result.output_file is not None:
             job.log_file = result.output_file
         job.finished(result.retval, note)
+        self._drop_oldest_finished_jobs(session)
         return result
 
     # --- sandboxes ----------------------------------------------------------------------
@@ -568,9 +605,9 @@ class Sessions:
                 audit.sandbox_event("removed", session.key, session.sandbox.name, why)  # ops
                 session.sandbox = None
         # The container is gone, so the jobs' processes are too; end their tasks.
-        jobs = {k: j for k, j in self._jobs.items() if j.session_key == session.key}
+        jobs, session.jobs = session.jobs, OrderedDict()
         for key, job in jobs.items():
-            del self._jobs[key]
+            self._jobs.pop(key, None)
             if job.task is not None:
                 job.task.cancel()
         await asyncio.gather(

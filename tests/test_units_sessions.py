@@ -352,3 +352,34 @@ async def test_a_cancelled_wait_for_an_exec_slot_hands_the_slot_on() -> None:
 async def _hold_briefly(slots: ExecSlots, owner: str) -> None:
     async with slots.slot(owner):
         await asyncio.sleep(0)
+
+
+async def test_unread_finished_jobs_are_bounded_per_session_and_read_job_says_so(
+    instance: Instance,
+) -> None:
+    # A session that runs many jobs printing a full window each and never reads them must
+    # not grow the server without bound: only the newest finished jobs are kept.
+    sessions, engine = make(instance, max_kept_jobs_per_session=3, max_output_bytes=4096)
+    session = sessions.explicit(None, await sessions.create_explicit(None))
+    other = sessions.explicit(None, await sessions.create_explicit(None))
+
+    def prints(_: Sandbox, on_output: Any, __: asyncio.Event) -> RunResult:
+        on_output(b"x" * 4096)
+        return RunResult("", 7, False, False, 0.1, output_file="/tmp/log")
+
+    engine.behaviour["print"] = prints
+    other_id = await sessions.start_job(other, "alice", "print")
+    ids = []
+    for _ in range(50):
+        ids.append(await sessions.start_job(session, "alice", "print"))
+        await asyncio.sleep(0)  # the job runs and ends
+    await asyncio.gather(*(j.task for j in sessions._jobs.values() if j.task is not None))
+    assert len(sessions._jobs) == 3 + 1  # this session's newest three, and the other's one
+    assert sum(j.window_held() for j in sessions._jobs.values()) <= 4 * 4096
+    for kept in ids[-3:]:
+        assert (await sessions.read_job(sessions.job("alice", kept), 0)).retval == 7
+    with pytest.raises(SessionError, match=r"ended \(exit status 7\).*dropped.*/tmp/log") as e:
+        sessions.job("alice", ids[0])
+    assert "unknown" not in str(e.value) and "MAX_KEPT_JOBS_PER_SESSION" in str(e.value)
+    # Another session's jobs are not pushed out by this one's.
+    assert (await sessions.read_job(sessions.job("alice", other_id), 0)).output == "x" * 4096
