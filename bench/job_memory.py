@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import (  # noqa: E402  (tests/ is put on the path just above)
     containers_of,
+    error_text,
     remove_containers,
     start_server,
     structured,
@@ -53,8 +54,8 @@ async def start_one(client: Client, session_id: str, command: str) -> str:
         )
         if not result.is_error:
             return str(structured(result)["job_id"])
-        if "already runs" not in result.content[0].text:
-            raise RuntimeError(result.content[0].text)
+        if "already runs" not in error_text(result):
+            raise RuntimeError(error_text(result))
         await asyncio.sleep(0.02)
     raise RuntimeError("the session never had room for another job")
 
@@ -68,9 +69,12 @@ async def measure(url: str, pid: int, jobs: int, size: int) -> dict[str, Any]:
         idle = rss_kib(pid)
         started = time.monotonic()
         ids = [await start_one(client, sid, command) for _ in range(jobs)]
-        # The last jobs end on their own; read only the newest, after it is done.
-        last = {"job_id": ids[-1], "session_id": sid, "wait": 30}
-        state = structured(await client.call_tool("read_job", last))
+        # The last jobs end on their own; only the newest is read, until it has ended.
+        last = {"job_id": ids[-1], "session_id": sid, "wait": 5}
+        for _ in range(60):
+            state = structured(await client.call_tool("read_job", last))
+            if not state["running"]:
+                break
         await asyncio.sleep(2)
         after = rss_kib(pid)
         oldest = await client.call_tool(
@@ -84,7 +88,9 @@ async def measure(url: str, pid: int, jobs: int, size: int) -> dict[str, Any]:
             "rss_after_kib": after,
             "growth_mib": round((after - idle) / 1024, 1),
             "last_job_running": state["running"],
-            "oldest_job_answer": oldest.content[0].text[:300],
+            "oldest_job_answer": str(
+                structured(oldest) if not oldest.is_error else error_text(oldest)
+            )[:300],
         }
 
 

@@ -7,6 +7,8 @@ containers is tested end to end in the other files.
 from __future__ import annotations
 
 import asyncio
+import random
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -383,3 +385,58 @@ async def test_unread_finished_jobs_are_bounded_per_session_and_read_job_says_so
     assert "unknown" not in str(e.value) and "MAX_KEPT_JOBS_PER_SESSION" in str(e.value)
     # Another session's jobs are not pushed out by this one's.
     assert (await sessions.read_job(sessions.job("alice", other_id), 0)).output == "x" * 4096
+
+
+@pytest.mark.parametrize("offset", [1, 4_000_000, 8_388_608, 9_000_000])
+def test_text_slice_of_a_big_file_does_work_of_the_slice_not_of_the_file(offset: int) -> None:
+    # A sandbox sizes this file; slicing it on the event loop used to split all of it into
+    # 8 M line objects (0.3-0.6 s in which every session waited). The host-side work
+    # must be bounded by what is returned: seen here as the memory it allocates.
+    from pod_exec_mcp.server import _text_slice
+
+    data = b"\n" * (8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        piece = _text_slice("f", data, offset, 2000, 65536)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, peak
+    assert piece.total_lines == len(data)
+    if offset <= len(data):
+        assert piece.content == "\n" * min(2000, len(data) - offset + 1)
+    else:
+        assert (piece.content, piece.next_offset) == ("", None)
+
+
+def test_text_slice_agrees_with_splitting_on_newlines() -> None:
+    from pod_exec_mcp.server import _text_slice
+
+    rng = random.Random(22)
+    for _ in range(300):
+        data = bytes(rng.choice(b"ab\n\xc3\xa9\xff") for _ in range(rng.randrange(0, 60)))
+        lines = _lines(data)
+        offset, limit, cap = rng.randrange(1, 12), rng.randrange(1, 12), rng.randrange(1, 40)
+        piece = _text_slice("f", data, offset, limit, cap)
+        assert piece.total_lines == len(lines)
+        taken = lines[offset - 1 : offset - 1 + limit]
+        kept: list[bytes] = []
+        for line in taken:
+            if (
+                len(b"".join(kept).decode("utf-8", "replace").encode())
+                + len(line.decode("utf-8", "replace").encode())
+                > cap
+            ):
+                break
+            kept.append(line)
+        assert piece.content == b"".join(kept).decode("utf-8", "replace"), (data, offset)
+        assert piece.truncated == (len(kept) < len(taken))
+        end = offset - 1 + len(kept)
+        assert piece.next_offset == (end + 1 if end < len(lines) else None)
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """Lines as `grep -n` counts them: ended by newline, the last one maybe without."""
+    parts = data.split(b"\n")
+    lines = [p + b"\n" for p in parts[:-1]]
+    return lines + ([parts[-1]] if parts[-1] else [])
