@@ -384,6 +384,12 @@ class Sessions:
             env={PATH_ENV: path},
         )
         result, _ = await self._execute(session, request, on_output=collect)
+        if result.retval == _NOT_FOUND:
+            raise SessionError(
+                "read_file needs perl in the sandbox (Debian's perl-base), and it is gone. "
+                f"Read {path} with shell_exec (cat, head, sed -n) instead, or reinstall "
+                "perl-base."
+            )
         _raise_for_file_status(result, path, limit)
         if len(data) > limit:
             raise SessionError(
@@ -674,17 +680,34 @@ _FILE_STATUS = {
     7: "is not a regular file",
 }
 
-# Refuse what cannot be read whole and fast (a directory, a device, a FIFO, a huge file),
-# then print the bytes.
+# Open the path once, then check and read that same descriptor: a path that flips between
+# a file and a device or FIFO can never be checked as one and read as the other. The open
+# is non-blocking (a FIFO without a writer cannot hold it), follows symlinks (they are the
+# sandbox's own, as is everything they can reach), and the read stops one byte past the
+# limit (a growing file cannot stream for ever). Perl, because a shell cannot fstat what
+# it opened; perl-base is Essential in Debian, so every Debian-based image has it.
 _READ_FILE = """
-p=$POD_EXEC_MCP_PATH
-[ -e "$p" ] || exit 3
-[ -d "$p" ] && exit 4
-[ -f "$p" ] || exit 7
-size=$(wc -c < "$p") || exit 5
-[ "$size" -gt MAX_BYTES ] && { printf %s "$size"; exit 6; }
-exec cat -- "$p"
+exec perl -e '
+use Fcntl qw(O_RDONLY O_NONBLOCK O_NOCTTY S_ISREG S_ISDIR);
+sysopen(my $f, $ENV{POD_EXEC_MCP_PATH}, O_RDONLY | O_NONBLOCK | O_NOCTTY)
+  or do { print "$!"; exit(($!{ENOENT} || $!{ENOTDIR}) ? 3 : 5) };
+my @st = stat($f) or do { print "$!"; exit 5 };
+exit 4 if S_ISDIR($st[2]);
+exit 7 unless S_ISREG($st[2]);
+if ($st[7] > MAX_BYTES) { print $st[7]; exit 6 }
+binmode STDOUT;
+my $left = MAX_BYTES + 1;
+while ($left > 0) {
+  my $n = sysread($f, my $chunk, $left < 65536 ? $left : 65536);
+  defined $n or do { print STDERR "$!"; exit 5 };
+  last if $n == 0;
+  print $chunk;
+  $left -= $n;
+}
+'
 """
+# What the shell says when perl is not there (the sandbox removed it).
+_NOT_FOUND = 127
 
 # Atomic: written beside the target, then renamed over it; the executable bit is kept.
 _WRITE_FILE = """
