@@ -66,8 +66,9 @@ class Settings(BaseModel):
     in use does it get HTTP 503 with an explanation."""
 
     max_legacy_sessions_per_client: int = Field(default=0, ge=0)
-    """Most live legacy MCP sessions of one principal (token), and of one client address,
-    with the same rule within that share. 0: half of max_legacy_sessions (at least 1)."""
+    """Most live legacy MCP sessions of one principal (token), and of one client address
+    (not loopback, where every client of the host is one address), with the same rule
+    within that share. 0: half of max_legacy_sessions (at least 1)."""
 
     legacy_unused_timeout: float = Field(default=60.0, gt=0)
     """Seconds a legacy MCP session may stay open without making a call (any request but

@@ -10,8 +10,9 @@ So, in front of the manager:
   unused sessions expire after `legacy_unused_timeout`;
 - at the server-wide cap (`max_legacy_sessions`), opening a session closes the oldest
   unused one instead of refusing; only when every open session is in use is it refused;
-- each principal (token) and each client address holds at most
-  `max_legacy_sessions_per_client`, with the same rule inside its own share.
+- each principal (token) and each client address (but loopback: every client of this
+  host is one) holds at most `max_legacy_sessions_per_client`, with the same rule inside
+  its own share.
 
 This reaches into the SDK's `StreamableHTTPSessionManager` (its `_admit_session`,
 `_discard_session`, `_server_instances` and `_handle_stateful_request`): fastmcp 4.x
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ipaddress
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -117,7 +119,7 @@ class LegacySessions:
         principal, address = client.principal, client.address
         if principal is not None and self._per_principal[principal] >= self.per_client:
             full.append((lambda o: o.client.principal == principal, "this token already holds"))
-        if self._per_address[address] >= self.per_client:
+        if _shares_an_address(address) and self._per_address[address] >= self.per_client:
             full.append((lambda o: o.client.address == address, "this address already holds"))
         if len(self._open) >= self.cap:
             full.append((lambda _: True, "the server already holds"))
@@ -261,6 +263,15 @@ class MarkUsed(Middleware):
             if session_id is not None:
                 self.sessions.used(session_id)
         return await call_next(context)
+
+
+def _shares_an_address(address: str) -> bool:
+    """Whether sessions from `address` share a per-address bound: not from loopback, where
+    every client of this host is one address and the bound would only halve the cap."""
+    try:
+        return not ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True
 
 
 def client_of(scope: Scope) -> Client:

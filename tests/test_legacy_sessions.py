@@ -86,6 +86,15 @@ def test_one_principal_or_address_cannot_take_every_place() -> None:
     assert sessions.refusal(ALICE) is None
 
 
+def test_loopback_clients_share_no_per_address_bound() -> None:
+    # Every client on this host is 127.0.0.1: a per-address bound would halve the cap.
+    sessions, closed, _ = guard(max_legacy_sessions=4)
+    for n in range(4):
+        open_(sessions, f"s{n}", Client(None, "127.0.0.1"))
+        sessions.used(f"s{n}")
+    assert closed == []
+
+
 INITIALIZE = {
     "jsonrpc": "2.0",
     "id": 1,
