@@ -9,7 +9,7 @@ Who fills in what:
 - `AuditMiddleware` wraps every tool call: tool, era, principal, command, outcome,
   duration, and what a shell_exec result says (retval, timed_out, truncated);
 - the tool code calls `note(session=...)` once it knows the session, and `ExecSlots`
-  (the exec-slot semaphore) notes how long the call queued for its slot;
+  (slots.py) notes how long the call queued for its slot;
 - the registry calls `sandbox_event(...)`.
 Listeners (the metrics) get every event as a typed object (`subscribe`).
 """
@@ -131,27 +131,6 @@ def note(*, session: str | None = None, queue_wait: float | None = None) -> None
         notes.session = session
     if queue_wait is not None:
         notes.queue_wait = queue_wait
-
-
-class ExecSlots(asyncio.Semaphore):
-    """The server-wide exec-slot semaphore, which also notes how long a call queued for its
-    slot and how many slots are in use."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
-        self.in_use = 0
-
-    async def acquire(self) -> Literal[True]:
-        asked = time.monotonic()
-        await super().acquire()
-        self.in_use += 1
-        note(queue_wait=time.monotonic() - asked)
-        return True
-
-    def release(self) -> None:
-        self.in_use -= 1
-        super().release()
 
 
 # --- the middleware ------------------------------------------------------------------------

@@ -62,7 +62,18 @@ class Settings(BaseModel):
 
     max_legacy_sessions: int = Field(default=1000, ge=1)
     """Most live legacy (2025-11-25, Mcp-Session-Id) MCP sessions. Past it, a new
-    `initialize` gets HTTP 503 with an explanation; existing sessions carry on."""
+    `initialize` closes the oldest session that never made a call; only when every one is
+    in use does it get HTTP 503 with an explanation."""
+
+    max_legacy_sessions_per_client: int = Field(default=0, ge=0)
+    """Most live legacy MCP sessions of one principal (token), and of one client address
+    (not loopback, where every client of the host is one address), with the same rule
+    within that share. 0: half of max_legacy_sessions (at least 1)."""
+
+    legacy_unused_timeout: float = Field(default=60.0, gt=0)
+    """Seconds a legacy MCP session may stay open without making a call (any request but
+    initialize and ping) before it is closed: initializes that are never used cannot hold
+    places that working clients need. Its client gets 404 and must initialize again."""
 
     auth_token: str | None = None
     """Bearer token clients must send. If unset, the token file is read when it exists.
@@ -233,6 +244,11 @@ class Settings(BaseModel):
 
     max_jobs_per_session: int = Field(default=8, ge=1)
     """Background jobs (start_job) one session may have running at once."""
+
+    max_kept_jobs_per_session: int = Field(default=100, ge=1)
+    """Finished background jobs per session whose unread output and exit status are kept
+    for read_job (each holds up to max_output_bytes). Past it the oldest finished job is
+    dropped; read_job then says so, with its exit status and its log file in the sandbox."""
 
     max_file_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest file read_file reads or write_file writes, in bytes."""

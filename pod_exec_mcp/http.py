@@ -3,6 +3,7 @@ endpoints (/healthz, /readyz, /metrics)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pod_exec_mcp.config import Settings
+from pod_exec_mcp.legacy_sessions import LegacySessions, MarkUsed
 from pod_exec_mcp.metrics import CONTENT_TYPE, Metrics
 
 MCP_PATH = "/mcp"
@@ -123,7 +125,10 @@ def http_app(
 ) -> Starlette:
     """The streamable-HTTP app, with Host/Origin (DNS rebinding) protection always on, the
     operator's endpoints beside /mcp, and at most `max_legacy_sessions` live legacy MCP
-    sessions."""
+    sessions, unused ones giving way to new ones (legacy_sessions.py)."""
+    # Unused legacy sessions give way to new ones; the middleware tells used ones apart.
+    legacy = LegacySessions(settings)
+    mcp.add_middleware(MarkUsed(legacy))
     app = mcp.http_app(
         path=MCP_PATH,
         transport="http",
@@ -147,7 +152,18 @@ def http_app(
                 manager.max_sessions = settings.max_legacy_sessions
             else:
                 log.warning("this fastmcp has no session cap; legacy sessions are unbounded")
-            yield state
+            if manager is None or not legacy.attach(manager):
+                log.warning(
+                    "this fastmcp's session manager cannot be guarded: unused legacy MCP "
+                    "sessions are neither expired nor closed to make room"
+                )
+                yield state
+                return
+            expiring = asyncio.create_task(legacy.expire_forever())
+            try:
+                yield state
+            finally:
+                expiring.cancel()
 
     app.router.lifespan_context = lifespan
     return app

@@ -41,13 +41,22 @@ class JobRead:
     log_file: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class DroppedJob:
+    """What is remembered of a finished job dropped to bound a session's memory: enough
+    for read_job to say what became of it."""
+
+    session_key: str
+    retval: int | None
+    log_file: str | None
+
+
 @dataclass
 class Job:
     """One background command of a session."""
 
     id: str
     session_key: str
-    command: str
     window_bytes: int
     # The file in the sandbox with every byte the job printed, once the engine says so.
     log_file: str | None = None
@@ -78,7 +87,12 @@ class Job:
         self._ended = True
         if note:
             self._window.feed(f"\n[pod_exec_mcp: {note}]\n".encode())
+        self._window.compact()
         self._changed.set()
+
+    def window_held(self) -> int:
+        """Bytes of unread output held in memory."""
+        return self._window.held
 
     async def wait_for_news(self, seconds: float) -> None:
         """Until new output, the end, or `seconds` pass, whichever first."""

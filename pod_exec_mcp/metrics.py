@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from pod_exec_mcp import __version__, audit
+from pod_exec_mcp.slots import ExecSlots
 
 PREFIX = "pod_exec_mcp"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -193,7 +194,7 @@ class Metrics:
         self._unsubscribe = audit.subscribe(self.observe)
 
     @classmethod
-    def for_server(cls, podman: Any, registry: Any, slots: audit.ExecSlots) -> Metrics:
+    def for_server(cls, podman: Any, registry: Any, slots: ExecSlots) -> Metrics:
         """Metrics wired to a server's podman (failures), registry (census) and exec slots."""
         metrics = cls(LiveState(registry.census, lambda: slots.in_use, slots.size))
         podman.on_failure = metrics.podman_failed

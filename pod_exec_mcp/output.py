@@ -31,6 +31,16 @@ class BoundedOutput:
                 del self._tail[: len(self._tail) - self._tail_limit]
 
     @property
+    def held(self) -> int:
+        """Bytes held in memory now."""
+        return len(self._head) + len(self._tail)
+
+    def compact(self) -> None:
+        """Give back what the lazy trimming keeps beyond the limit: for output that will
+        wait a long time, unread (a finished job's)."""
+        self._tail = bytearray(self._tail[-self._tail_limit :])
+
+    @property
     def truncated(self) -> bool:
         return self.total > self.limit
 

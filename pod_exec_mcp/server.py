@@ -442,28 +442,72 @@ def _base64_slice(path: str, data: bytes, offset: int, limit: int) -> FileConten
 
 
 def _text_slice(path: str, data: bytes, offset: int, limit: int, cap: int) -> FileContent:
+    """Lines `offset` to `offset + limit - 1` of `data`, at most `cap` bytes of them.
+
+    A line ends with a newline (as `grep -n` and `sed -n` count). The file's size is the
+    sandbox's choice, so this runs on the event loop only because its work is bounded:
+    newlines are counted at C speed and only the lines returned are decoded; nothing is
+    split into per-line objects."""
     if offset < 1 or limit < 1:
         raise SessionError("with encoding text, offset is a line number from 1 and limit >= 1.")
-    lines = data.decode("utf-8", "replace").splitlines(keepends=True)
-    chosen = lines[offset - 1 : offset - 1 + limit]
-    text, truncated, taken = "", False, 0
-    for line in chosen:
-        if len(text.encode()) + len(line.encode()) > cap:
-            truncated = True
-            break
-        text += line
-        taken += 1
+    total_lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    start = _after_newlines(data, 0, offset - 1)
+    if start is None or start >= len(data):
+        start = len(data)
+    stop = _after_newlines(data, start, limit) or len(data)
+    truncated = stop - start > cap
+    if truncated:
+        stop = data.rfind(b"\n", start, start + cap) + 1 or start
+    text = data[start:stop].decode("utf-8", "replace")
+    encoded = text.encode()
+    if len(encoded) > cap:  # replacement characters took more room than the bytes they replace
+        truncated = True
+        text = encoded[: encoded.rfind(b"\n", 0, cap) + 1].decode()
+    taken = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
     end = offset - 1 + taken
     return FileContent(
         path=path,
         content=text,
         encoding="text",
         total_bytes=len(data),
-        total_lines=len(lines),
+        total_lines=total_lines,
         offset=offset,
-        next_offset=end + 1 if end < len(lines) else None,
+        next_offset=end + 1 if end < total_lines else None,
         truncated=truncated,
     )
+
+
+# Below this many bytes, the search for a newline goes one by one.
+_SCAN_DIRECTLY = 64
+
+
+def _after_newlines(data: bytes, start: int, count: int) -> int | None:
+    """The offset just after the `count`-th newline from `start`, or None if there are
+    fewer. Counts (at C speed) in doubling ranges until one holds that newline, then halves
+    that range, instead of stepping line by line: the work is a few passes over the bytes
+    up to that newline, whatever the number of lines."""
+    if count == 0:
+        return start
+    low, width = start, _SCAN_DIRECTLY
+    while True:
+        high = min(low + width, len(data))
+        found = data.count(b"\n", low, high)
+        if found >= count:
+            break
+        if high == len(data):
+            return None
+        count, low, width = count - found, high, width * 2
+    while high - low > _SCAN_DIRECTLY:
+        middle = (low + high) // 2
+        left = data.count(b"\n", low, middle)
+        if left >= count:
+            high = middle
+        else:
+            count -= left
+            low = middle
+    for _ in range(count):
+        low = data.index(b"\n", low, high) + 1
+    return low
 
 
 # --- errors ------------------------------------------------------------------------------

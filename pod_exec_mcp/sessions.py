@@ -40,7 +40,7 @@ from pod_exec_mcp.engine import (
     sandbox_spec,
 )
 from pod_exec_mcp.instances import Instance
-from pod_exec_mcp.jobs import Job, JobRead, job_key, new_job_id
+from pod_exec_mcp.jobs import DroppedJob, Job, JobRead, job_key, new_job_id
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
 from pod_exec_mcp.pool import WarmPool
 from pod_exec_mcp.shell_state import (
@@ -51,6 +51,7 @@ from pod_exec_mcp.shell_state import (
     prune_output_files,
     restoring_command,
 )
+from pod_exec_mcp.slots import ExecSlots
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Session:
     ended: bool = False
     # The session's egress policy (the operator's, maybe narrowed at create_session).
     egress: EgressPolicy | None = None
+    # Its background jobs, running and finished, oldest first (keyed as Sessions._jobs).
+    jobs: OrderedDict[str, Job] = field(default_factory=OrderedDict)
 
 
 @dataclass(frozen=True)
@@ -134,20 +137,22 @@ class Sessions:
         self._live: dict[str, Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._closed = False
-        self._exec_slots = audit.ExecSlots(settings.max_concurrent_execs)  # ops: was a Semaphore
+        self._exec_slots = ExecSlots(settings.max_concurrent_execs)
         self.egress = EgressPolicy.from_rules(settings.egress_allow, settings.egress_deny)
         self.pool = WarmPool(
             engine, lambda: self._spec("pool"), settings.warm_pool, settings.sandbox_lifetime
         )
         self._reaper: asyncio.Task[None] | None = None
         self._jobs: dict[str, Job] = {}
+        # Finished jobs dropped to bound their session's memory, so that read_job can say so.
+        self._dropped_jobs: OrderedDict[str, DroppedJob] = OrderedDict()
         # Housekeeping commands (pruning kept outputs) that nobody waits for.
         self._background: set[asyncio.Future[None]] = set()
 
     # --- lifecycle of the service -------------------------------------------------------
 
     @property
-    def exec_slots(self) -> audit.ExecSlots:  # ops: metrics
+    def exec_slots(self) -> ExecSlots:  # ops: metrics
         return self._exec_slots
 
     def census(self) -> tuple[list[Session], list[str]]:  # ops: metrics, --list-containers
@@ -331,7 +336,7 @@ class Sessions:
         try:
             sandbox = await self._sandbox_of(session)
             queued = time.monotonic()
-            async with session.exec_slots, self._exec_slots:
+            async with session.exec_slots, self._exec_slots.slot(session.key):
                 queue_wait = time.monotonic() - queued
                 try:
                     result = await self.engine.run(sandbox, request, on_progress, on_output)
@@ -379,6 +384,12 @@ class Sessions:
             env={PATH_ENV: path},
         )
         result, _ = await self._execute(session, request, on_output=collect)
+        if result.retval == _NOT_FOUND:
+            raise SessionError(
+                "read_file needs perl in the sandbox (Debian's perl-base), and it is gone. "
+                f"Read {path} with shell_exec (cat, head, sed -n) instead, or reinstall "
+                "perl-base."
+            )
         _raise_for_file_status(result, path, limit)
         if len(data) > limit:
             raise SessionError(
@@ -410,7 +421,7 @@ class Sessions:
 
     async def start_job(self, session: Session, principal: str | None, command: str) -> str:
         """Start `command` as a background job of the session; returns its id at once."""
-        running = [j for j in self._jobs.values() if j.session_key == session.key and j.running]
+        running = [j for j in session.jobs.values() if j.running]
         if len(running) >= self.settings.max_jobs_per_session:
             raise SessionError(
                 f"this session already runs {len(running)} jobs, its maximum. Stop one you "
@@ -424,31 +435,62 @@ class Sessions:
             session.busy -= 1
             session.last_used = time.monotonic()
         job_id = new_job_id()
-        job = Job(
-            id=job_id,
-            session_key=session.key,
-            command=command,
-            window_bytes=self.settings.max_output_bytes,
-        )
+        job = Job(id=job_id, session_key=session.key, window_bytes=self.settings.max_output_bytes)
         script, env = (
             restoring_command(command) if self.settings.persistent_shell else (command, {})
         )
         request = self._request(script, None, env=env, spill_path=f"{JOBS_DIR}/{job_id}.log")
         # The whole output goes to the job's log from its first byte on.
         request = replace(request, max_output_bytes=1)
+        key = job_key(principal, job_id)
+        self._jobs[key] = session.jobs[key] = job
         job.task = asyncio.create_task(self._run_job(session, sandbox, job, request))
-        self._jobs[job_key(principal, job_id)] = job
         return job_id
 
     def job(self, principal: str | None, job_id: str) -> Job:
         """A job of `principal`'s, live or finished, while its session lives."""
-        job = self._jobs.get(job_key(principal, job_id))
-        if job is None:
-            raise SessionError(
-                f"unknown job_id {job_id!r}: no such job exists for this client (jobs end "
-                "with their session). Start one with start_job and pass the id it returns."
-            )
-        return job
+        key = job_key(principal, job_id)
+        job = self._jobs.get(key)
+        if job is not None:
+            return job
+        dropped = self._dropped_jobs.get(key)
+        if dropped is not None:
+            raise SessionError(self._dropped_message(job_id, dropped))
+        raise SessionError(
+            f"unknown job_id {job_id!r}: no such job exists for this client (jobs end "
+            "with their session). Start one with start_job and pass the id it returns."
+        )
+
+    def _dropped_message(self, job_id: str, dropped: DroppedJob) -> str:
+        status = (
+            "without an exit status" if dropped.retval is None
+            else f"(exit status {dropped.retval})"
+        )  # fmt: skip
+        where = (
+            "Its session has ended since, so its log is gone too."
+            if dropped.session_key not in self._live
+            else f"Everything it printed is in {dropped.log_file} in the sandbox: read it "
+            "with read_file or shell_exec."
+            if dropped.log_file
+            else "It left no log file in the sandbox."
+        )
+        return (
+            f"job {job_id!r} ended {status} and was dropped unread: a session keeps the "
+            f"output of only its {self.settings.max_kept_jobs_per_session} most recent "
+            f"finished jobs. {where} Read jobs soon after they end, or ask the operator to "
+            f"raise {env_var('max_kept_jobs_per_session')}."
+        )
+
+    def _drop_oldest_finished_jobs(self, session: Session) -> None:
+        """Keep at most max_kept_jobs_per_session finished jobs of the session, dropping the
+        oldest first, and remember what became of each (bounded, like ended sessions)."""
+        finished = [k for k, j in session.jobs.items() if not j.running]
+        for key in finished[: max(0, len(finished) - self.settings.max_kept_jobs_per_session)]:
+            job = session.jobs.pop(key)
+            self._jobs.pop(key, None)
+            self._dropped_jobs[key] = DroppedJob(session.key, job.retval, job.log_file)
+        while len(self._dropped_jobs) > _TOMBSTONES:
+            self._dropped_jobs.popitem(last=False)
 
     async def read_job(self, job: Job, wait: float) -> JobRead:
         """The job's output since the last read; waits up to `wait` s for news first."""
@@ -481,11 +523,13 @@ class Sessions:
             raise
         except (SandboxBroken, EngineError) as exc:
             job.finished(None, f"the job ended without an exit status: {exc}")
+            self._drop_oldest_finished_jobs(session)
             return None
         note = f"stopped by stop_job; {result.kill_note}" if result.timed_out else None
         if result.output_file is not None:
             job.log_file = result.output_file
         job.finished(result.retval, note)
+        self._drop_oldest_finished_jobs(session)
         return result
 
     # --- sandboxes ----------------------------------------------------------------------
@@ -567,9 +611,9 @@ class Sessions:
                 audit.sandbox_event("removed", session.key, session.sandbox.name, why)  # ops
                 session.sandbox = None
         # The container is gone, so the jobs' processes are too; end their tasks.
-        jobs = {k: j for k, j in self._jobs.items() if j.session_key == session.key}
+        jobs, session.jobs = session.jobs, OrderedDict()
         for key, job in jobs.items():
-            del self._jobs[key]
+            self._jobs.pop(key, None)
             if job.task is not None:
                 job.task.cancel()
         await asyncio.gather(
@@ -636,17 +680,34 @@ _FILE_STATUS = {
     7: "is not a regular file",
 }
 
-# Refuse what cannot be read whole and fast (a directory, a device, a FIFO, a huge file),
-# then print the bytes.
+# Open the path once, then check and read that same descriptor: a path that flips between
+# a file and a device or FIFO can never be checked as one and read as the other. The open
+# is non-blocking (a FIFO without a writer cannot hold it), follows symlinks (they are the
+# sandbox's own, as is everything they can reach), and the read stops one byte past the
+# limit (a growing file cannot stream for ever). Perl, because a shell cannot fstat what
+# it opened; perl-base is Essential in Debian, so every Debian-based image has it.
 _READ_FILE = """
-p=$POD_EXEC_MCP_PATH
-[ -e "$p" ] || exit 3
-[ -d "$p" ] && exit 4
-[ -f "$p" ] || exit 7
-size=$(wc -c < "$p") || exit 5
-[ "$size" -gt MAX_BYTES ] && { printf %s "$size"; exit 6; }
-exec cat -- "$p"
+exec perl -e '
+use Fcntl qw(O_RDONLY O_NONBLOCK O_NOCTTY S_ISREG S_ISDIR);
+sysopen(my $f, $ENV{POD_EXEC_MCP_PATH}, O_RDONLY | O_NONBLOCK | O_NOCTTY)
+  or do { print "$!"; exit(($!{ENOENT} || $!{ENOTDIR}) ? 3 : 5) };
+my @st = stat($f) or do { print "$!"; exit 5 };
+exit 4 if S_ISDIR($st[2]);
+exit 7 unless S_ISREG($st[2]);
+if ($st[7] > MAX_BYTES) { print $st[7]; exit 6 }
+binmode STDOUT;
+my $left = MAX_BYTES + 1;
+while ($left > 0) {
+  my $n = sysread($f, my $chunk, $left < 65536 ? $left : 65536);
+  defined $n or do { print STDERR "$!"; exit 5 };
+  last if $n == 0;
+  print $chunk;
+  $left -= $n;
+}
+'
 """
+# What the shell says when perl is not there (the sandbox removed it).
+_NOT_FOUND = 127
 
 # Atomic: written beside the target, then renamed over it; the executable bit is kept.
 _WRITE_FILE = """

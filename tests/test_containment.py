@@ -390,6 +390,8 @@ async def test_half_open_sockets_do_not_take_the_server_down(launch: Any) -> Non
 async def test_live_legacy_sessions_are_capped(launch: Any) -> None:
     server = launch("--max-legacy-sessions", "2")
     async with server.client(legacy=True) as a, server.client(legacy=True) as b:
+        # Both in use: an unused one would give way to c (test_legacy_sessions.py).
+        assert await a.list_tools() and await b.list_tools()
         with pytest.raises(Exception) as refused:
             async with server.client(legacy=True) as c:
                 await c.list_tools()

@@ -7,6 +7,8 @@ containers is tested end to end in the other files.
 from __future__ import annotations
 
 import asyncio
+import random
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from pod_exec_mcp.engine import EngineError, RunResult, Sandbox
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.pool import max_pooled_age
 from pod_exec_mcp.sessions import SessionError, Sessions, describe_seconds
+from pod_exec_mcp.slots import ExecSlots
 
 
 @pytest.fixture
@@ -281,3 +284,159 @@ def test_text_and_base64_slices() -> None:
     assert (chunk.content, chunk.next_offset, chunk.total_bytes) == ("dHdvCg==", 8, 16)
     with pytest.raises(SessionError, match="line number from 1"):
         _text_slice("f", data, 0, 1, 10)
+
+
+async def test_exec_slots_go_round_robin_and_an_idle_session_goes_next(
+    instance: Instance,
+) -> None:
+    # Two server-wide slots, held by the busy sessions a and b, each with more queued. The
+    # idle session c's one command must get the very next slot that frees, ahead of a's and
+    # b's queues; after it, a and b take turns.
+    sessions, engine = make(instance, max_concurrent_execs=2, max_execs_per_session=4)
+    busy = {name: sessions.explicit(None, await sessions.create_explicit(None)) for name in "ab"}
+    idle = sessions.explicit(None, await sessions.create_explicit(None))
+    gates: dict[str, asyncio.Event] = {}
+    order: list[str] = []
+
+    def gated(name: str) -> Any:
+        async def act(*_: object) -> None:
+            order.append(name)
+            gates[name] = asyncio.Event()
+            await gates[name].wait()
+
+        return act
+
+    tasks = []
+    for round_ in range(3):
+        for name, session in busy.items():
+            command = f"{name}{round_}"
+            engine.behaviour[command] = gated(command)
+            tasks.append(asyncio.create_task(sessions.run(session, command, 60)))
+            await asyncio.sleep(0)  # queue in this order
+    for _ in range(20):
+        await asyncio.sleep(0)
+    engine.behaviour["c0"] = gated("c0")
+    tasks.append(asyncio.create_task(sessions.run(idle, "c0", 60)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert order == ["a0", "b0"]
+    # Each freed slot goes to the session holding the fewest, the least recently served
+    # first: c0 at once, then a and b in turn.
+    for finishing, granted in [("a0", "c0"), ("b0", "a1"), ("c0", "b1"), ("a1", "a2")]:
+        gates[finishing].set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert order[-1] == granted, order
+    for finishing in ["b1", "a2", "b2"]:
+        gates[finishing].set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert sessions.exec_slots.in_use == 0
+
+
+async def test_a_cancelled_wait_for_an_exec_slot_hands_the_slot_on() -> None:
+    slots = ExecSlots(1)
+    holding = slots.slot("a")
+    await holding.__aenter__()
+    waiters = [asyncio.create_task(_hold_briefly(slots, owner)) for owner in "bc"]
+    await asyncio.sleep(0)
+    waiters[0].cancel()  # waiting, never granted
+    await holding.__aexit__(None, None, None)
+    waiters[1].cancel()  # granted just now, cancelled before it ran: the slot goes back
+    outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+    assert slots.in_use == 0
+    async with slots.slot("d"):
+        assert slots.in_use == 1
+
+
+async def _hold_briefly(slots: ExecSlots, owner: str) -> None:
+    async with slots.slot(owner):
+        await asyncio.sleep(0)
+
+
+async def test_unread_finished_jobs_are_bounded_per_session_and_read_job_says_so(
+    instance: Instance,
+) -> None:
+    # A session that runs many jobs printing a full window each and never reads them must
+    # not grow the server without bound: only the newest finished jobs are kept.
+    sessions, engine = make(instance, max_kept_jobs_per_session=3, max_output_bytes=4096)
+    session = sessions.explicit(None, await sessions.create_explicit(None))
+    other = sessions.explicit(None, await sessions.create_explicit(None))
+
+    def prints(_: Sandbox, on_output: Any, __: asyncio.Event) -> RunResult:
+        on_output(b"x" * 4096)
+        return RunResult("", 7, False, False, 0.1, output_file="/tmp/log")
+
+    engine.behaviour["print"] = prints
+    other_id = await sessions.start_job(other, "alice", "print")
+    ids = []
+    for _ in range(50):
+        ids.append(await sessions.start_job(session, "alice", "print"))
+        await asyncio.sleep(0)  # the job runs and ends
+    await asyncio.gather(*(j.task for j in sessions._jobs.values() if j.task is not None))
+    assert len(sessions._jobs) == 3 + 1  # this session's newest three, and the other's one
+    assert sum(j.window_held() for j in sessions._jobs.values()) <= 4 * 4096
+    for kept in ids[-3:]:
+        assert (await sessions.read_job(sessions.job("alice", kept), 0)).retval == 7
+    with pytest.raises(SessionError, match=r"ended \(exit status 7\).*dropped.*/tmp/log") as e:
+        sessions.job("alice", ids[0])
+    assert "unknown" not in str(e.value) and "MAX_KEPT_JOBS_PER_SESSION" in str(e.value)
+    # Another session's jobs are not pushed out by this one's.
+    assert (await sessions.read_job(sessions.job("alice", other_id), 0)).output == "x" * 4096
+
+
+@pytest.mark.parametrize("offset", [1, 4_000_000, 8_388_608, 9_000_000])
+def test_text_slice_of_a_big_file_does_work_of_the_slice_not_of_the_file(offset: int) -> None:
+    # A sandbox sizes this file; slicing it on the event loop used to split all of it into
+    # 8 M line objects (0.3-0.6 s in which every session waited). The host-side work
+    # must be bounded by what is returned: seen here as the memory it allocates.
+    from pod_exec_mcp.server import _text_slice
+
+    data = b"\n" * (8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        piece = _text_slice("f", data, offset, 2000, 65536)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, peak
+    assert piece.total_lines == len(data)
+    if offset <= len(data):
+        assert piece.content == "\n" * min(2000, len(data) - offset + 1)
+    else:
+        assert (piece.content, piece.next_offset) == ("", None)
+
+
+def test_text_slice_agrees_with_splitting_on_newlines() -> None:
+    from pod_exec_mcp.server import _text_slice
+
+    rng = random.Random(22)
+    for _ in range(300):
+        data = bytes(rng.choice(b"ab\n\xc3\xa9\xff") for _ in range(rng.randrange(0, 60)))
+        lines = _lines(data)
+        offset, limit, cap = rng.randrange(1, 12), rng.randrange(1, 12), rng.randrange(1, 40)
+        piece = _text_slice("f", data, offset, limit, cap)
+        assert piece.total_lines == len(lines)
+        taken = lines[offset - 1 : offset - 1 + limit]
+        kept: list[bytes] = []
+        for line in taken:
+            if (
+                len(b"".join(kept).decode("utf-8", "replace").encode())
+                + len(line.decode("utf-8", "replace").encode())
+                > cap
+            ):
+                break
+            kept.append(line)
+        assert piece.content == b"".join(kept).decode("utf-8", "replace"), (data, offset)
+        assert piece.truncated == (len(kept) < len(taken))
+        end = offset - 1 + len(kept)
+        assert piece.next_offset == (end + 1 if end < len(lines) else None)
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """Lines as `grep -n` counts them: ended by newline, the last one maybe without."""
+    parts = data.split(b"\n")
+    lines = [p + b"\n" for p in parts[:-1]]
+    return lines + ([parts[-1]] if parts[-1] else [])
