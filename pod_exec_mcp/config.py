@@ -145,9 +145,10 @@ class Settings(BaseModel):
 
     egress_allow: list[str] = Field(default_factory=lambda: ["public"])
     """Destinations the egress proxy may connect to (comma-separated): `public` (any
-    address outside loopback, link-local, private, CGNAT, multicast and this host's own),
-    domains (`example.org`), wildcards (`*.example.org`: names under it), CIDRs or IPs.
-    Only a CIDR/IP rule opens a non-public address. Network mode isolated only."""
+    globally routable address, not of this host or its networks; IPv4 inside IPv6 is
+    judged too), domains (`example.org`), wildcards (`*.example.org`: names under it),
+    CIDRs or IPs. Only a CIDR/IP rule opens a non-public address (e.g. a package mirror
+    in a documentation range). Network mode isolated only."""
 
     egress_deny: list[str] = Field(default_factory=list)
     """Destinations the egress proxy refuses even if egress_allow lets them through

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from pod_exec_mcp.egress import Decision, EgressPolicy, IPAddress, normalize_host
+from pod_exec_mcp.egress import Decision, EgressPolicy, HostError, IPAddress, parse_host
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +269,10 @@ class Request:
                 raise _bad("bad port in the URL") from None
             self.host, self.port = url.hostname, port
             self.path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self.host = normalize_host(self.host)
-        if not self.host:
-            raise _bad("empty host")
+        try:
+            self.host = parse_host(self.host)
+        except HostError as exc:
+            raise _bad(f"bad host: {exc}") from None
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
