@@ -8,7 +8,10 @@ no container of any instance the tests started may be left (checked by label).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +39,7 @@ from harness import (
     wait_until,
 )
 
+from pod_exec_mcp.egress import is_local, special_reason
 from pod_exec_mcp.podman import Podman
 from pod_exec_mcp.podman_engine import podman_facts
 
@@ -56,6 +60,35 @@ RUNTIME = os.environ.get("POD_EXEC_MCP_RUNTIME", "")
 GVISOR = RUNTIME.rsplit("/", 1)[-1].startswith("runsc")
 # Figures measured by tests (not asserted on), printed at the end of the run.
 FIGURES: dict[str, Any] = {}
+
+
+def mirror() -> str:
+    """The Debian mirror of this host's apt sources (reachable over plain HTTP)."""
+    text = Path("/etc/apt/sources.list.d/debian.sources").read_text()
+    match = re.search(r"^URIs:\s*(\S+)", text, re.M)
+    assert match, text
+    return match.group(1).rstrip("/")
+
+
+def mirror_host() -> str:
+    return mirror().split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+
+
+def mirror_rules() -> list[str]:
+    """The operator rules a sandbox needs to reach this host's mirror through the egress
+    proxy: a CIDR rule for each of its addresses that `public` does not cover (on some
+    networks, CI's among them, package mirrors sit in documentation ranges). Empty where
+    the mirror is a public address, as on most hosts."""
+    addresses = {
+        ipaddress.ip_address(info[4][0])
+        for info in socket.getaddrinfo(mirror_host(), 80, proto=socket.IPPROTO_TCP)
+    }
+    return sorted(f"{a}/{a.max_prefixlen}" for a in addresses if special_reason(a) or is_local(a))
+
+
+def with_mirror() -> tuple[str, str]:
+    """`--egress-allow` flags for the default policy plus this host's mirror."""
+    return ("--egress-allow", ",".join(["public", *mirror_rules()]))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

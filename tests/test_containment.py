@@ -33,6 +33,7 @@ from conftest import (
     run_cli,
     sh,
     wait_until,
+    with_mirror,
 )
 
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER
@@ -113,8 +114,9 @@ def test_without_sub_ids_the_server_says_how_to_add_them(
 
 
 @pytest.mark.skipif(GVISOR, reason="the gVisor profile is checked by the hardening suite")
-async def test_apt_get_install_works_in_a_user_namespace(server: ServerProcess) -> None:
-    async with server.client(legacy=True) as client:
+async def test_apt_get_install_works_in_a_user_namespace(launch: Any) -> None:
+    # The default policy plus this host's package mirror (see conftest.mirror_rules).
+    async with launch(*with_mirror()).client(legacy=True) as client:
         result = await sh(
             client,
             "apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "
