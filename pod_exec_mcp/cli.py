@@ -23,11 +23,11 @@ from pod_exec_mcp.admission import (
     host_state,
     unenforced_limits_warning,
 )
+from pod_exec_mcp.app import create_app
 from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
 from pod_exec_mcp.engine import sandbox_spec
-from pod_exec_mcp.health import Readiness
-from pod_exec_mcp.http import MCP_PATH, http_app
+from pod_exec_mcp.http import MCP_PATH
 from pod_exec_mcp.http_guard import http_protocol, rate_limit_accept_errors
 from pod_exec_mcp.instances import (
     Instance,
@@ -38,12 +38,10 @@ from pod_exec_mcp.instances import (
     sweep_orphans,
     write_usage,
 )
-from pod_exec_mcp.metrics import Metrics
 from pod_exec_mcp.podman import Podman, PodmanError
 from pod_exec_mcp.podman_engine import PodmanEngine, PodmanFacts, gets_root_disk, podman_facts
 from pod_exec_mcp.preflight import bind_socket, check_sandbox_settings
 from pod_exec_mcp.root_disk import IdRange, RootDisks, existing_names
-from pod_exec_mcp.server import build_server
 from pod_exec_mcp.sessions import Sessions
 from pod_exec_mcp.stale_mounts import repair_stale_mounts
 
@@ -309,10 +307,10 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
     # The disk headroom is checked where sandboxes' disks take their space.
     disk_home = str(root_disks.directory) if root_disks is not None else facts.graph_root
     engine = PodmanEngine(podman, Headroom.of(settings, disk_home), root_disks)
-    mcp, sessions = build_server(settings, engine, instance, auth)
-    metrics = Metrics.for_server(podman, sessions, sessions.exec_slots)
+    app = create_app(settings, engine, instance, auth, podman)
+    sessions, metrics = app.sessions, app.metrics
     config = uvicorn.Config(
-        http_app(mcp, settings, metrics, Readiness(podman, settings.image).check),
+        app.asgi,
         lifespan="on",
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
         # Our logging (logs.py) formats uvicorn's loggers; uvicorn must not set its own.

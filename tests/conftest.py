@@ -98,6 +98,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"{name}: {value}")
 
 
+# Fixtures that call podman: servers' (they all ask for no_container_left_behind), their
+# environment (it asks podman how disks are limited), and test_agent's bare sandboxes.
+_NEEDS_PODMAN = {"no_container_left_behind", "server_env", "agent_vol"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a podman fixture, so that `-m "not podman"` is the fast
+    lane that needs none. Tests that call podman without one carry the mark themselves."""
+    for item in items:
+        if _NEEDS_PODMAN & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.podman)
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pod_exec_mcp")

@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import disk_limit_by
+
+# It runs the benchmark: real servers, real sandboxes.
+pytestmark = pytest.mark.podman
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 BUILD = [sys.executable, "-m", "pod_exec_mcp.build"]
 
 
@@ -22,6 +24,7 @@ def test_missing_podman_is_one_line_and_non_zero() -> None:
     ]
 
 
+@pytest.mark.podman
 def test_failed_build_is_reported_with_a_non_zero_exit() -> None:
     done = run_build(
         "--tag", "pod_exec_mcp_test_never_built",
@@ -48,6 +51,7 @@ def test_bad_option_is_refused() -> None:
     assert done.returncode == 2 and "invalid choice" in done.stderr
 
 
+@pytest.mark.podman
 def test_built_image_carries_the_promised_tools_and_defaults() -> None:
     from conftest import IMAGE, podman
 
@@ -85,6 +89,7 @@ def test_agent_sources_are_found_and_the_tag_option_exists() -> None:
     assert DEFAULT_AGENT_TAG == "pod_exec_mcp_agent"
 
 
+@pytest.mark.podman
 def test_build_makes_both_images_under_the_given_tags() -> None:
     """Layers are cached by scripts/dev.sh's build, so this mostly re-tags."""
     from conftest import IMAGE, podman

@@ -168,7 +168,8 @@ async def test_output_to_the_sandboxs_own_stdout_stays_off_the_host_disk(
 # --- 3. disk limit -------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(disk_limit_by() is None, reason="this host cannot enforce a disk limit")
+# A string: asked at set-up, not at collection (the fast lane has no podman to ask).
+@pytest.mark.skipif("disk_limit_by() is None", reason="this host cannot enforce a disk limit")
 async def test_writing_past_the_disk_limit_fails(launch: Any, tmp_path: Path) -> None:
     # Where the sandboxes' disks take their space: this server's own disk_dir for root
     # disks (other tests' live servers keep theirs in the shared state dir).
@@ -256,7 +257,7 @@ def _path_without(tool: str, tmp_path: Path) -> str:
     return ":".join(dirs)
 
 
-@pytest.mark.skipif(disk_limit_by() != "root disk", reason="this host gives no root disks")
+@pytest.mark.skipif("disk_limit_by() != 'root disk'", reason="this host gives no root disks")
 def test_without_a_way_to_enforce_the_disk_limit_the_server_refuses_to_start(
     server_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -284,7 +285,7 @@ def test_without_a_way_to_enforce_the_disk_limit_the_server_refuses_to_start(
     assert "no room at the inn" in done.stderr and "POD_EXEC_MCP_DISK_LIMIT=0" in done.stderr
 
 
-@pytest.mark.skipif(disk_limit_by() is not None, reason="this host enforces the disk limit")
+@pytest.mark.skipif("disk_limit_by() is not None", reason="this host enforces the disk limit")
 def test_without_a_quota_capable_storage_the_server_refuses_to_start(
     server_env: dict[str, str],
 ) -> None:

@@ -19,15 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IMAGE, disk_limit_by, run_cli, sh, start_server
+from conftest import IMAGE, disk_limit_by, run_cli, sh, start_server  # noqa: F401 (skipif string)
 
 from pod_exec_mcp.mount_api import detach
 
 AGENT_IMAGE = os.environ.get("POD_EXEC_MCP_AGENT_IMAGE", "pod_exec_mcp_agent")
 
-pytestmark = pytest.mark.skipif(
-    disk_limit_by() != "root disk", reason="this host gives no root disks"
-)
+# The condition is a string so that it is asked at set-up, not at collection: the fast lane
+# (-m "not podman") must collect this module where there is no podman.
+pytestmark = [
+    pytest.mark.podman,
+    pytest.mark.skipif("disk_limit_by() != 'root disk'", reason="this host gives no root disks"),
+]
 
 
 def store_podman(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

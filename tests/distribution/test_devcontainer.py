@@ -27,7 +27,7 @@ import pytest
 from conftest import FIGURES
 from dist_helpers import ROOT, TEST_LABEL, podman, remove_image, run, timed, unique
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.podman]
 
 CONFIG_DIR = ROOT / ".devcontainer"
 WORKSPACE = f"/workspaces/{ROOT.name}"

@@ -55,7 +55,7 @@ from fastmcp import Client
 
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.podman]
 
 TOKEN = secrets.token_urlsafe(24)
 SOCKET_GID = 47011  # any group will do: only the container joins it

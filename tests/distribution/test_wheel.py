@@ -116,6 +116,7 @@ def wheel_tag() -> Iterator[str]:
     remove_image(f"{tag}_agent")
 
 
+@pytest.mark.podman
 def test_build_image_from_the_installed_wheel(
     installed: Path, outside: dict[str, Any], wheel_tag: str
 ) -> None:

@@ -201,6 +201,7 @@ def test_latest_moves_only_for_a_final_release(version: str, tags: list[str]) ->
     assert done.stdout.split() == tags
 
 
+@pytest.mark.podman
 def test_release_labels_add_no_layer() -> None:
     """`stamp` is what gives each pushed image its OCI version, revision and source labels."""
     dest = f"localhost/{unique_name('pod_exec_mcp_stamp_test')}:1"
