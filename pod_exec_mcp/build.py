@@ -52,7 +52,7 @@ def containerfile() -> contextlib.AbstractContextManager[Path]:
 
 
 def agent_containerfile() -> contextlib.AbstractContextManager[Path]:
-    """The exec agent image's Containerfile (its context holds agent.c)."""
+    """The exec agent image's Containerfile (its context holds the agent's C sources)."""
     return packaged_file("agent", "Containerfile")
 
 

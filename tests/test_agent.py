@@ -1,4 +1,4 @@
-"""The in-sandbox exec agent (image/agent/agent.c) and its client (pod_exec_mcp.agent_channel).
+"""The in-sandbox exec agent (image/agent/) and its client (pod_exec_mcp.agent_channel).
 
 Against real Podman and the real images: pod_exec_mcp_base (POD_EXEC_MCP_IMAGE) and
 pod_exec_mcp_agent (POD_EXEC_MCP_AGENT_IMAGE), both built by `pod_exec_mcp_build`.

@@ -80,7 +80,7 @@ def test_agent_sources_are_found_and_the_tag_option_exists() -> None:
     from pod_exec_mcp.build import DEFAULT_AGENT_TAG, agent_containerfile
 
     with agent_containerfile() as file:
-        assert (file.parent / "agent.c").is_file()
+        assert (file.parent / "main.c").is_file() and (file.parent / "protocol.h").is_file()
         text = file.read_text()
     assert "ARG BASE_IMAGE=docker.io/library/debian:trixie-slim" in text
     assert "gcc -static" in text and "FROM scratch" in text

@@ -52,7 +52,9 @@ def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
         # The Containerfile ships inside the package, where pod_exec_mcp_build looks for it.
         assert wheel.read("pod_exec_mcp/image/Containerfile").decode() == CONTAINERFILE
         # So does the exec agent's source and Containerfile (the agent image's build context).
-        for name in ("agent.c", "Containerfile"):
+        sources = sorted(p.name for p in (ROOT / "image" / "agent").iterdir() if p.is_file())
+        assert {"main.c", "protocol.h", "Containerfile"} <= set(sources)
+        for name in sources:
             source = (ROOT / "image" / "agent" / name).read_bytes()
             assert wheel.read(f"pod_exec_mcp/image/agent/{name}") == source
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
@@ -71,7 +73,7 @@ def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
     with tarfile.open(dists["sdist"]) as sdist:
         members = {m.split("/", 1)[1] for m in sdist.getnames() if "/" in m}
     assert {"pyproject.toml", "README.md", "image/Containerfile", "pod_exec_mcp/cli.py"} <= members
-    assert {"image/agent/agent.c", "image/agent/Containerfile"} <= members
+    assert {f"image/agent/{name}" for name in sources} <= members
 
 
 @pytest.fixture(scope="module")
