@@ -120,6 +120,9 @@ class AgentRun:
     survivors: int
     output_bytes: int
     spilled_to: str | None
+    # The whole output was to be kept in a file, but creating or writing it failed (the
+    # sandbox's disk full, or the path made unwritable from inside).
+    spill_failed: bool = False
 
 
 @dataclass
@@ -492,6 +495,7 @@ class AgentChannel:
                         survivors=survivors,
                         output_bytes=nbytes,
                         spilled_to=pending.spill_path if flags & X_SPILLED else None,
+                        spill_failed=bool(flags & X_SPILL_FAILED),
                     )
                 )
         elif ftype == T_STARTED:

@@ -44,14 +44,20 @@ class BoundedOutput:
     def truncated(self) -> bool:
         return self.total > self.limit
 
-    def text(self, whole_output_in: str | None = None) -> str:
+    def text(self, whole_output_in: str | None = None, whole_output_lost: bool = False) -> str:
         """The kept output as text; invalid UTF-8 becomes U+FFFD, never an exception.
-        `whole_output_in` names the file that holds every byte, for the marker line."""
+        `whole_output_in` names the file that holds every byte, for the marker line;
+        `whole_output_lost` says that keeping every byte in such a file failed."""
         if not self.truncated:
             return (bytes(self._head) + bytes(self._tail)).decode("utf-8", "replace")
         tail = bytes(self._tail[-self._tail_limit :])
         omitted = self.total - len(self._head) - len(tail)
         kept_in = f"; the whole output is in {whole_output_in}" if whole_output_in else ""
+        if whole_output_lost:
+            kept_in = (
+                "; the whole output could not be kept in a file in the sandbox (its disk is "
+                "full or the output directory is not writable), so the omitted bytes are lost"
+            )
         marker = (
             f"\n[pod_exec_mcp: {omitted} bytes of output omitted here; "
             f"{self.total} bytes in all, first {len(self._head)} and last {len(tail)} kept"

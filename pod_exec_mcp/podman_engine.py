@@ -704,7 +704,7 @@ class PodmanEngine:
                 f"the sandbox's exec agent stopped while the command ran ({exc}), so its "
                 "output and exit status are lost; a new agent starts with the next call"
             ) from None
-        text = output.text(whole_output_in=ran.spilled_to)
+        text = output.text(whole_output_in=ran.spilled_to, whole_output_lost=ran.spill_failed)
         retval = ran.status
         kill_note = None
         if ran.stopped and sandbox.name in self._gvisor:

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from conftest import ServerProcess, error_text, new_session, sh, structured
 
+from pod_exec_mcp.shell_state import OUTPUT_DIR
+
 ERAS = pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "modern"])
 
 
@@ -156,6 +158,23 @@ async def test_a_cut_output_is_kept_whole_in_a_file(server: ServerProcess) -> No
             client, f"seq 1 300000 | cmp - {result['output_file']} && echo same", session_id=sid
         )
         assert check["output"] == "same\n"
+
+
+async def test_a_cut_output_that_could_not_be_kept_says_so(server: ServerProcess) -> None:
+    # The agent cannot create the file (its directory is now a plain file): the result
+    # must not pretend the omitted bytes are anywhere.
+    async with server.client() as client:
+        sid = await new_session(client)
+        block = await sh(
+            client,
+            f"mkdir -p {OUTPUT_DIR} && rm -rf {OUTPUT_DIR} && touch {OUTPUT_DIR} && seq 1 300000",
+            session_id=sid,
+        )
+        assert block["truncated"] and not block["output_file"], block
+        assert "the whole output could not be kept in a file in the sandbox" in block["output"]
+        assert "the whole output is in" not in block["output"]
+        # Nothing else is broken: the next command runs.
+        assert (await sh(client, "echo ok", session_id=sid))["output"] == "ok\n"
 
 
 async def test_fresh_sandbox_has_python_and_git_that_work(server: ServerProcess) -> None:
