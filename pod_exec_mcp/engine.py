@@ -3,7 +3,7 @@
 An engine starts a sandbox from a `SandboxSpec`, runs a command in it with a kill
 guarantee (`RunRequest` in, `RunResult` out), removes sandboxes and lists ours by label.
 Podman (`podman_engine.PodmanEngine`) is the one implementation; the unit tests use an
-in-memory fake; docs/scale-out.md maps the same four calls onto Kubernetes.
+in-memory fake; docs/scale-out.md maps the same calls onto Kubernetes.
 
 How a sandbox is started (its spec) is kept apart from how a command runs in it (the
 request): either can change without the other.

@@ -37,3 +37,14 @@ def test_readme_settings_table_matches_the_model() -> None:
         "README's settings table is stale: regenerate it with "
         "`python -c 'from pod_exec_mcp.config import settings_table; print(settings_table())'`"
     )
+
+
+def test_architecture_names_every_module() -> None:
+    # The code map lives in one place; a new module without a line there is a stale map.
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [
+        p.name
+        for p in sorted((ROOT / "pod_exec_mcp").glob("*.py"))
+        if p.name not in ("__init__.py", "__main__.py") and p.name not in text
+    ]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
