@@ -286,11 +286,8 @@ async def test_a_scripted_coding_agent_session(server: ServerProcess) -> None:
     commit, run the server as a job, curl it, stop it. Each step is one tool call."""
     async with server.client() as client:
         sid = await new_session(client)
-        calls = 0
 
         async def tool(name: str, **arguments: Any) -> dict[str, Any]:
-            nonlocal calls
-            calls += 1
             return await call(client, name, session_id=sid, **arguments)
 
         async def run(command: str) -> dict[str, Any]:
@@ -327,4 +324,8 @@ async def test_a_scripted_coding_agent_session(server: ServerProcess) -> None:
         assert stopped["running"] is False
         assert (await run("git status --porcelain"))["output"] == ""
         await client.call_tool("end_session", {"session_id": sid})
-        assert calls >= 15
+        # Ended means gone: the work and its job went with it, and the id is refused.
+        after = await client.call_tool(
+            "shell_exec", {"command": "true", "session_id": sid}, raise_on_error=False
+        )
+        assert after.is_error and "has ended (ended by end_session)" in error_text(after)

@@ -107,8 +107,38 @@ def test_project_quota_is_read_from_the_mount_holding_the_storage() -> None:
 
 
 def test_loop_config_matches_the_kernels_layout() -> None:
-    # struct loop_config is 304 bytes; lo_flags sits 52 bytes into its loop_info64.
-    assert _LOOP_CONFIG.size == 304 and _LO_FLAGS_OFFSET == 40 + 3 * 4
+    # The layout derived independently, field by field, from <linux/loop.h> with the C
+    # compiler's own alignment rules (ctypes), against the constants the ioctl packs.
+    import ctypes
+
+    class LoopInfo64(ctypes.Structure):
+        _fields_ = [
+            ("lo_device", ctypes.c_uint64),
+            ("lo_inode", ctypes.c_uint64),
+            ("lo_rdevice", ctypes.c_uint64),
+            ("lo_offset", ctypes.c_uint64),
+            ("lo_sizelimit", ctypes.c_uint64),
+            ("lo_number", ctypes.c_uint32),
+            ("lo_encrypt_type", ctypes.c_uint32),
+            ("lo_encrypt_key_size", ctypes.c_uint32),
+            ("lo_flags", ctypes.c_uint32),
+            ("lo_file_name", ctypes.c_uint8 * 64),
+            ("lo_crypt_name", ctypes.c_uint8 * 64),
+            ("lo_encrypt_key", ctypes.c_uint8 * 32),
+            ("lo_init", ctypes.c_uint64 * 2),
+        ]
+
+    class LoopConfig(ctypes.Structure):
+        _fields_ = [
+            ("fd", ctypes.c_uint32),
+            ("block_size", ctypes.c_uint32),
+            ("info", LoopInfo64),
+            ("reserved", ctypes.c_uint64 * 8),
+        ]
+
+    assert _LOOP_CONFIG.size == ctypes.sizeof(LoopConfig)
+    assert LoopInfo64.lo_flags.offset == _LO_FLAGS_OFFSET  # type: ignore[attr-defined]
+    assert LoopConfig.info.offset == 8  # type: ignore[attr-defined]
 
 
 def test_gvisor_profile_uses_global_runtime_options_and_no_userns() -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 from typing import Any
 
 import pytest
-from conftest import GVISOR, ServerProcess, error_text, new_session, sh
+from conftest import GVISOR, ServerProcess, error_text, new_session, sh, structured
 
 # These are the exec agent's guarantees: one `podman exec` per command cannot give them
 # (each attack here succeeds against exec_channel=podman-exec; that is why the agent exists).
@@ -109,6 +110,24 @@ async def test_zombie_storm_keeps_the_files(launch: Any) -> None:
         assert after["output"] == "precious\n"
 
 
+FILL_PIDS = """
+import os, time
+kids = []
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(300)
+        os._exit(0)
+    kids.append(pid)
+print("full", flush=True)
+for kid in kids:
+    os.waitpid(kid, 0)
+"""
+
+
 @pytest.mark.skipif(
     GVISOR, reason="gVisor's own threads count against --pids-limit: 48 cannot start runsc"
 )
@@ -117,18 +136,37 @@ async def test_momentary_pid_shortage_is_reported_and_passes(launch: Any) -> Non
     async with server.client() as client:
         sid = await new_session(client)
         await sh(client, "echo precious > /workspace/work.txt", session_id=sid)
-        # Take every pid for a few seconds with background sleeps (forks fail at the limit).
-        await sh(
-            client,
-            "i=0; while [ $i -lt 60 ]; do sleep 4 & i=$((i+1)); done 2>/dev/null; true",
-            session_id=sid,
+        # Take every pid (forks fail at the limit), held by a job that waits for its
+        # children: nothing exits until the test stops it, so the next command finds no
+        # pid whatever the machine's speed. (Not sh: dash exits when a fork fails.)
+        held = structured(
+            await client.call_tool(
+                "start_job",
+                {
+                    "command": f"python3 -c {shlex.quote(FILL_PIDS)}",
+                    "session_id": sid,
+                },
+            )
         )
+        seen = ""
+        for _ in range(20):
+            read = await client.call_tool(
+                "read_job", {"job_id": held["job_id"], "session_id": sid, "wait": 5}
+            )
+            seen += structured(read)["output"]
+            if "full" in seen:
+                break
+        assert seen == "full\n", seen
         starved = await client.call_tool(
             "shell_exec", {"command": "echo hi", "session_id": sid}, raise_on_error=False
         )
-        if starved.is_error:  # (the sleeps may already be gone on a slow machine)
-            message = error_text(starved)
-            assert "intact" in message and "broke" not in message, message
+        assert starved.is_error, starved
+        message = error_text(starved)
+        assert "intact" in message and "broke" not in message, message
+        stopped = await client.call_tool(
+            "stop_job", {"job_id": held["job_id"], "session_id": sid}, raise_on_error=False
+        )
+        assert not stopped.is_error, error_text(stopped)
         for _ in range(40):
             done = await client.call_tool(
                 "shell_exec",

@@ -143,7 +143,9 @@ def test_run_arguments_default_and_strict() -> None:
         assert "--network=none" in none and not any("PROXY" in a for a in none)
     assert not any("PROXY" in a for a in strict)
     plain = run_arguments(sandbox_spec(Settings(exec_channel="podman-exec"), "n", {}))
-    assert plain[:4] == ["run", "--detach", "--rm", "--init"] and "--mount" not in plain
+    # Without the agent: podman's own init, and no agent volume (not even a stray one).
+    assert plain[:4] == ["run", "--detach", "--rm", "--init"]
+    assert not any(".pod_exec_mcp" in a for a in plain), plain
     assert plain[-3:] == ["pod_exec_mcp_base", "sleep", "86400"]
 
 
