@@ -236,9 +236,15 @@ async def test_writing_past_the_disk_limit_fails(launch: Any, tmp_path: Path) ->
         assert grown_run < 300 * 1024 * 1024 + 64 * 1024 * 1024
     assert reason.strip() in ("No space left on device", "Disk quota exceeded"), files
     assert int(count) < 200000, files
-    # Nothing of the sandbox's disk outlives it (the root disk's file has no name: only
-    # the host's free space can tell). Other tests' sandboxes may come and go meanwhile.
-    assert freed < 64 * 1024 * 1024
+    # Nothing of the sandbox's disk outlives it. A root disk's file has no name, so its
+    # space is the host's again exactly when nothing holds it: no loop device and no
+    # mount (checked above), no server (stopped). What stays in the disk dir is the
+    # image's shared files only. (The host's free space, in the figure, also moves with
+    # whatever else runs on the machine.)
+    if root_disks:
+        assert [p.name for p in storage.iterdir()] == ["images"], list(storage.iterdir())
+    else:
+        assert freed < 64 * 1024 * 1024
 
 
 def _path_without(tool: str, tmp_path: Path) -> str:

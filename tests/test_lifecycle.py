@@ -197,7 +197,14 @@ async def test_pool_never_hands_out_a_sandbox_past_its_lifetime(launch: Any) -> 
     after sandbox_lifetime, so a session could get a dead one ("The sandbox broke")."""
     server = launch("--warm-pool", "1", "--sandbox-lifetime", "3")
     assert await asyncio.to_thread(wait_until, lambda: len(server.containers()) >= 1, 30)
-    await asyncio.sleep(8)  # the first pooled sandbox's init has exited by now
+    first = server.containers()[0]["Id"]
+
+    def first_ended() -> bool:
+        running = {c["Id"] for c in server.containers() if c.get("State") == "running"}
+        return first not in running
+
+    # The first pooled sandbox's init exits at its lifetime: ask for one only after that.
+    assert await asyncio.to_thread(wait_until, first_ended, 60)
     async with server.client() as client:
         sid = await new_session(client)
         assert (await sh(client, "echo alive", session_id=sid))["output"] == "alive\n"

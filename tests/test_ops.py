@@ -218,7 +218,7 @@ async def test_metrics_parse_and_count_each_call_exactly_once(ops: ServerProcess
             first, removed[0], reason=removed[1]
         )
 
-    assert await asyncio.to_thread(wait_until, legacy_removed, 30)
+    assert await asyncio.to_thread(wait_until, legacy_removed, 90)
     async with ops.client(auth=TOKEN) as modern:
         before = scrape(ops)
         sid = await new_session(modern)
@@ -249,7 +249,15 @@ async def test_a_cancelled_command_is_audited_and_counted_as_a_kill(ops: ServerP
         running = asyncio.create_task(
             legacy.call_tool("shell_exec", {"command": "sleep 60 # cancel-me"})
         )
-        await asyncio.sleep(2)
+
+        def started() -> bool:
+            return any(
+                "sleep 60" in podman("top", c["Id"], "args", check=False).stdout
+                for c in ops.containers()
+            )
+
+        # Cancel only once the command runs in the sandbox (not while it is on its way).
+        assert await asyncio.to_thread(wait_until, started, 30)
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await running
