@@ -125,11 +125,14 @@ def instance_alive(lock_dir: Path, instance_id: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Shared, not exclusive: only the owner's exclusive lock may block us. Two probers
+        # of one dead instance (a server's periodic sweep and --list-containers) would
+        # otherwise each take the other for the owner, and call a dead server alive.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     else:
-        # Nobody holds it: a dead instance's leftover. Remove it while we hold the lock.
+        # Nobody owns it: a dead instance's leftover. Remove it while we hold the lock.
         with contextlib.suppress(OSError):
             usage_path(lock_dir, instance_id).unlink()
         with contextlib.suppress(OSError):

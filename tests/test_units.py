@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import socket
 from pathlib import Path
 
@@ -165,6 +167,19 @@ def test_instance_liveness_follows_its_lock(tmp_path: Path) -> None:
     assert not instance_alive(tmp_path, "../../etc/passwd")
     instance.release()
     assert not instance_alive(tmp_path, instance.id)
+
+
+def test_a_dead_instance_stays_dead_while_another_prober_checks_it(tmp_path: Path) -> None:
+    # A dead server's lock file, mid-check by another prober (a live server's periodic
+    # sweep holds it while it cleans up): that prober is not the owner.
+    lock = tmp_path / "0123456789abcdef.lock"
+    lock.write_text("4242\n")
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert not instance_alive(tmp_path, "0123456789abcdef")
+    finally:
+        os.close(fd)
 
 
 async def test_the_listening_socket_turns_nagle_off_for_each_connection() -> None:
