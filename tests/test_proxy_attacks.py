@@ -205,3 +205,173 @@ async def test_malformed_hosts_get_a_clean_400(
     assert proxy.resolved == [] and proxy.connects == []
     assert not any(r.exc_info for r in caplog.records), "no traceback"
     assert all(len(r.getMessage()) < 2000 for r in caplog.records)
+
+
+# --- 3. request smuggling: one checked request, exactly its bytes ------------------------
+
+
+class Origin:
+    """A loopback HTTP origin that records every byte it receives. It reads one request as
+    a strict parser (h11) frames it, answers it, half-closes, and then keeps reading until
+    the proxy closes, so whatever the proxy forwarded after that request is recorded too."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+        self.port = 0
+
+    async def next_received(self) -> bytes:
+        """The bytes of the next connection, once the proxy has closed it."""
+        return await asyncio.wait_for(self.received.get(), 10)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h11
+
+        raw = bytearray()
+        parser = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = parser.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    raw += data
+                    parser.receive_data(data)
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+            writer.write_eof()
+            while data := await reader.read(65536):
+                raw += data
+        except (h11.RemoteProtocolError, ConnectionError):
+            pass
+        finally:
+            self.received.put_nowait(bytes(raw))
+            writer.close()
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    server_origin = Origin()
+    server = await asyncio.start_server(server_origin.handle, "127.0.0.1", 0)
+    server_origin.port = server.sockets[0].getsockname()[1]
+    yield server_origin
+    server.close()
+
+
+LOOPBACK = EgressPolicy.from_rules(["allowed.test", "127.0.0.1/32"])
+SMUGGLED = b"GET /admin HTTP/1.1\r\nHost: internal.admin\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Content-Length: 48\r\nContent-Length: 0\r\n",  # conflicting (the attack run's)
+        b"Content-Length: 5\r\nContent-Length: 5\r\n",  # duplicate, even if equal
+        b"Content-Length: 5, 5\r\n",  # a list
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",  # both
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Transfer-Encoding: gzip\r\n",  # not chunked at all
+        b"Transfer-Encoding: chunked, gzip\r\n",  # chunked not final
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: identity\r\n",
+        b"Transfer-Encoding : chunked\r\n",  # space before the colon
+        b"Content-Length: +5\r\n",
+        b"Content-Length: 0x5\r\n",
+        b"X-A: 1\r\n Content-Length: 5\r\n",  # obs-fold
+        b"Content-Length: 5\nX-A: 1\r\n",  # bare LF
+        b"Host: allowed.test\r\n",  # a second Host
+    ],
+)
+async def test_ambiguous_framing_is_refused_without_connecting(
+    proxy_of: Any, origin: Origin, headers: bytes
+) -> None:
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    raw = (
+        f"POST http://allowed.test:{origin.port}/ HTTP/1.1\r\nHost: allowed.test\r\n".encode()
+        + headers
+        + b"\r\nhello"
+        + SMUGGLED
+    )
+    reply = await proxy.ask(raw)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:300]
+    assert proxy.resolved == [] and proxy.connects == []
+    assert origin.received.empty()
+
+
+async def test_transfer_encoding_in_http_1_0_and_bodies_on_connect_are_refused(
+    proxy_of: Any,
+) -> None:
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    for raw in (
+        b"POST http://allowed.test/ HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"CONNECT allowed.test:80 HTTP/1.1\r\nHost: allowed.test:80\r\nContent-Length: 5\r\n\r\n",
+        b"CONNECT allowed.test:80 HTTP/1.1\r\nHost: allowed.test:80\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+    ):
+        reply = await proxy.ask(raw)
+        assert reply.startswith(b"HTTP/1.1 400 "), (raw, reply[:300])
+    assert proxy.resolved == [] and proxy.connects == []
+
+
+def _one_request(raw: bytes) -> tuple[Any, bytes, bytes]:
+    """The request h11 frames at the start of `raw`, its body, and what follows it."""
+    import h11
+
+    parser = h11.Connection(h11.SERVER)
+    parser.receive_data(raw)
+    parser.receive_data(b"")
+    request, body = parser.next_event(), b""
+    while not isinstance(event := parser.next_event(), h11.EndOfMessage):
+        assert isinstance(event, h11.Data), event
+        body += event.data
+    return request, body, parser.trailing_data[0]
+
+
+@pytest.mark.parametrize(
+    "framing, body",
+    [
+        (b"Content-Length: 11\r\n", b"hello world"),
+        (
+            b"Transfer-Encoding: chunked\r\n",
+            b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nT: 1\r\n\r\n",
+        ),
+        (b"", b""),  # no body: everything after the head is another request
+    ],
+)
+async def test_only_the_declared_body_reaches_the_origin(
+    proxy_of: Any, origin: Origin, framing: bytes, body: bytes
+) -> None:
+    """A pipelined (smuggled) request after the body never reaches the destination: the
+    origin gets one request, its declared body, and nothing after it."""
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    raw = (
+        f"POST http://allowed.test:{origin.port}/up HTTP/1.1\r\nHost: allowed.test\r\n".encode()
+        + framing
+        + b"\r\n"
+        + body
+        + SMUGGLED
+    )
+    reply = await proxy.ask(raw)
+    assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"ok"), reply[:300]
+    received = await origin.next_received()
+    request, got, after = _one_request(received)
+    assert request.method == b"POST" and request.target == b"/up"
+    assert got == (b"hello world" if body else b"")
+    assert after == b"", after
+    assert b"internal.admin" not in received
+    assert origin.received.empty()
+
+
+async def test_the_origin_sees_the_uris_authority_as_host(proxy_of: Any, origin: Origin) -> None:
+    """RFC 9112 3.2.2: a proxy replaces the Host of an absolute-form request with the URI's
+    authority, so a name-based virtual host behind an allowed address stays unreachable."""
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    reply = await proxy.ask(
+        f"GET http://allowed.test:{origin.port}/ HTTP/1.1\r\nHost: internal.admin\r\n"
+        "User-Agent: t\r\n\r\n".encode()
+    )
+    assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:300]
+    request, _, _ = _one_request(await origin.next_received())
+    hosts = [v for k, v in request.headers if k == b"host"]
+    assert hosts == [f"allowed.test:{origin.port}".encode()]
+    assert (b"user-agent", b"t") in list(request.headers)
