@@ -379,10 +379,10 @@ async def open_upstream(
         raise refusal(decision, what)
     try:
         addresses = await asyncio.wait_for(resolver(request.host, request.port), RESOLVE_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
-        raise ProxyError(
-            502, "Bad Gateway", f"cannot resolve {request.host}: {exc or 'timed out'}\n"
-        ) from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        # ValueError: getaddrinfo's UnicodeError for a name IDNA cannot encode.
+        why = str(exc)[:200] or "timed out"
+        raise ProxyError(502, "Bad Gateway", f"cannot resolve {request.host}: {why}\n") from None
     allowed: list[tuple[IPAddress, Decision]] = []
     refused: list[tuple[IPAddress, Decision]] = []
     for address in addresses:

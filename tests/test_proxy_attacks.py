@@ -118,6 +118,27 @@ def test_the_name_matcher_never_matches_an_ip_literal() -> None:
     assert not policy.check_address("10.0.0.5", ip("10.0.0.5"), host_own=False).allowed
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "10.0.0.5%.allowed.test",  # what a lax IP parser (inet_aton and friends) cuts short
+        "2001:db8::5%.allowed.test",
+        "[2001:db8::5%.allowed.test]",
+        "127.1.allowed.test.",
+        "x..allowed.test",
+        "x.allowed.test/",
+        "a" * 300 + ".allowed.test",
+    ],
+)
+def test_a_name_rule_matches_only_a_well_formed_host_name(host: str) -> None:
+    """The matcher itself (not only the parser before it) never matches anything but a
+    valid host name: a scoped literal, a malformed or oversized name never passes it."""
+    from pod_exec_mcp.egress import parse_rule
+
+    assert not parse_rule("*.allowed.test").matches_name(host)
+    assert parse_rule("*.allowed.test").matches_name("x.allowed.test")
+
+
 class Recorder:
     """The proxy behind a loopback listener, recording every lookup and connection."""
 
@@ -375,3 +396,25 @@ async def test_the_origin_sees_the_uris_authority_as_host(proxy_of: Any, origin:
     hosts = [v for k, v in request.headers if k == b"host"]
     assert hosts == [f"allowed.test:{origin.port}".encode()]
     assert (b"user-agent", b"t") in list(request.headers)
+
+
+@pytest.mark.parametrize(
+    "error", [UnicodeError("label empty or too long"), ValueError("bad"), OSError("no name")]
+)
+async def test_a_failing_lookup_is_a_clean_502(
+    proxy_of: Any, error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """getaddrinfo raises UnicodeError (a ValueError) for names IDNA cannot encode: a host
+    that got past the parser that way is a 502 with a message, not a traceback."""
+    proxy = await proxy_of(EgressPolicy.from_rules(["*.allowed.test", "public"]))
+
+    async def resolver(host: str, port: int) -> list[Any]:
+        raise error
+
+    proxy.resolver = resolver
+    with caplog.at_level(logging.DEBUG):
+        reply = await proxy.ask(b"CONNECT x.allowed.test:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 502 "), reply[:300]
+    assert b"cannot resolve x.allowed.test" in reply
+    assert proxy.connects == []
+    assert not any(r.exc_info for r in caplog.records), "no traceback"
