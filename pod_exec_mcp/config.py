@@ -264,7 +264,8 @@ class Settings(BaseModel):
 
     audit_command_chars: int = Field(default=1000, ge=0)
     """Most characters of a command the audit trail records (longer ones are cut, their
-    length kept). 0 leaves command text out of the logs altogether."""
+    length kept; the log cuts every field at 4,096 anyway). 0 leaves command text out of
+    the logs altogether."""
 
     @field_validator("network", mode="before")
     @classmethod

@@ -418,3 +418,69 @@ async def test_a_failing_lookup_is_a_clean_502(
     assert b"cannot resolve x.allowed.test" in reply
     assert proxy.connects == []
     assert not any(r.exc_info for r in caplog.records), "no traceback"
+
+
+# --- 4. the log: control characters and sizes that a sandbox or a client controls -------
+
+HOSTILE = "\x1b]0;PWNED\x07GET\x1b[31m red \x9b2J\x7f\x00\x08 \u0085end"
+# What may appear in a text log line: no C0 (a line ends with the handler's \n only), no
+# DEL, no C1.
+_RAW_CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"} | {chr(c) for c in range(0x80, 0xA0)}
+
+
+def _render(fmt: str, record: logging.LogRecord) -> str:
+    from pod_exec_mcp.logs import _formatter
+
+    return _formatter(fmt).format(record)  # type: ignore[arg-type]
+
+
+def _record(msg: str, *args: Any, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("pod_exec_mcp.proxy", logging.INFO, __file__, 1, msg, args, None)
+    record.__dict__.update(extra)
+    return record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record("egress %s %s:%d", HOSTILE, HOSTILE, 80),  # in the message (the attack run's)
+        _record("egress", host=HOSTILE),  # in a field
+        _record("egress", host="\x1b[31mnospace"),  # in a field that would go unquoted
+        _record("egress", path=[HOSTILE]),  # inside a structured field
+    ],
+)
+def test_no_raw_control_character_reaches_a_text_log_line(record: logging.LogRecord) -> None:
+    line = _render("text", record)
+    assert not _RAW_CONTROL & set(line), repr(line)
+    assert "\\x1b]0;PWNED\\x07" in line or "\\x1b[31m" in line or "\\u001b" in line, line
+
+
+def test_json_logs_keep_the_value_as_it_was() -> None:
+    import json
+
+    line = _render("json", _record("egress %s", HOSTILE, host=HOSTILE))
+    event = json.loads(line)
+    assert event["host"] == HOSTILE and event["event"] == f"egress {HOSTILE}"
+
+
+def test_a_traceback_in_a_text_line_is_escaped() -> None:
+    try:
+        raise ValueError(HOSTILE)
+    except ValueError:
+        import sys
+
+        record = _record("egress proxy failed")
+        record.exc_info = sys.exc_info()
+    line = _render("text", record)
+    assert not _RAW_CONTROL & set(line), repr(line)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_logged_field_is_cut_to_a_fixed_length(fmt: str) -> None:
+    """A 60 KB host name (or message, or field) gives a log line of bounded size."""
+    from pod_exec_mcp.logs import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS
+
+    huge = "a" * 60_000
+    line = _render(fmt, _record("egress refused: %s", huge, host=huge, path=huge))
+    assert len(line) < MAX_MESSAGE_CHARS + 2 * MAX_FIELD_CHARS + 500, len(line)
+    assert "60000 characters" in line  # what was cut is said
