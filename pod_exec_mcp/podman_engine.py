@@ -50,7 +50,7 @@ from pod_exec_mcp.engine import (
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
-from pod_exec_mcp.proxy import serve_connection
+from pod_exec_mcp.proxy import RefusalLog, serve_connection
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
     RootDisk,
@@ -377,6 +377,8 @@ class PodmanEngine:
         # policy each one's connections are checked against (none set: refuse all).
         self._isolated: set[str] = set()
         self._egress: dict[str, EgressPolicy] = {}
+        # Each isolated sandbox's proxy refusals, logged at a bounded rate (proxy.py).
+        self._refusals: dict[str, RefusalLog] = {}
         # Agent channels over a socket passed into the sandbox; not possible with remote
         # Podman (CONTAINER_HOST), whose client cannot pass descriptors.
         self._socket_channel = not os.environ.get("CONTAINER_HOST") and "remote" not in (
@@ -482,6 +484,8 @@ class PodmanEngine:
             self._with_agent.discard(s.name)
             self._isolated.discard(s.name)
             self._egress.pop(s.name, None)
+            if (refusals := self._refusals.pop(s.name, None)) is not None:
+                refusals.close()
             self._gvisor.discard(s.name)
             self._attaching.pop(s.name, None)
 
@@ -515,7 +519,8 @@ class PodmanEngine:
         # The policy in force when the connection is made (a pooled sandbox gets its
         # session's policy when it is handed out).
         policy = self._egress.get(name, DENY_ALL)
-        await serve_connection(stream, policy, label=f" (sandbox {name})")
+        refusals = self._refusals.setdefault(name, RefusalLog())
+        await serve_connection(stream, policy, label=f" (sandbox {name})", refusals=refusals)
 
     async def close(self) -> None:
         while self._background:

@@ -29,6 +29,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 import h11
 
 from pod_exec_mcp.egress import Decision, EgressPolicy, HostError, IPAddress, parse_host
+from pod_exec_mcp.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,19 @@ async def connect(address: IPAddress, port: int) -> ByteStream:
         sock.close()
         raise
     return TcpStream(sock)
+
+
+class RefusalLog(RateLimitedLog):
+    """One sandbox's proxy refusals, logged at a bounded rate (ratelog.py)."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(log, interval, clock)
+
+    def refused(self, label: str, message: str) -> None:
+        self.note(
+            f"egress refused{label}: {message.strip()}",
+            f"egress refused{label}: {{n}} more refused requests in the last {{seconds}} s",
+        )
 
 
 class ProxyError(Exception):
@@ -512,9 +527,11 @@ async def serve_connection(
     resolver: Resolver = resolve,
     connector: Connector = connect,
     label: str = "",
+    refusals: RefusalLog | None = None,
 ) -> None:
     """Serve one proxy connection from a sandbox, then close it. Never raises (except
-    CancelledError)."""
+    CancelledError). Refusals (every 4xx/5xx) are logged through `refusals`, the sandbox's
+    rate-limited log (one of this connection's own when None)."""
     upstream: ByteStream | None = None
     try:
         try:
@@ -543,8 +560,7 @@ async def serve_connection(
                 label=label,
             )
     except ProxyError as exc:
-        if exc.status == 403:
-            log.info("egress refused%s: %s", label, exc.message.strip())
+        (refusals or RefusalLog()).refused(label, f"{exc.status} {exc.message}")
         with contextlib.suppress(Exception):
             await client.write(response(exc.status, exc.reason, exc.message))
     except EOFError:

@@ -484,3 +484,110 @@ def test_every_logged_field_is_cut_to_a_fixed_length(fmt: str) -> None:
     line = _render(fmt, _record("egress refused: %s", huge, host=huge, path=huge))
     assert len(line) < MAX_MESSAGE_CHARS + 2 * MAX_FIELD_CHARS + 500, len(line)
     assert "60000 characters" in line  # what was cut is said
+
+
+# --- 5. floods: refusals logged at a bounded rate, O(1) work beyond a fixed cap ----------
+
+
+class MemoryStream:
+    """A client ByteStream over bytes held here, counting what the proxy read of it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.taken, self.written = data, 0, bytearray()
+
+    async def read(self, n: int) -> bytes:
+        chunk = self.data[self.taken : self.taken + n]
+        self.taken += len(chunk)
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+
+    async def write_eof(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        # Refused by policy, with a 10 MB body the proxy must not read.
+        (b"POST http://10.0.0.5/ HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n", b"403"),
+        # Ambiguous framing, 10 MB after it.
+        (
+            b"POST http://x.test/ HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"400",
+        ),
+        # A head that never ends.
+        (b"GET http://x.test/ HTTP/1.1\r\nA: ", b"431"),
+    ],
+)
+async def test_a_refused_request_costs_no_more_than_the_head_cap(raw: bytes, status: bytes) -> None:
+    from pod_exec_mcp.proxy import MAX_HEAD
+
+    client = MemoryStream(raw + b"a" * 10_000_000)
+    await serve_connection(client, DEFAULT)  # type: ignore[arg-type]
+    assert client.written.split(b" ")[1] == status, bytes(client.written[:200])
+    assert client.taken <= MAX_HEAD + 4, client.taken
+
+
+async def test_refusals_are_logged_as_a_count_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """1,000 refused requests from one sandbox within an interval give one line with the
+    first refusal and, once the interval is over, one line with the count: the log grows by
+    a bounded amount per sandbox and interval, whatever the sandbox sends."""
+    from pod_exec_mcp.proxy import RefusalLog
+
+    now = [1000.0]
+    refusals = RefusalLog(interval=10.0, clock=lambda: now[0])
+    raw = b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: " + b"h" * 50_000 + b"\r\n\r\n"
+    with caplog.at_level(logging.DEBUG, logger="pod_exec_mcp"):
+        for i in range(1000):
+            now[0] += 0.005
+            client = MemoryStream(raw)
+            await serve_connection(client, DEFAULT, label=" (sandbox s1)", refusals=refusals)  # type: ignore[arg-type]
+            assert client.written.startswith(b"HTTP/1.1 403 "), i
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1, lines[:5]
+        assert "10.0.0.5" in lines[0] and "sandbox s1" in lines[0]
+        now[0] += 10.0
+        await serve_connection(MemoryStream(raw), DEFAULT, label=" (sandbox s1)", refusals=refusals)  # type: ignore[arg-type]
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 3, lines
+        assert "999 more refused" in lines[1] and "sandbox s1" in lines[1]
+        refusals.close()
+        assert len(caplog.records) == 3  # nothing left to count
+    assert all(len(line) < 2000 for line in lines)
+
+
+async def test_streams_over_the_cap_are_logged_as_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    """A sandbox that opens thousands of connections past the per-sandbox stream cap gets
+    each reset, and the log one line per interval, not one per connection."""
+    from pod_exec_mcp import agent_streams as st
+
+    sent: list[int] = []
+
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        sent.append(st.HEADER.unpack(data[:12])[0])
+
+    async def handler(stream: st.AgentStream) -> None:
+        await asyncio.Event().wait()
+
+    now = [0.0]
+    mux = st.StreamMux(send, handler)
+    mux.over_cap.clock = lambda: now[0]
+    with caplog.at_level(logging.DEBUG, logger="pod_exec_mcp"):
+        for i in range(st.MAX_STREAMS + 2000):
+            mux.dispatch(st.T_STREAM_OPEN, 0x80000001 + i, b"")
+        await asyncio.sleep(0)
+        assert len([r for r in caplog.records if "connections at once" in r.getMessage()]) == 1
+        now[0] += 60
+        mux.dispatch(st.T_STREAM_OPEN, 0x90000000, b"")
+        await asyncio.sleep(0)
+    over = [r.getMessage() for r in caplog.records if "connections at once" in r.getMessage()]
+    assert len(over) == 3 and "1999 more" in over[1], over
+    await mux.close()
