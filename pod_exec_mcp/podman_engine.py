@@ -50,7 +50,7 @@ from pod_exec_mcp.engine import (
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
-from pod_exec_mcp.proxy import RefusalLog, serve_connection
+from pod_exec_mcp.proxy import ConnectionGate, RefusalLog, serve_connection
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
     RootDisk,
@@ -364,9 +364,16 @@ class PodmanEngine:
     through one `podman exec` each where there is no agent."""
 
     def __init__(
-        self, podman: Podman, headroom: Headroom | None = None, root_disks: RootDisks | None = None
+        self,
+        podman: Podman,
+        headroom: Headroom | None = None,
+        root_disks: RootDisks | None = None,
+        egress_limits: tuple[int, float] = (24, 50.0),
     ) -> None:
         self.podman = podman
+        # Each isolated sandbox's proxy connection bounds: (at once, new per second).
+        self.egress_limits = egress_limits
+        self._gates: dict[str, ConnectionGate] = {}
         # Disk limits as root disks (PodmanFacts.disk_limit_by_root_disk) rather than as a
         # storage quota; and each sandbox's.
         self.root_disks = root_disks
@@ -486,6 +493,7 @@ class PodmanEngine:
             self._egress.pop(s.name, None)
             if (refusals := self._refusals.pop(s.name, None)) is not None:
                 refusals.close()
+            self._gates.pop(s.name, None)
             self._gvisor.discard(s.name)
             self._attaching.pop(s.name, None)
 
@@ -520,7 +528,12 @@ class PodmanEngine:
         # session's policy when it is handed out).
         policy = self._egress.get(name, DENY_ALL)
         refusals = self._refusals.setdefault(name, RefusalLog())
-        await serve_connection(stream, policy, label=f" (sandbox {name})", refusals=refusals)
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = ConnectionGate(*self.egress_limits)
+        await serve_connection(
+            stream, policy, label=f" (sandbox {name})", refusals=refusals, gate=gate
+        )
 
     async def close(self) -> None:
         while self._background:

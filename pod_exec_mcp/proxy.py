@@ -191,6 +191,48 @@ class RefusalLog(RateLimitedLog):
         )
 
 
+class ConnectionGate:
+    """One sandbox's bounds on its proxy connections: at most `max_open` at once, and new
+    ones at `per_second` on average (a token bucket that holds `per_second`, so a burst of
+    that many passes). A connection past either gets an answer naming the bound, before
+    anything of it is read."""
+
+    def __init__(
+        self, max_open: int, per_second: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_open, self.per_second, self.clock = max_open, per_second, clock
+        self.open = 0
+        self._tokens = float(per_second)
+        self._at = clock()
+
+    def admit(self) -> ProxyError | None:
+        """None: admitted (call `release` when it is over); else the refusal to send."""
+        now = self.clock()
+        self._tokens = min(self.per_second, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self.open >= self.max_open:
+            return ProxyError(
+                503,
+                "Service Unavailable: too many connections",
+                f"pod_exec_mcp egress proxy: this sandbox has {self.max_open} connections at "
+                "once, its bound (egress_max_connections); close one and retry\n",
+            )
+        if self._tokens < 1:
+            return ProxyError(
+                429,
+                "Too Many Requests",
+                f"pod_exec_mcp egress proxy: this sandbox opened over {self.per_second:g} new "
+                "connections per second, its bound (egress_connections_per_second); retry "
+                "in a moment\n",
+            )
+        self._tokens -= 1
+        self.open += 1
+        return None
+
+    def release(self) -> None:
+        self.open -= 1
+
+
 class ProxyError(Exception):
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -528,12 +570,17 @@ async def serve_connection(
     connector: Connector = connect,
     label: str = "",
     refusals: RefusalLog | None = None,
+    gate: ConnectionGate | None = None,
 ) -> None:
     """Serve one proxy connection from a sandbox, then close it. Never raises (except
     CancelledError). Refusals (every 4xx/5xx) are logged through `refusals`, the sandbox's
-    rate-limited log (one of this connection's own when None)."""
+    rate-limited log (one of this connection's own when None). With `gate` (the
+    sandbox's connection bounds), a connection past them is answered at once, unread."""
     upstream: ByteStream | None = None
+    refused = gate.admit() if gate is not None else None
     try:
+        if refused is not None:
+            raise refused
         try:
             head, rest = await asyncio.wait_for(read_head(client), HEAD_TIMEOUT)
         except TimeoutError:
@@ -572,6 +619,8 @@ async def serve_connection(
     except Exception:
         log.exception("egress proxy failed%s", label)
     finally:
+        if gate is not None and refused is None:
+            gate.release()
         if upstream is not None:
             with contextlib.suppress(Exception):
                 await upstream.close()

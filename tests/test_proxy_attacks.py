@@ -591,3 +591,85 @@ async def test_streams_over_the_cap_are_logged_as_a_count(caplog: pytest.LogCapt
     over = [r.getMessage() for r in caplog.records if "connections at once" in r.getMessage()]
     assert len(over) == 3 and "1999 more" in over[1], over
     await mux.close()
+
+
+# --- 6. fairness: per-sandbox bounds on connections --------------------------------------
+
+
+async def test_connections_past_the_concurrent_bound_get_a_503_naming_it() -> None:
+    from pod_exec_mcp.proxy import ConnectionGate
+
+    gate = ConnectionGate(max_open=2, per_second=1000, clock=lambda: 0.0)
+    assert gate.admit() is None and gate.admit() is None  # two connections held open
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 503 "), bytes(client.written)
+    assert (
+        b"2 connections at once" in client.written and b"egress_max_connections" in client.written
+    )
+    assert client.taken == 0, "refused before reading anything"
+    gate.release()
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 403 "), "admitted, then judged by the policy"
+    assert gate.open == 1, "the served connection gave its place back"
+
+
+async def test_new_connections_past_the_rate_get_a_429_naming_it() -> None:
+    from pod_exec_mcp.proxy import ConnectionGate
+
+    now = [0.0]
+    gate = ConnectionGate(max_open=1000, per_second=5, clock=lambda: now[0])
+    answers = []
+    for _ in range(8):
+        client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+        answers.append(bytes(client.written.split(b" ")[1]))
+    assert answers == [b"403"] * 5 + [b"429"] * 3  # a burst of 5, then the rate
+    assert b"5 new connections per second" in client.written
+    assert b"egress_connections_per_second" in client.written
+    now[0] += 1.0  # a second later, 5 more
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 403 ")
+
+
+class HeldStream(MemoryStream):
+    """A client that sends nothing until released: it holds its proxy connection open."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+        self.go = asyncio.Event()
+
+    async def read(self, n: int) -> bytes:
+        await self.go.wait()
+        return b""
+
+
+async def test_the_engine_gives_each_sandbox_its_own_bounds() -> None:
+    """PodmanEngine serves each sandbox's connections through that sandbox's gate, from
+    the settings: a sandbox at its bound is refused, another one is not."""
+    from types import SimpleNamespace
+
+    from pod_exec_mcp.config import Settings
+    from pod_exec_mcp.podman_engine import PodmanEngine
+
+    settings = Settings(egress_max_connections=1)
+    engine = PodmanEngine(
+        SimpleNamespace(path="/usr/bin/podman"),  # type: ignore[arg-type]
+        egress_limits=(settings.egress_max_connections, settings.egress_connections_per_second),
+    )
+    held = HeldStream()
+    holding = asyncio.ensure_future(engine._serve_egress("s1", held))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    second = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await engine._serve_egress("s1", second)  # type: ignore[arg-type]
+    assert second.written.startswith(b"HTTP/1.1 503 "), bytes(second.written)
+    other = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await engine._serve_egress("s2", other)  # type: ignore[arg-type]
+    assert other.written.startswith(b"HTTP/1.1 403 "), "s2 has bounds of its own"
+    held.go.set()
+    await asyncio.wait_for(holding, 10)
+    third = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await engine._serve_egress("s1", third)  # type: ignore[arg-type]
+    assert third.written.startswith(b"HTTP/1.1 403 "), "the held place was given back"
