@@ -27,6 +27,7 @@ class RateLimitedLog:
         self._since: float | None = None
         self._counted = 0
         self._count_line = ""
+        self._level = logging.INFO
 
     def note(self, line: str, count_line: str, level: int = logging.INFO) -> None:
         """One event: `line` if it is the first of its interval, else counted.
