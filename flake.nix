@@ -190,6 +190,7 @@
         ps.structlog
         ps.prometheus-client
         ps.uvicorn
+        ps.h11
       ];
 
       packageFor =

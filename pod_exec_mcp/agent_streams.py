@@ -26,6 +26,8 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+from pod_exec_mcp.ratelog import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">BBHII")
@@ -262,6 +264,8 @@ class StreamMux:
         self.window = window
         self.send_window = send_window
         self._streams: dict[int, AgentStream] = {}
+        # Streams reset past MAX_STREAMS: logged as a count per interval, not one line each.
+        self.over_cap = RateLimitedLog(log)
         self._tasks: set[asyncio.Future[None]] = set()
         self._listening: dict[int, asyncio.Future[int]] = {}
         self._dead: str | None = None
@@ -362,7 +366,12 @@ class StreamMux:
             self.send_soon(frame(T_STREAM_RESET, fid, b"no handler"))
             return
         if len(self._streams) >= MAX_STREAMS:
-            log.warning("sandbox opened over %d connections at once; resetting", MAX_STREAMS)
+            self.over_cap.note(
+                f"sandbox opened over {MAX_STREAMS} connections at once; resetting",
+                f"sandbox opened over {MAX_STREAMS} connections at once: {{n}} more reset "
+                "in the last {seconds} s",
+                logging.WARNING,
+            )
             self.send_soon(frame(T_STREAM_RESET, fid, b"too many connections"))
             return
         stream = self._streams[fid] = AgentStream(self, fid, self.send_window, self.window)

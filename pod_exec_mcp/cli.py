@@ -306,7 +306,12 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
         )  # fmt: skip
     # The disk headroom is checked where sandboxes' disks take their space.
     disk_home = str(root_disks.directory) if root_disks is not None else facts.graph_root
-    engine = PodmanEngine(podman, Headroom.of(settings, disk_home), root_disks)
+    engine = PodmanEngine(
+        podman,
+        Headroom.of(settings, disk_home),
+        root_disks,
+        (settings.egress_max_connections, settings.egress_connections_per_second),
+    )
     app = create_app(settings, engine, instance, auth, podman)
     sessions, metrics = app.sessions, app.metrics
     config = uvicorn.Config(

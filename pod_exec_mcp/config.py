@@ -154,6 +154,15 @@ class Settings(BaseModel):
     """Destinations the egress proxy refuses even if egress_allow lets them through
     (comma-separated domains, wildcards, CIDRs or IPs)."""
 
+    egress_max_connections: int = Field(default=24, ge=1, le=32)
+    """Most egress proxy connections one sandbox may have open at once; past it a new one
+    gets 503 naming this bound, so one sandbox cannot take the proxy from the others (at
+    most 32: the agent channel's own stream cap)."""
+
+    egress_connections_per_second: float = Field(default=50.0, gt=0)
+    """New egress proxy connections one sandbox may open per second, on average (bursts
+    of as many pass); past it a new one gets 429 naming this bound."""
+
     strict: bool = False
     """Strict profile: --cap-drop=ALL, read-only root with tmpfs /workspace and /tmp, and
     network none, whatever `network` says."""
@@ -264,7 +273,8 @@ class Settings(BaseModel):
 
     audit_command_chars: int = Field(default=1000, ge=0)
     """Most characters of a command the audit trail records (longer ones are cut, their
-    length kept). 0 leaves command text out of the logs altogether."""
+    length kept; the log cuts every field at 4,096 anyway). 0 leaves command text out of
+    the logs altogether."""
 
     @field_validator("network", mode="before")
     @classmethod

@@ -98,9 +98,11 @@ class Rule:
     network: IPNetwork | None = None
 
     def matches_name(self, host: str) -> bool:
-        """Whether a name rule matches `host` (a parsed host). Never for an IP literal:
-        only a CIDR rule speaks about addresses."""
-        if _is_ip(host):
+        """Whether a name rule matches `host` (a parsed host). Never for an IP literal
+        (only a CIDR rule speaks about addresses, and Python's parser takes scoped IPv6
+        ones), nor for anything that is not a well-formed host name (a `%zone`, an empty
+        label, over 253 characters), whatever checked it before."""
+        if _is_ip(host) or not _valid_hostname(host):
             return False
         if self.kind == "name":
             return host == self.text

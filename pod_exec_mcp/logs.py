@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from typing import Any, Literal, TextIO
 
@@ -36,6 +37,18 @@ _DROPPED = ("color_message",)
 _FIRST = ("time", "level", "logger", "event")
 
 _configured: LogFormat | None = None
+
+# Every field of an event is cut to a fixed length (both formats), whoever filled it in: a
+# sandbox's host name, a client's path, a rule list, an exception's text. So one event is a
+# line of bounded size, whatever a sandbox or client sends.
+MAX_MESSAGE_CHARS = 4096
+MAX_FIELD_CHARS = 4096
+MAX_EXCEPTION_CHARS = 16384
+
+# C0 controls, DEL and C1 controls: what a terminal acts on (ESC starts CSI and OSC
+# sequences, 0x9b is an 8-bit CSI). In text lines they are written as escapes.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def resolve_format(fmt: str, stream: TextIO) -> LogFormat:
@@ -74,20 +87,49 @@ def _ordered(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return {**first, **event}
 
 
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [cut: {len(text)} characters]"
+
+
+def _bounded(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Every field cut to its fixed length (MAX_*_CHARS); a field that is not a plain
+    value (a list, an object) is cut as its text."""
+    for key, value in event.items():
+        limit = MAX_MESSAGE_CHARS if key == "event" else MAX_FIELD_CHARS
+        if key in ("exception", "stack"):
+            limit = MAX_EXCEPTION_CHARS
+        if isinstance(value, str):
+            event[key] = _cut(value, limit)
+        elif not isinstance(value, (int, float, bool, type(None))):
+            text = json.dumps(value, ensure_ascii=False, default=str)
+            if len(text) > limit:
+                event[key] = _cut(text, limit)
+    return event
+
+
+def _escape(text: str) -> str:
+    """`text` with every control character (C0, DEL, C1) written as an escape."""
+    return _CONTROL.sub(lambda m: _NAMED.get(m[0]) or f"\\x{ord(m[0]):02x}", text)
+
+
 def _text_value(value: Any) -> str:
-    if isinstance(value, str) and value and not any(c in value for c in ' "=\\\n\r\t'):
-        return value
-    return json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, str) and value and not any(c in value for c in ' "=\\'):
+        return _escape(value)
+    # JSON escapes C0 controls; DEL and C1 it leaves as they are.
+    return _escape(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _render_text(_: WrappedLogger, __: str, event: EventDict) -> str:
     """`TIME LEVEL LOGGER: MESSAGE key=value ...` on exactly one line (tracebacks included:
-    their newlines are escaped inside a quoted field)."""
+    their newlines are escaped inside a quoted field), with no control character: a
+    terminal tailing the log shows them as escapes (`\\x1b`) and acts on none."""
     time = event.pop("time", "")
     level = str(event.pop("level", "")).upper()
-    logger = event.pop("logger", "")
-    message = str(event.pop("event", "")).replace("\r", "\\r").replace("\n", "\\n")
-    fields = " ".join(f"{key}={_text_value(value)}" for key, value in event.items())
+    logger = _escape(str(event.pop("logger", "")))
+    message = _escape(str(event.pop("event", "")))
+    fields = " ".join(f"{_escape(str(key))}={_text_value(value)}" for key, value in event.items())
     return f"{time} {level:<7} {logger}: {message}" + (f" {fields}" if fields else "")
 
 
@@ -110,6 +152,7 @@ def _formatter(fmt: LogFormat) -> logging.Formatter:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            _bounded,
             _ordered,
             renderer,
         ],

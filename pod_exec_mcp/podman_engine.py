@@ -50,7 +50,7 @@ from pod_exec_mcp.engine import (
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
-from pod_exec_mcp.proxy import serve_connection
+from pod_exec_mcp.proxy import ConnectionGate, RefusalLog, serve_connection
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
     RootDisk,
@@ -364,9 +364,16 @@ class PodmanEngine:
     through one `podman exec` each where there is no agent."""
 
     def __init__(
-        self, podman: Podman, headroom: Headroom | None = None, root_disks: RootDisks | None = None
+        self,
+        podman: Podman,
+        headroom: Headroom | None = None,
+        root_disks: RootDisks | None = None,
+        egress_limits: tuple[int, float] = (24, 50.0),
     ) -> None:
         self.podman = podman
+        # Each isolated sandbox's proxy connection bounds: (at once, new per second).
+        self.egress_limits = egress_limits
+        self._gates: dict[str, ConnectionGate] = {}
         # Disk limits as root disks (PodmanFacts.disk_limit_by_root_disk) rather than as a
         # storage quota; and each sandbox's.
         self.root_disks = root_disks
@@ -377,6 +384,8 @@ class PodmanEngine:
         # policy each one's connections are checked against (none set: refuse all).
         self._isolated: set[str] = set()
         self._egress: dict[str, EgressPolicy] = {}
+        # Each isolated sandbox's proxy refusals, logged at a bounded rate (proxy.py).
+        self._refusals: dict[str, RefusalLog] = {}
         # Agent channels over a socket passed into the sandbox; not possible with remote
         # Podman (CONTAINER_HOST), whose client cannot pass descriptors.
         self._socket_channel = not os.environ.get("CONTAINER_HOST") and "remote" not in (
@@ -482,6 +491,9 @@ class PodmanEngine:
             self._with_agent.discard(s.name)
             self._isolated.discard(s.name)
             self._egress.pop(s.name, None)
+            if (refusals := self._refusals.pop(s.name, None)) is not None:
+                refusals.close()
+            self._gates.pop(s.name, None)
             self._gvisor.discard(s.name)
             self._attaching.pop(s.name, None)
 
@@ -515,7 +527,13 @@ class PodmanEngine:
         # The policy in force when the connection is made (a pooled sandbox gets its
         # session's policy when it is handed out).
         policy = self._egress.get(name, DENY_ALL)
-        await serve_connection(stream, policy, label=f" (sandbox {name})")
+        refusals = self._refusals.setdefault(name, RefusalLog())
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = ConnectionGate(*self.egress_limits)
+        await serve_connection(
+            stream, policy, label=f" (sandbox {name})", refusals=refusals, gate=gate
+        )
 
     async def close(self) -> None:
         while self._background:

@@ -7,14 +7,19 @@ request head and:
   this host, checks every address, connects to an allowed one, answers 200 and relays bytes
   both ways (TLS stays end to end);
 - `GET http://host/...` (absolute form, plain HTTP): the same checks, then forwards the
-  request in origin form with `Connection: close` and relays the response.
+  request in origin form with `Host` the URI's authority and `Connection: close`, and
+  relays the response.
+The head is parsed by h11 (a strict HTTP/1.1 parser), and any framing that two parsers
+could read differently is a 400 before anything is resolved (`_strict_lines`,
+`_framing`); exactly one request's bytes go on, its declared body and nothing after it.
 A refusal is an HTTP 403 whose body (and reason phrase) names the rule, sent before any
 connection is made; every other failure is a 4xx/5xx with a message. Nothing waits forever
 for the sandbox's client before the request head is complete (HEAD_TIMEOUT).
 
 Once the request is checked and the connection made, a client that can (`Splicer`: an
 agent stream with a pass socket) takes the connection over and copies the exchange itself,
-within the same bounds (the request's body length, one request); others are relayed here.
+within the same bounds (the request's body length, one request); others, and a chunked
+body (framed here, `relay_chunked`), are relayed here.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+import h11
+
 from pod_exec_mcp.egress import Decision, EgressPolicy, HostError, IPAddress, parse_host
+from pod_exec_mcp.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +178,61 @@ async def connect(address: IPAddress, port: int) -> ByteStream:
     return TcpStream(sock)
 
 
+class RefusalLog(RateLimitedLog):
+    """One sandbox's proxy refusals, logged at a bounded rate (ratelog.py)."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(log, interval, clock)
+
+    def refused(self, label: str, message: str) -> None:
+        self.note(
+            f"egress refused{label}: {message.strip()}",
+            f"egress refused{label}: {{n}} more refused requests in the last {{seconds}} s",
+        )
+
+
+class ConnectionGate:
+    """One sandbox's bounds on its proxy connections: at most `max_open` at once, and new
+    ones at `per_second` on average (a token bucket that holds `per_second`, so a burst of
+    that many passes). A connection past either gets an answer naming the bound, before
+    anything of it is read."""
+
+    def __init__(
+        self, max_open: int, per_second: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_open, self.per_second, self.clock = max_open, per_second, clock
+        self.open = 0
+        self._tokens = float(per_second)
+        self._at = clock()
+
+    def admit(self) -> ProxyError | None:
+        """None: admitted (call `release` when it is over); else the refusal to send."""
+        now = self.clock()
+        self._tokens = min(self.per_second, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self.open >= self.max_open:
+            return ProxyError(
+                503,
+                "Service Unavailable: too many connections",
+                f"pod_exec_mcp egress proxy: this sandbox has {self.max_open} connections at "
+                "once, its bound (egress_max_connections); close one and retry\n",
+            )
+        if self._tokens < 1:
+            return ProxyError(
+                429,
+                "Too Many Requests",
+                f"pod_exec_mcp egress proxy: this sandbox opened over {self.per_second:g} new "
+                "connections per second, its bound (egress_connections_per_second); retry "
+                "in a moment\n",
+            )
+        self._tokens -= 1
+        self.open += 1
+        return None
+
+    def release(self) -> None:
+        self.open -= 1
+
+
 class ProxyError(Exception):
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -196,19 +260,21 @@ def refusal(decision: Decision, what: str) -> ProxyError:
 
 
 async def read_head(client: ByteStream) -> tuple[bytes, bytes]:
-    """The request head (up to and without the blank line) and the bytes after it."""
+    """The request head (up to and without the blank line) and the bytes after it that came
+    with it. Never holds more than MAX_HEAD (+ the blank line), and scans each byte for the
+    blank line once: the work is linear in the head, and bounded whatever the client sends."""
     buf = bytearray()
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD:
+    searched = 0
+    while (end := buf.find(b"\r\n\r\n", max(0, searched - 3))) < 0:
+        searched = len(buf)
+        room = MAX_HEAD + 4 - len(buf)
+        if room <= 0:
             raise ProxyError(431, "Request Header Fields Too Large", "request head over 64 KiB\n")
-        chunk = await client.read(CHUNK)
+        chunk = await client.read(min(CHUNK, room))
         if not chunk:
             raise EOFError
         buf += chunk
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    if len(head) > MAX_HEAD:
-        raise ProxyError(431, "Request Header Fields Too Large", "request head over 64 KiB\n")
-    return head, rest
+    return bytes(buf[:end]), bytes(buf[end + 4 :])
 
 
 def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int]:
@@ -233,23 +299,78 @@ def _bad(message: str) -> ProxyError:
     return ProxyError(400, "Bad Request", message + "\n")
 
 
-class Request:
-    """One parsed proxy request."""
+def _strict_lines(head: bytes) -> list[bytes]:
+    """The head's lines, refusing what parsers disagree on (so what h11 frames is what any
+    origin frames): a CR or LF that is not part of CRLF, and obsolete line folding."""
+    lines = head.split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        raise _bad("a bare CR or LF in the request head: lines end with CRLF")
+    if any(line[:1] in (b" ", b"\t") for line in lines[1:]):
+        raise _bad("obsolete line folding (a header line starting with a space or tab)")
+    return lines
 
-    def __init__(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _bad(f"not an HTTP/1.x request line: {lines[0][:200]!r}")
-        self.method, self.target, self.version = parts
-        self.headers: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise _bad(f"malformed header line {line[:200]!r}")
-            self.headers.append((name, value.strip()))
+
+def _framing(request: h11.Request, lines: list[bytes]) -> tuple[int | None, bool]:
+    """(Content-Length, chunked) of a request, refusing every ambiguous framing: more than
+    one Content-Length (even equal ones, or a list), Content-Length with Transfer-Encoding,
+    Transfer-Encoding other than one `chunked`, or in HTTP/1.0."""
+    lengths: list[bytes] = []
+    encodings: list[bytes] = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"content-length":
+            lengths.append(value.strip(b" \t"))
+        elif name == b"transfer-encoding":
+            encodings.append(value.strip(b" \t"))
+    if len(lengths) > 1:
+        raise _bad("more than one Content-Length header")
+    if lengths and encodings:
+        raise _bad("both Content-Length and Transfer-Encoding")
+    if encodings:
+        if len(encodings) > 1 or encodings[0].lower() != b"chunked":
+            raise _bad("Transfer-Encoding other than one final `chunked`")
+        if request.http_version != b"1.1":
+            raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+        return None, True
+    if lengths:
+        text = lengths[0]
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
+            raise _bad("Content-Length is not one decimal number")
+        return int(text), False
+    return 0, False
+
+
+class Request:
+    """One proxy request, as a strict HTTP/1.1 parser (h11) reads its head, with the
+    framing of its body checked to be unambiguous (`_framing`)."""
+
+    def __init__(self, head: bytes, rest: bytes = b"") -> None:
+        lines = _strict_lines(head)
+        # Fed the head and what followed it: for a chunked body, the parser frames it.
+        self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD + 4)
+        # h11 refuses an HTTP/1.1 request without Host (RFC 9112 3.2). A proxy replaces it
+        # anyway (origin_form), and some clients send none with CONNECT: one is supplied to
+        # the parser only. Two Host headers stay a 400.
+        if not any(line[:5].lower() == b"host:" for line in lines[1:]):
+            head += b"\r\nHost: -"
+        self.parser.receive_data(head + b"\r\n\r\n" + rest)
+        try:
+            event = self.parser.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _bad(f"malformed request: {str(exc)[:200]}") from None
+        if not isinstance(event, h11.Request):
+            raise _bad("not an HTTP/1.x request")
+        self.length, self.chunked = _framing(event, lines)
+        self.method = event.method.decode("ascii")
+        self.target = event.target.decode("ascii")
+        self.version = "HTTP/" + event.http_version.decode("ascii")
+        self.headers: list[tuple[bytes, bytes]] = list(event.headers.raw_items())
         self.path = ""
+        self.explicit_port = False
         if self.method == "CONNECT":
+            if self.chunked or self.length:
+                raise _bad("CONNECT takes no body")
             try:
                 self.host, self.port = _split_host_port(self.target, None)
             except ValueError:
@@ -276,29 +397,33 @@ class Request:
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
-            if key.lower() == name:
-                return value
+            if key.lower() == name.encode():
+                return value.decode("latin-1")
         return None
 
+    def authority(self) -> str:
+        """The request-target's authority: what `Host` must say (RFC 9112 3.2.2)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host + (f":{self.port}" if self.port != 80 else "")
+
     def origin_form(self) -> bytes:
-        """The request as the origin server gets it: origin-form, no hop-by-hop headers,
-        `Connection: close` (one request per connection)."""
+        """The request head as the origin server gets it: origin-form, `Host` the URI's
+        authority (whatever the client said), no hop-by-hop headers, the body framing
+        checked above, and `Connection: close` (one request per connection)."""
         named = {
             t.strip().lower() for t in (self.header("connection") or "").split(",") if t.strip()
         }
-        lines = [f"{self.method} {self.path} HTTP/1.1"]
-        has_host = False
+        lines = [
+            f"{self.method} {self.path} HTTP/1.1".encode(),
+            b"Host: " + self.authority().encode(),
+        ]
         for name, value in self.headers:
-            low = name.lower()
-            if low in _HOP_BY_HOP or low in named:
+            low = name.lower().decode("ascii")
+            if low in _HOP_BY_HOP or low in named or low == "host":
                 continue
-            has_host |= low == "host"
-            lines.append(f"{name}: {value}")
-        if not has_host:
-            host = f"[{self.host}]" if ":" in self.host else self.host
-            lines.insert(1, f"Host: {host}" + (f":{self.port}" if self.port != 80 else ""))
-        lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            lines.append(name + b": " + value)
+        lines.append(b"Connection: close")
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 async def open_upstream(
@@ -311,10 +436,10 @@ async def open_upstream(
         raise refusal(decision, what)
     try:
         addresses = await asyncio.wait_for(resolver(request.host, request.port), RESOLVE_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
-        raise ProxyError(
-            502, "Bad Gateway", f"cannot resolve {request.host}: {exc or 'timed out'}\n"
-        ) from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        # ValueError: getaddrinfo's UnicodeError for a name IDNA cannot encode.
+        why = str(exc)[:200] or "timed out"
+        raise ProxyError(502, "Bad Gateway", f"cannot resolve {request.host}: {why}\n") from None
     allowed: list[tuple[IPAddress, Decision]] = []
     refused: list[tuple[IPAddress, Decision]] = []
     for address in addresses:
@@ -396,6 +521,47 @@ async def exchange(
     await relay(client, upstream, first, limit, one_request)
 
 
+async def relay_chunked(
+    client: ByteStream, upstream: ByteStream, head: bytes, parser: h11.Connection
+) -> None:
+    """One request with a chunked body, relayed here: `head`, then the body as `parser`
+    frames it (re-chunked, trailers dropped), then nothing more from the client; the
+    origin's answer goes back whole. Over when the answer is; a malformed body ends it."""
+
+    async def body() -> None:
+        await upstream.write(head)
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ConnectionError(f"malformed chunked body: {exc}") from None
+            if event is h11.NEED_DATA:
+                parser.receive_data(await client.read(CHUNK))
+            elif isinstance(event, h11.Data):
+                if event.data:
+                    await upstream.write(b"%x\r\n" % len(event.data) + event.data + b"\r\n")
+            elif isinstance(event, h11.EndOfMessage):
+                await upstream.write(b"0\r\n\r\n")
+                return
+            else:
+                raise ConnectionError("the client went away inside a chunked body")
+
+    up = asyncio.ensure_future(body())
+    down = asyncio.ensure_future(_pump(upstream, client))
+    try:
+        while not down.done():
+            await asyncio.wait(
+                [t for t in (up, down) if not t.done()], return_when="FIRST_COMPLETED"
+            )
+            if up.done() and up.exception() is not None:
+                up.result()
+        down.result()
+    finally:
+        for task in (up, down):
+            task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
+
+
 async def serve_connection(
     client: ByteStream,
     policy: EgressPolicy,
@@ -403,35 +569,45 @@ async def serve_connection(
     resolver: Resolver = resolve,
     connector: Connector = connect,
     label: str = "",
+    refusals: RefusalLog | None = None,
+    gate: ConnectionGate | None = None,
 ) -> None:
     """Serve one proxy connection from a sandbox, then close it. Never raises (except
-    CancelledError)."""
+    CancelledError). Refusals (every 4xx/5xx) are logged through `refusals`, the sandbox's
+    rate-limited log (one of this connection's own when None). With `gate` (the
+    sandbox's connection bounds), a connection past them is answered at once, unread."""
     upstream: ByteStream | None = None
+    refused = gate.admit() if gate is not None else None
     try:
+        if refused is not None:
+            raise refused
         try:
             head, rest = await asyncio.wait_for(read_head(client), HEAD_TIMEOUT)
         except TimeoutError:
             raise ProxyError(408, "Request Timeout", "no complete request head in 30 s\n") from None
-        request = Request(head)
+        request = Request(head, rest)
         upstream = await open_upstream(request, policy, resolver, connector)
         log.info("egress %s %s:%d%s", request.method, request.host, request.port, label)
         if request.method == "CONNECT":
             await client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await exchange(client, upstream, rest, None, one_request=False, label=label)
+        elif request.chunked:
+            # A chunked body is framed here, chunk by chunk (the agent cannot count it):
+            # exactly that body goes on, nothing the client sends after it.
+            await relay_chunked(client, upstream, request.origin_form(), request.parser)
         else:
-            length = _body_length(request)
-            body, extra = (rest, None) if length is None else (rest[:length], length)
+            assert request.length is not None
+            body = rest[: request.length]
             await exchange(
                 client,
                 upstream,
                 request.origin_form() + body,
-                None if extra is None else max(0, extra - len(body)),
+                request.length - len(body),
                 one_request=True,
                 label=label,
             )
     except ProxyError as exc:
-        if exc.status == 403:
-            log.info("egress refused%s: %s", label, exc.message.strip())
+        (refusals or RefusalLog()).refused(label, f"{exc.status} {exc.message}")
         with contextlib.suppress(Exception):
             await client.write(response(exc.status, exc.reason, exc.message))
     except EOFError:
@@ -443,21 +619,10 @@ async def serve_connection(
     except Exception:
         log.exception("egress proxy failed%s", label)
     finally:
+        if gate is not None and refused is None:
+            gate.release()
         if upstream is not None:
             with contextlib.suppress(Exception):
                 await upstream.close()
         with contextlib.suppress(Exception):
             await client.close()
-
-
-def _body_length(request: Request) -> int | None:
-    """Bytes of body to forward: Content-Length, or None (relay until the client's EOF)
-    for a chunked body; 0 for none."""
-    if (request.header("transfer-encoding") or "").lower().strip() not in ("", "identity"):
-        return None
-    text = request.header("content-length")
-    if text is None:
-        return 0
-    if not text.isdigit():
-        raise _bad("bad Content-Length")
-    return int(text)

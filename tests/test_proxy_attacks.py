@@ -118,6 +118,27 @@ def test_the_name_matcher_never_matches_an_ip_literal() -> None:
     assert not policy.check_address("10.0.0.5", ip("10.0.0.5"), host_own=False).allowed
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "10.0.0.5%.allowed.test",  # what a lax IP parser (inet_aton and friends) cuts short
+        "2001:db8::5%.allowed.test",
+        "[2001:db8::5%.allowed.test]",
+        "127.1.allowed.test.",
+        "x..allowed.test",
+        "x.allowed.test/",
+        "a" * 300 + ".allowed.test",
+    ],
+)
+def test_a_name_rule_matches_only_a_well_formed_host_name(host: str) -> None:
+    """The matcher itself (not only the parser before it) never matches anything but a
+    valid host name: a scoped literal, a malformed or oversized name never passes it."""
+    from pod_exec_mcp.egress import parse_rule
+
+    assert not parse_rule("*.allowed.test").matches_name(host)
+    assert parse_rule("*.allowed.test").matches_name("x.allowed.test")
+
+
 class Recorder:
     """The proxy behind a loopback listener, recording every lookup and connection."""
 
@@ -205,3 +226,450 @@ async def test_malformed_hosts_get_a_clean_400(
     assert proxy.resolved == [] and proxy.connects == []
     assert not any(r.exc_info for r in caplog.records), "no traceback"
     assert all(len(r.getMessage()) < 2000 for r in caplog.records)
+
+
+# --- 3. request smuggling: one checked request, exactly its bytes ------------------------
+
+
+class Origin:
+    """A loopback HTTP origin that records every byte it receives. It reads one request as
+    a strict parser (h11) frames it, answers it, half-closes, and then keeps reading until
+    the proxy closes, so whatever the proxy forwarded after that request is recorded too."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+        self.port = 0
+
+    async def next_received(self) -> bytes:
+        """The bytes of the next connection, once the proxy has closed it."""
+        return await asyncio.wait_for(self.received.get(), 10)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h11
+
+        raw = bytearray()
+        parser = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = parser.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    raw += data
+                    parser.receive_data(data)
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+            writer.write_eof()
+            while data := await reader.read(65536):
+                raw += data
+        except (h11.RemoteProtocolError, ConnectionError):
+            pass
+        finally:
+            self.received.put_nowait(bytes(raw))
+            writer.close()
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    server_origin = Origin()
+    server = await asyncio.start_server(server_origin.handle, "127.0.0.1", 0)
+    server_origin.port = server.sockets[0].getsockname()[1]
+    yield server_origin
+    server.close()
+
+
+LOOPBACK = EgressPolicy.from_rules(["allowed.test", "127.0.0.1/32"])
+SMUGGLED = b"GET /admin HTTP/1.1\r\nHost: internal.admin\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Content-Length: 48\r\nContent-Length: 0\r\n",  # conflicting (the attack run's)
+        b"Content-Length: 5\r\nContent-Length: 5\r\n",  # duplicate, even if equal
+        b"Content-Length: 5, 5\r\n",  # a list
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",  # both
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Transfer-Encoding: gzip\r\n",  # not chunked at all
+        b"Transfer-Encoding: chunked, gzip\r\n",  # chunked not final
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: identity\r\n",
+        b"Transfer-Encoding : chunked\r\n",  # space before the colon
+        b"Content-Length: +5\r\n",
+        b"Content-Length: 0x5\r\n",
+        b"X-A: 1\r\n Content-Length: 5\r\n",  # obs-fold
+        b"Content-Length: 5\nX-A: 1\r\n",  # bare LF
+        b"Host: allowed.test\r\n",  # a second Host
+    ],
+)
+async def test_ambiguous_framing_is_refused_without_connecting(
+    proxy_of: Any, origin: Origin, headers: bytes
+) -> None:
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    raw = (
+        f"POST http://allowed.test:{origin.port}/ HTTP/1.1\r\nHost: allowed.test\r\n".encode()
+        + headers
+        + b"\r\nhello"
+        + SMUGGLED
+    )
+    reply = await proxy.ask(raw)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:300]
+    assert proxy.resolved == [] and proxy.connects == []
+    assert origin.received.empty()
+
+
+async def test_transfer_encoding_in_http_1_0_and_bodies_on_connect_are_refused(
+    proxy_of: Any,
+) -> None:
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    for raw in (
+        b"POST http://allowed.test/ HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"CONNECT allowed.test:80 HTTP/1.1\r\nHost: allowed.test:80\r\nContent-Length: 5\r\n\r\n",
+        b"CONNECT allowed.test:80 HTTP/1.1\r\nHost: allowed.test:80\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+    ):
+        reply = await proxy.ask(raw)
+        assert reply.startswith(b"HTTP/1.1 400 "), (raw, reply[:300])
+    assert proxy.resolved == [] and proxy.connects == []
+
+
+def _one_request(raw: bytes) -> tuple[Any, bytes, bytes]:
+    """The request h11 frames at the start of `raw`, its body, and what follows it."""
+    import h11
+
+    parser = h11.Connection(h11.SERVER)
+    parser.receive_data(raw)
+    parser.receive_data(b"")
+    request, body = parser.next_event(), b""
+    while not isinstance(event := parser.next_event(), h11.EndOfMessage):
+        assert isinstance(event, h11.Data), event
+        body += event.data
+    return request, body, parser.trailing_data[0]
+
+
+@pytest.mark.parametrize(
+    "framing, body",
+    [
+        (b"Content-Length: 11\r\n", b"hello world"),
+        (
+            b"Transfer-Encoding: chunked\r\n",
+            b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nT: 1\r\n\r\n",
+        ),
+        (b"", b""),  # no body: everything after the head is another request
+    ],
+)
+async def test_only_the_declared_body_reaches_the_origin(
+    proxy_of: Any, origin: Origin, framing: bytes, body: bytes
+) -> None:
+    """A pipelined (smuggled) request after the body never reaches the destination: the
+    origin gets one request, its declared body, and nothing after it."""
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    raw = (
+        f"POST http://allowed.test:{origin.port}/up HTTP/1.1\r\nHost: allowed.test\r\n".encode()
+        + framing
+        + b"\r\n"
+        + body
+        + SMUGGLED
+    )
+    reply = await proxy.ask(raw)
+    assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"ok"), reply[:300]
+    received = await origin.next_received()
+    request, got, after = _one_request(received)
+    assert request.method == b"POST" and request.target == b"/up"
+    assert got == (b"hello world" if body else b"")
+    assert after == b"", after
+    assert b"internal.admin" not in received
+    assert origin.received.empty()
+
+
+async def test_the_origin_sees_the_uris_authority_as_host(proxy_of: Any, origin: Origin) -> None:
+    """RFC 9112 3.2.2: a proxy replaces the Host of an absolute-form request with the URI's
+    authority, so a name-based virtual host behind an allowed address stays unreachable."""
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    reply = await proxy.ask(
+        f"GET http://allowed.test:{origin.port}/ HTTP/1.1\r\nHost: internal.admin\r\n"
+        "User-Agent: t\r\n\r\n".encode()
+    )
+    assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:300]
+    request, _, _ = _one_request(await origin.next_received())
+    hosts = [v for k, v in request.headers if k == b"host"]
+    assert hosts == [f"allowed.test:{origin.port}".encode()]
+    assert (b"user-agent", b"t") in list(request.headers)
+
+
+@pytest.mark.parametrize(
+    "error", [UnicodeError("label empty or too long"), ValueError("bad"), OSError("no name")]
+)
+async def test_a_failing_lookup_is_a_clean_502(
+    proxy_of: Any, error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """getaddrinfo raises UnicodeError (a ValueError) for names IDNA cannot encode: a host
+    that got past the parser that way is a 502 with a message, not a traceback."""
+    proxy = await proxy_of(EgressPolicy.from_rules(["*.allowed.test", "public"]))
+
+    async def resolver(host: str, port: int) -> list[Any]:
+        raise error
+
+    proxy.resolver = resolver
+    with caplog.at_level(logging.DEBUG):
+        reply = await proxy.ask(b"CONNECT x.allowed.test:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 502 "), reply[:300]
+    assert b"cannot resolve x.allowed.test" in reply
+    assert proxy.connects == []
+    assert not any(r.exc_info for r in caplog.records), "no traceback"
+
+
+# --- 4. the log: control characters and sizes that a sandbox or a client controls -------
+
+HOSTILE = "\x1b]0;PWNED\x07GET\x1b[31m red \x9b2J\x7f\x00\x08 \u0085end"
+# What may appear in a text log line: no C0 (a line ends with the handler's \n only), no
+# DEL, no C1.
+_RAW_CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"} | {chr(c) for c in range(0x80, 0xA0)}
+
+
+def _render(fmt: str, record: logging.LogRecord) -> str:
+    from pod_exec_mcp.logs import _formatter
+
+    return _formatter(fmt).format(record)  # type: ignore[arg-type]
+
+
+def _record(msg: str, *args: Any, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("pod_exec_mcp.proxy", logging.INFO, __file__, 1, msg, args, None)
+    record.__dict__.update(extra)
+    return record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record("egress %s %s:%d", HOSTILE, HOSTILE, 80),  # in the message (the attack run's)
+        _record("egress", host=HOSTILE),  # in a field
+        _record("egress", host="\x1b[31mnospace"),  # in a field that would go unquoted
+        _record("egress", path=[HOSTILE]),  # inside a structured field
+    ],
+)
+def test_no_raw_control_character_reaches_a_text_log_line(record: logging.LogRecord) -> None:
+    line = _render("text", record)
+    assert not _RAW_CONTROL & set(line), repr(line)
+    assert "\\x1b]0;PWNED\\x07" in line or "\\x1b[31m" in line or "\\u001b" in line, line
+
+
+def test_json_logs_keep_the_value_as_it_was() -> None:
+    import json
+
+    line = _render("json", _record("egress %s", HOSTILE, host=HOSTILE))
+    event = json.loads(line)
+    assert event["host"] == HOSTILE and event["event"] == f"egress {HOSTILE}"
+
+
+def test_a_traceback_in_a_text_line_is_escaped() -> None:
+    try:
+        raise ValueError(HOSTILE)
+    except ValueError:
+        import sys
+
+        record = _record("egress proxy failed")
+        record.exc_info = sys.exc_info()
+    line = _render("text", record)
+    assert not _RAW_CONTROL & set(line), repr(line)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_logged_field_is_cut_to_a_fixed_length(fmt: str) -> None:
+    """A 60 KB host name (or message, or field) gives a log line of bounded size."""
+    from pod_exec_mcp.logs import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS
+
+    huge = "a" * 60_000
+    line = _render(fmt, _record("egress refused: %s", huge, host=huge, path=huge))
+    assert len(line) < MAX_MESSAGE_CHARS + 2 * MAX_FIELD_CHARS + 500, len(line)
+    assert "60000 characters" in line  # what was cut is said
+
+
+# --- 5. floods: refusals logged at a bounded rate, O(1) work beyond a fixed cap ----------
+
+
+class MemoryStream:
+    """A client ByteStream over bytes held here, counting what the proxy read of it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.taken, self.written = data, 0, bytearray()
+
+    async def read(self, n: int) -> bytes:
+        chunk = self.data[self.taken : self.taken + n]
+        self.taken += len(chunk)
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+
+    async def write_eof(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        # Refused by policy, with a 10 MB body the proxy must not read.
+        (b"POST http://10.0.0.5/ HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n", b"403"),
+        # Ambiguous framing, 10 MB after it.
+        (
+            b"POST http://x.test/ HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"400",
+        ),
+        # A head that never ends.
+        (b"GET http://x.test/ HTTP/1.1\r\nA: ", b"431"),
+    ],
+)
+async def test_a_refused_request_costs_no_more_than_the_head_cap(raw: bytes, status: bytes) -> None:
+    from pod_exec_mcp.proxy import MAX_HEAD
+
+    client = MemoryStream(raw + b"a" * 10_000_000)
+    await serve_connection(client, DEFAULT)  # type: ignore[arg-type]
+    assert client.written.split(b" ")[1] == status, bytes(client.written[:200])
+    assert client.taken <= MAX_HEAD + 4, client.taken
+
+
+async def test_refusals_are_logged_as_a_count_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """1,000 refused requests from one sandbox within an interval give one line with the
+    first refusal and, once the interval is over, one line with the count: the log grows by
+    a bounded amount per sandbox and interval, whatever the sandbox sends."""
+    from pod_exec_mcp.proxy import RefusalLog
+
+    now = [1000.0]
+    refusals = RefusalLog(interval=10.0, clock=lambda: now[0])
+    raw = b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: " + b"h" * 50_000 + b"\r\n\r\n"
+    with caplog.at_level(logging.DEBUG, logger="pod_exec_mcp"):
+        for i in range(1000):
+            now[0] += 0.005
+            client = MemoryStream(raw)
+            await serve_connection(client, DEFAULT, label=" (sandbox s1)", refusals=refusals)  # type: ignore[arg-type]
+            assert client.written.startswith(b"HTTP/1.1 403 "), i
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1, lines[:5]
+        assert "10.0.0.5" in lines[0] and "sandbox s1" in lines[0]
+        now[0] += 10.0
+        await serve_connection(MemoryStream(raw), DEFAULT, label=" (sandbox s1)", refusals=refusals)  # type: ignore[arg-type]
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 3, lines
+        assert "999 more refused" in lines[1] and "sandbox s1" in lines[1]
+        refusals.close()
+        assert len(caplog.records) == 3  # nothing left to count
+    assert all(len(line) < 2000 for line in lines)
+
+
+async def test_streams_over_the_cap_are_logged_as_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    """A sandbox that opens thousands of connections past the per-sandbox stream cap gets
+    each reset, and the log one line per interval, not one per connection."""
+    from pod_exec_mcp import agent_streams as st
+
+    sent: list[int] = []
+
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        sent.append(st.HEADER.unpack(data[:12])[0])
+
+    async def handler(stream: st.AgentStream) -> None:
+        await asyncio.Event().wait()
+
+    now = [0.0]
+    mux = st.StreamMux(send, handler)
+    mux.over_cap.clock = lambda: now[0]
+    with caplog.at_level(logging.DEBUG, logger="pod_exec_mcp"):
+        for i in range(st.MAX_STREAMS + 2000):
+            mux.dispatch(st.T_STREAM_OPEN, 0x80000001 + i, b"")
+        await asyncio.sleep(0)
+        assert len([r for r in caplog.records if "connections at once" in r.getMessage()]) == 1
+        now[0] += 60
+        mux.dispatch(st.T_STREAM_OPEN, 0x90000000, b"")
+        await asyncio.sleep(0)
+    over = [r.getMessage() for r in caplog.records if "connections at once" in r.getMessage()]
+    assert len(over) == 3 and "1999 more" in over[1], over
+    await mux.close()
+
+
+# --- 6. fairness: per-sandbox bounds on connections --------------------------------------
+
+
+async def test_connections_past_the_concurrent_bound_get_a_503_naming_it() -> None:
+    from pod_exec_mcp.proxy import ConnectionGate
+
+    gate = ConnectionGate(max_open=2, per_second=1000, clock=lambda: 0.0)
+    assert gate.admit() is None and gate.admit() is None  # two connections held open
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 503 "), bytes(client.written)
+    assert (
+        b"2 connections at once" in client.written and b"egress_max_connections" in client.written
+    )
+    assert client.taken == 0, "refused before reading anything"
+    gate.release()
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 403 "), "admitted, then judged by the policy"
+    assert gate.open == 1, "the served connection gave its place back"
+
+
+async def test_new_connections_past_the_rate_get_a_429_naming_it() -> None:
+    from pod_exec_mcp.proxy import ConnectionGate
+
+    now = [0.0]
+    gate = ConnectionGate(max_open=1000, per_second=5, clock=lambda: now[0])
+    answers = []
+    for _ in range(8):
+        client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+        answers.append(bytes(client.written.split(b" ")[1]))
+    assert answers == [b"403"] * 5 + [b"429"] * 3  # a burst of 5, then the rate
+    assert b"5 new connections per second" in client.written
+    assert b"egress_connections_per_second" in client.written
+    now[0] += 1.0  # a second later, 5 more
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 403 ")
+
+
+class HeldStream(MemoryStream):
+    """A client that sends nothing until released: it holds its proxy connection open."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+        self.go = asyncio.Event()
+
+    async def read(self, n: int) -> bytes:
+        await self.go.wait()
+        return b""
+
+
+async def test_the_engine_gives_each_sandbox_its_own_bounds() -> None:
+    """PodmanEngine serves each sandbox's connections through that sandbox's gate, from
+    the settings: a sandbox at its bound is refused, another one is not."""
+    from types import SimpleNamespace
+
+    from pod_exec_mcp.config import Settings
+    from pod_exec_mcp.podman_engine import PodmanEngine
+
+    settings = Settings(egress_max_connections=1)
+    engine = PodmanEngine(
+        SimpleNamespace(path="/usr/bin/podman"),  # type: ignore[arg-type]
+        egress_limits=(settings.egress_max_connections, settings.egress_connections_per_second),
+    )
+    held = HeldStream()
+    holding = asyncio.ensure_future(engine._serve_egress("s1", held))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    second = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await engine._serve_egress("s1", second)  # type: ignore[arg-type]
+    assert second.written.startswith(b"HTTP/1.1 503 "), bytes(second.written)
+    other = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await engine._serve_egress("s2", other)  # type: ignore[arg-type]
+    assert other.written.startswith(b"HTTP/1.1 403 "), "s2 has bounds of its own"
+    held.go.set()
+    await asyncio.wait_for(holding, 10)
+    third = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await engine._serve_egress("s1", third)  # type: ignore[arg-type]
+    assert third.written.startswith(b"HTTP/1.1 403 "), "the held place was given back"
