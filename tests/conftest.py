@@ -13,14 +13,11 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-# The launcher and helpers live in harness.py, shared with bench/run.py; tests keep
-# importing them from here.
 from harness import (
     LABEL_MANAGED,
     STARTED_INSTANCES,
@@ -39,7 +36,11 @@ from harness import (
     wait_until,
 )
 
-from pod_exec_mcp.egress import is_local, special_reason
+# The launcher and helpers live in harness.py, shared with bench/run.py; tests keep
+# importing them from here.
+from proxy_harness import Recorder
+
+from pod_exec_mcp.egress import EgressPolicy, is_local, special_reason
 from pod_exec_mcp.podman import Podman
 from pod_exec_mcp.podman_engine import podman_facts
 
@@ -221,3 +222,20 @@ __all__ = [
     "structured",
     "wait_until",
 ]
+
+
+@pytest.fixture
+async def proxy_of() -> AsyncIterator[Any]:
+    """Start the egress proxy's logic on loopback with a policy (and fake DNS names)."""
+    servers: list[asyncio.Server] = []
+
+    async def start(policy: EgressPolicy, names: dict[str, list[str]] | None = None) -> Recorder:
+        proxy = Recorder(policy, names)
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        servers.append(server)
+        proxy.port = server.sockets[0].getsockname()[1]
+        return proxy
+
+    yield start
+    for server in servers:
+        server.close()

@@ -27,6 +27,21 @@ from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_MANAGED
 STARTED_INSTANCES: list[str] = []
 
 
+# A raw MCP initialize request, and the headers streamable HTTP asks of a POST: for tests
+# that speak HTTP below any MCP client.
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"},
+    },
+}
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["podman", *args], capture_output=True, text=True, check=check)
 

@@ -14,7 +14,7 @@ from fake_engine import FakeEngine
 from fastmcp import Client
 from fastmcp.utilities.asgi_transport import run_asgi_lifespan
 from fastmcp.utilities.tests import ASGIServer
-from harness import error_text, new_session, sh, structured
+from harness import INITIALIZE, JSON_HEADERS, error_text, new_session, sh, structured
 
 from pod_exec_mcp import audit
 from pod_exec_mcp.app import App, create_app
@@ -23,17 +23,6 @@ from pod_exec_mcp.config import Settings
 from pod_exec_mcp.http import MCP_PATH
 from pod_exec_mcp.instances import Instance
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"},
-    },
-}
-JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 TOKEN = "token-inprocess-0123456789abcdef"
 
 

@@ -20,7 +20,6 @@ import pytest
 from pod_exec_mcp import agent_streams as st
 from pod_exec_mcp.config import Settings, SettingsError, load_settings
 from pod_exec_mcp.egress import DENY_ALL, EgressPolicy, RuleError, parse_rule
-from pod_exec_mcp.proxy import SocketStream, connect, serve_connection
 
 DEFAULT = EgressPolicy.from_rules()
 ip = ipaddress.ip_address
@@ -144,60 +143,6 @@ def test_network_setting_modes_and_old_booleans() -> None:
 
 
 # --- the proxy over real loopback sockets ----------------------------------------------
-
-
-class Proxy:
-    """The proxy logic behind a loopback listener, counting the connections it makes."""
-
-    def __init__(self, policy: EgressPolicy, names: dict[str, list[str]] | None = None) -> None:
-        self.policy = policy
-        self.names = names or {}
-        self.connects: list[tuple[str, int]] = []
-        self.resolved: list[str] = []
-        self.port = 0
-
-    async def resolver(self, host: str, port: int) -> list[Any]:
-        self.resolved.append(host)
-        try:
-            return [ip(host)]
-        except ValueError:
-            return [ip(a) for a in self.names[host]]
-
-    async def connector(self, address: Any, port: int) -> Any:
-        self.connects.append((str(address), port))
-        return await connect(address, port)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(
-            SocketStream(reader, writer),
-            self.policy,
-            resolver=self.resolver,
-            connector=self.connector,
-        )
-
-    async def ask(self, raw: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(raw)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        return data
-
-
-@pytest.fixture
-async def proxy_of() -> AsyncIterator[Any]:
-    servers = []
-
-    async def start(policy: EgressPolicy, names: dict[str, list[str]] | None = None) -> Proxy:
-        proxy = Proxy(policy, names)
-        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
-        servers.append(server)
-        proxy.port = server.sockets[0].getsockname()[1]
-        return proxy
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 @pytest.fixture

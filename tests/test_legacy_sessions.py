@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from conftest import FIGURES, sh
+from harness import INITIALIZE, JSON_HEADERS
 
 from pod_exec_mcp.config import Settings
 from pod_exec_mcp.legacy_sessions import Client, LegacySessions
@@ -95,19 +96,6 @@ def test_loopback_clients_share_no_per_address_bound() -> None:
     assert closed == []
 
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "squatter", "version": "1"},
-    },
-}
-HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-
-
 async def test_idle_initializes_do_not_lock_out_a_real_legacy_client(launch: Any) -> None:
     cap = 50
     server = launch("--max-legacy-sessions", str(cap))
@@ -116,7 +104,9 @@ async def test_idle_initializes_do_not_lock_out_a_real_legacy_client(launch: Any
     async with httpx.AsyncClient(timeout=30) as raw, server.client(legacy=True) as early:
         assert (await sh(early, "echo early"))["retval"] == 0
         for _ in range(20 * cap):
-            response = await raw.post(server.url, content=json.dumps(INITIALIZE), headers=HEADERS)
+            response = await raw.post(
+                server.url, content=json.dumps(INITIALIZE), headers=JSON_HEADERS
+            )
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         async with server.client(legacy=True) as late:
             assert (await sh(late, "echo in"))["output"] == "in\n"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pod_exec_mcp.egress import EgressPolicy
-from pod_exec_mcp.proxy import SocketStream, connect, serve_connection
+from pod_exec_mcp.proxy import serve_connection
 
 ip = ipaddress.ip_address
 DEFAULT = EgressPolicy.from_rules()
@@ -137,60 +137,6 @@ def test_a_name_rule_matches_only_a_well_formed_host_name(host: str) -> None:
 
     assert not parse_rule("*.allowed.test").matches_name(host)
     assert parse_rule("*.allowed.test").matches_name("x.allowed.test")
-
-
-class Recorder:
-    """The proxy behind a loopback listener, recording every lookup and connection."""
-
-    def __init__(self, policy: EgressPolicy, names: dict[str, list[str]] | None = None) -> None:
-        self.policy = policy
-        self.names = names or {}
-        self.resolved: list[str] = []
-        self.connects: list[tuple[str, int]] = []
-        self.port = 0
-
-    async def resolver(self, host: str, port: int) -> list[Any]:
-        self.resolved.append(host)
-        try:
-            return [ip(host)]
-        except ValueError:
-            return [ip(a) for a in self.names.get(host, [])]
-
-    async def connector(self, address: Any, port: int) -> Any:
-        self.connects.append((str(address), port))
-        return await connect(address, port)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(
-            SocketStream(reader, writer),
-            self.policy,
-            resolver=self.resolver,
-            connector=self.connector,
-        )
-
-    async def ask(self, raw: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(raw)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        return data
-
-
-@pytest.fixture
-async def proxy_of() -> AsyncIterator[Any]:
-    servers: list[asyncio.Server] = []
-
-    async def start(policy: EgressPolicy, names: dict[str, list[str]] | None = None) -> Recorder:
-        proxy = Recorder(policy, names)
-        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
-        servers.append(server)
-        proxy.port = server.sockets[0].getsockname()[1]
-        return proxy
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 @pytest.mark.parametrize(
