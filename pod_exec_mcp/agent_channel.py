@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,10 @@ ERROR_NAMES = {
 AGENT_DEADLINE_SLACK = 2.0
 # After a STOP the agent reports within grace + 10 s of SIGKILL rounds; allow for that.
 STOP_REPORT_SLACK = 20.0
+# A healthy supervisor reports within moments of its grace; one silent this much longer
+# was most likely stopped (SIGSTOP) from inside, as may be the agent: the caller's
+# take-over then kills the tree by a path the sandbox cannot stop.
+TAKE_OVER_AFTER = 2.0
 STDERR_TAIL = 4096
 
 
@@ -123,6 +128,21 @@ class AgentRun:
     # The whole output was to be kept in a file, but creating or writing it failed (the
     # sandbox's disk full, or the path made unwritable from inside).
     spill_failed: bool = False
+    # The agent did not report the stop in time, so the caller's take-over killed the tree.
+    taken_over: bool = False
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """What a take-over (see AgentChannel.run) did."""
+
+    survivors: int  # processes still alive afterwards
+    verified: bool  # the whole tree was walked; False: found by its exec id only
+
+
+# Given the command's supervisor pid in the container (0 if the agent never said it), kill
+# its tree without the agent; None if it could not.
+TakeOverFn = Callable[[int], Awaitable[TakeOver | None]]
 
 
 @dataclass
@@ -132,6 +152,7 @@ class _Pending:
     spill_path: str | None
     # An exception raised by on_output: the command is stopped and run() re-raises it.
     callback_error: BaseException | None = None
+    output_bytes: int = 0
     started: asyncio.Future[tuple[int, int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -318,6 +339,7 @@ class AgentChannel:
         spill_path: str | None = None,
         spill_after: int = 0,
         stop: asyncio.Event | None = None,
+        take_over: TakeOverFn | None = None,
     ) -> AgentRun:
         """Run `/bin/sh -lc command`; on_output gets its merged output as it arrives.
 
@@ -325,7 +347,9 @@ class AgentChannel:
         tree as a timeout would, and returns its result with stopped=True.
 
         On timeout: STOP with kill_grace, return with stopped=True. On CancelledError: STOP,
-        wait for the stop to finish (shielded from a second cancel), re-raise. AgentError if
+        wait for the stop to finish (shielded from a second cancel), re-raise. If the stop
+        is not reported TAKE_OVER_AFTER seconds after the grace (the supervisor or the
+        agent stopped from inside), `take_over` kills the tree and the result says so. AgentError if
         the channel dies mid-run; AgentCommandError if the agent cannot start the command.
         """
         if timeout is not None and timeout <= 0:
@@ -358,10 +382,12 @@ class AgentChannel:
             try:
                 finished = await _done_within(done, timeout, stop)
                 result = (
-                    finished if finished is not None else await self._stop(rid, done, kill_grace)
+                    finished
+                    if finished is not None
+                    else await self._stop(rid, done, kill_grace, take_over)
                 )
             except asyncio.CancelledError:
-                await self._stop_shielded(rid, done, kill_grace)
+                await self._stop_shielded(rid, done, kill_grace, take_over)
                 raise
             if pending.callback_error is not None:
                 raise pending.callback_error
@@ -398,17 +424,50 @@ class AgentChannel:
 
     # ---- internals ----
 
-    async def _stop(self, rid: int, done: asyncio.Future[AgentRun], grace: float) -> AgentRun:
+    async def _stop(
+        self,
+        rid: int,
+        done: asyncio.Future[AgentRun],
+        grace: float,
+        take_over: TakeOverFn | None,
+    ) -> AgentRun:
         if not done.done():
             with contextlib.suppress(AgentError):
                 await self._send(_frame(T_STOP, rid, struct.pack(">I", _ms(grace))))
-        try:
-            return await asyncio.wait_for(asyncio.shield(done), grace + STOP_REPORT_SLACK)
-        except TimeoutError:
-            raise AgentError("the agent did not report the stopped command") from None
+        pending = self._pending.get(rid)
+        started = pending.started if pending is not None else None
+        patience = grace + (TAKE_OVER_AFTER if take_over is not None else STOP_REPORT_SLACK)
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(done), patience)
+        if take_over is not None:
+            # Not started: the agent never took the RUN (0: the take-over finds it by the
+            # command's exec id, if anything of it runs at all).
+            ok = started is not None and started.done() and started.exception() is None
+            taken = await take_over(started.result()[0] if ok and started else 0)
+            if done.done() and done.exception() is None:
+                return done.result()  # the agent reported after all
+            if taken is not None:
+                return AgentRun(
+                    status=128 + signal.SIGKILL,
+                    stopped=True,
+                    all_killed=taken.verified and taken.survivors == 0,
+                    survivors=taken.survivors,
+                    output_bytes=pending.output_bytes if pending is not None else 0,
+                    spilled_to=None,
+                    taken_over=True,
+                )
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(done), STOP_REPORT_SLACK)
+        raise AgentError("the agent did not report the stopped command")
 
-    async def _stop_shielded(self, rid: int, done: asyncio.Future[AgentRun], grace: float) -> None:
-        stop = asyncio.ensure_future(self._stop(rid, done, grace))
+    async def _stop_shielded(
+        self,
+        rid: int,
+        done: asyncio.Future[AgentRun],
+        grace: float,
+        take_over: TakeOverFn | None,
+    ) -> None:
+        stop = asyncio.ensure_future(self._stop(rid, done, grace, take_over))
         while not stop.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(stop)
@@ -477,6 +536,8 @@ class AgentChannel:
             return
         pending = self._pending.get(fid)
         if ftype == T_OUTPUT:
+            if pending is not None:
+                pending.output_bytes += len(payload)
             if pending is not None and pending.callback_error is None:
                 try:
                     pending.on_output(payload)

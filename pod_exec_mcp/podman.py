@@ -125,6 +125,15 @@ class Podman:
         )
         return done.returncode == 0 and done.stdout.strip() == b"true"
 
+    async def init_pid(self, container: str) -> int | None:
+        """The host pid of the container's PID 1, as Podman knows it; None if it has none
+        (not running). With remote Podman it is a pid of the remote host."""
+        done = await self.run(
+            "container", "inspect", "--format", "{{.State.Pid}}", container, check=False
+        )
+        text = done.stdout.strip()
+        return int(text) if done.returncode == 0 and text.isdigit() and int(text) > 0 else None
+
     async def remove(self, *containers: str) -> None:
         """Remove containers at once (no stop timeout); missing ones are not an error."""
         if containers:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -21,11 +22,14 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pod_exec_mcp import host_procs
 from pod_exec_mcp.admission import Headroom, check_headroom
 from pod_exec_mcp.agent_channel import (
     AgentChannel,
     AgentCommandError,
     AgentError,
+    AgentRun,
+    TakeOver,
     fd_serve_argv,
     init_command,
     mount_arguments,
@@ -108,6 +112,25 @@ while [ "$ticks" -gt 0 ]; do
 done
 rounds=0
 while signal_all KILL && [ "$rounds" -lt 50 ]; do sleep 0.1; rounds=$((rounds + 1)); done
+exit 0
+"""
+
+# The names the agent gives itself (prctl PR_SET_NAME in serve.c and supervisor.c): what a
+# process must be called before the engine kills it by pid.
+AGENT_COMM = "pem-agent"
+SUPERVISOR_COMM = "pem-supervisor"
+
+# Runs inside the container: SIGKILL process $1 if it is named $2 (and, with $3 = stopped,
+# only while it is stopped). The take-over's fallback where the sandbox's processes are not
+# this host's (gVisor, remote Podman).
+_KILL_NAMED_SCRIPT = """
+[ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] || exit 0
+if [ "$3" = stopped ]; then
+  read -r stat < "/proc/$1/stat" || exit 0
+  state=${stat##*") "}
+  case "${state%% *}" in T|t) ;; *) exit 0 ;; esac
+fi
+kill -KILL "$1" 2>/dev/null
 exit 0
 """
 
@@ -409,6 +432,8 @@ class PodmanEngine:
         # their streams are relayed, never spliced: the runsc of 2022 is not known to take
         # in a host TCP socket passed over a unix socket (not tried).
         self._gvisor: set[str] = set()
+        # Sandboxes whose egress proxy did not start, and why: said in their next result.
+        self._proxy_lost: dict[str, str] = {}
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.headroom is not None:
@@ -496,6 +521,7 @@ class PodmanEngine:
             self._gates.pop(s.name, None)
             self._gvisor.discard(s.name)
             self._attaching.pop(s.name, None)
+            self._proxy_lost.pop(s.name, None)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
         # A live agent channel answers its heartbeats from inside the container, so it is
@@ -556,6 +582,9 @@ class PodmanEngine:
                 return channel
             if channel is not None:
                 await channel.abort()
+                # Its agent may live on, stopped (SIGSTOP) from inside, holding the proxy's
+                # port and its commands: end it before a new one starts.
+                await self._kill_agent_process(sandbox, channel.agent_pid, only_if_stopped=False)
             name = sandbox.name
 
             async def on_stream(stream: AgentStream) -> None:
@@ -620,6 +649,7 @@ class PodmanEngine:
         for attempt in range(5):
             try:
                 await channel.listen(PROXY_ADDRESS, PROXY_PORT)
+                self._proxy_lost.pop(name, None)
                 return
             except ConnectionError as exc:
                 error = exc
@@ -628,11 +658,76 @@ class PodmanEngine:
             if "in use" not in str(error):
                 break
             await asyncio.sleep(0.2 * (attempt + 1))
+        self._proxy_lost[name] = str(error)
         log.warning(
             "the egress proxy did not start in %s (%s): the sandbox has no network access "
             "(an old agent image? rebuild it with pod_exec_mcp_build)",
             name, error,
         )  # fmt: skip
+
+    async def _host_process(
+        self, sandbox: Sandbox, inner_pid: int, comm: str
+    ) -> host_procs.HostProcess | None:
+        """This host's view of process `inner_pid` of the sandbox, named `comm`; None where
+        the sandbox's processes are not this host's (gVisor, remote Podman) or it is gone."""
+        if sandbox.name in self._gvisor or not inner_pid:
+            return None
+        init_pid = await self.podman.init_pid(sandbox.name)
+        if init_pid is None:
+            return None
+        return await asyncio.to_thread(host_procs.find_in_sandbox, init_pid, inner_pid, comm)
+
+    async def _kill_named_inside(
+        self, sandbox: Sandbox, pid: int, comm: str, only_if_stopped: bool
+    ) -> None:
+        """SIGKILL a process of ours by its pid from inside the container (a new exec)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.podman.run(
+                    "exec", sandbox.name, "/bin/sh", "-c", _KILL_NAMED_SCRIPT, "pod_exec_mcp",
+                    str(pid), comm, "stopped" if only_if_stopped else "",
+                    check=False,
+                ),
+                _KILL_EXEC_TIMEOUT,
+            )  # fmt: skip
+
+    async def _kill_agent_process(
+        self, sandbox: Sandbox, agent_pid: int, only_if_stopped: bool
+    ) -> None:
+        """End an agent that no longer answers, so that nothing it holds (its commands, the
+        proxy's port) outlives its channel; a stopped one cannot end itself."""
+        if not agent_pid:
+            return
+        agent = await self._host_process(sandbox, agent_pid, AGENT_COMM)
+        if agent is not None:
+            if not only_if_stopped or agent.state in "Tt":
+                await asyncio.to_thread(host_procs.kill, agent)
+        elif sandbox.name in self._gvisor or not self._socket_channel:
+            await self._kill_named_inside(sandbox, agent_pid, AGENT_COMM, only_if_stopped)
+
+    async def _take_over(
+        self, sandbox: Sandbox, channel: AgentChannel, exec_id: str, supervisor_pid: int
+    ) -> TakeOver:
+        """Kill a command's tree whose supervisor did not report its stop: it, or the
+        agent, was most likely stopped from inside. From the host's /proc where the
+        sandbox's processes are this host's (nothing in the sandbox can stop the server);
+        else from inside, by the command's exec id."""
+        supervisor = (
+            await self._host_process(sandbox, supervisor_pid, SUPERVISOR_COMM)
+            if supervisor_pid
+            else None
+        )
+        if supervisor is not None:
+            survivors = await asyncio.to_thread(host_procs.kill_tree, supervisor)
+            taken = TakeOver(survivors=survivors, verified=True)
+        else:
+            await self._kill_tree(sandbox, 0, None, exec_id)
+            if supervisor_pid:
+                await self._kill_named_inside(sandbox, supervisor_pid, SUPERVISOR_COMM, False)
+            taken = TakeOver(survivors=0, verified=False)
+        # A stopped agent would answer nothing more: end it, and its channel with it.
+        await self._kill_agent_process(sandbox, channel.agent_pid, only_if_stopped=True)
+        return taken
 
     def _keep_running(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
@@ -689,6 +784,7 @@ class PodmanEngine:
                 spill_path=request.spill_path,
                 spill_after=request.max_output_bytes if request.spill_path else 0,
                 stop=stop,
+                take_over=functools.partial(self._take_over, sandbox, channel, exec_id),
             )
         )
         try:
@@ -723,6 +819,12 @@ class PodmanEngine:
                 "output and exit status are lost; a new agent starts with the next call"
             ) from None
         text = output.text(whole_output_in=ran.spilled_to, whole_output_lost=ran.spill_failed)
+        if (lost := self._proxy_lost.pop(sandbox.name, None)) is not None:
+            text += _notice(
+                text,
+                f"this sandbox's egress proxy could not start ({lost}), so it has no network "
+                "access",
+            )
         retval = ran.status
         kill_note = None
         if ran.stopped and sandbox.name in self._gvisor:
@@ -732,7 +834,9 @@ class PodmanEngine:
         if ran.stopped:
             # A timeout reads as GNU timeout's 124; a stop on request keeps the real status.
             retval = ran.status if stop is not None and stop.is_set() else TIMEOUT_STATUS
-            if ran.all_killed:
+            if ran.taken_over:
+                kill_note = _taken_over_note(ran)
+            elif ran.all_killed:
                 kill_note = "the command and every process it started were killed"
             else:
                 kill_note = (
@@ -887,6 +991,25 @@ async def _progress_until_done(
             # Progress is a courtesy: a client that went away must not break the run.
             with contextlib.suppress(Exception):
                 await on_progress(time.monotonic() - started)
+
+
+def _taken_over_note(ran: AgentRun) -> str:
+    """What a take-over did, exactly (see PodmanEngine._take_over)."""
+    why = (
+        "the sandbox's agent or the command's supervisor did not answer (stopped from "
+        "inside?), so the server"
+    )
+    if not ran.all_killed and ran.survivors:
+        return (
+            f"{why} killed the command's tree; {ran.survivors} process(es) it started could "
+            "not be killed and may still run"
+        )
+    if ran.all_killed:
+        return f"{why} killed the command and every process it started"
+    return (
+        f"{why} killed the command and every process carrying its exec id (one that "
+        "cleared its environment may still run)"
+    )
 
 
 def _why_stopped(request: RunRequest, stop: asyncio.Event | None) -> str:

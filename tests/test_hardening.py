@@ -5,10 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import uuid
 from typing import Any
 
 import pytest
-from conftest import GVISOR, ServerProcess, error_text, podman, sh, structured
+from conftest import (
+    GVISOR,
+    ServerProcess,
+    error_text,
+    new_session,
+    podman,
+    sh,
+    structured,
+    wait_until,
+)
 
 # CPU time the sandbox's cgroup has used, in nanoseconds, on cgroup v1 and v2 hosts.
 CGROUP_CPU_NS = (
@@ -197,3 +207,132 @@ async def test_commands_cannot_take_the_agents_descriptors(server: ServerProcess
         stolen = await sh(client, f"python3 -c '{_STEAL_AGENT_FD}'")
     assert stolen["retval"] == 0, stolen
     assert not stolen["output"].strip().isdigit(), stolen
+
+
+# The agent serving this command: its supervisor's parent.
+_AGENT_OF_THIS_COMMAND = "$(cut -d' ' -f4 /proc/$PPID/stat)"
+# Processes of the test's tree still there, and stopped agent processes (state T).
+_LEFT = "ps -eo args | grep -c '^sleep 111' || true; ps -eo stat,comm | grep -c '^T.*pem-' || true"
+# Whether the sandbox's egress proxy answers: any HTTP status but 000 (nothing listening).
+_PROXY_ANSWERS = (
+    "curl -s -o /dev/null -m 10 -w '%{http_code}\\n' -x http://127.0.0.1:3128 "
+    "http://pod-exec-mcp-test.invalid/"
+)
+
+
+def _agent_stopped(server: ServerProcess, marker: str) -> bool:
+    """Whether the agent of the sandbox holding the file `marker` is stopped, seen through
+    podman execs of the test's own."""
+    for c in server.containers():
+        if podman("exec", c["Id"], "test", "-e", marker, check=False).returncode == 0:
+            ps = podman("exec", c["Id"], "ps", "-eo", "stat=,comm=", check=False).stdout
+            lines = [line.split() for line in ps.splitlines()]
+            return any(f[0].startswith("T") and f[-1] == "pem-agent" for f in lines if f)
+    return False
+
+
+def _killed_by_take_over(result: dict[str, Any]) -> None:
+    assert result["retval"] == 124, result
+    assert "did not answer" in result["output"], result
+    assert "the server killed the command and every process" in result["output"], result
+
+
+@pytest.mark.skipif(
+    os.environ.get("POD_EXEC_MCP_EXEC_CHANNEL") == "podman-exec", reason="no agent in this run"
+)
+@pytest.mark.parametrize(
+    "stopper",
+    ["kill -STOP $PPID", f"kill -STOP {_AGENT_OF_THIS_COMMAND}"],
+    ids=["its-supervisor", "the-agent"],
+)
+async def test_sigstop_cannot_defeat_a_timeout(server: ServerProcess, stopper: str) -> None:
+    """Issue 22: a command that stops its own supervisor, or the agent, still ends at its
+    timeout with nothing left, and the result says how; the sandbox keeps its proxy. On
+    round 2 this returned after 31-33 s saying the agent was lost, and `sleep` lived on."""
+    async with server.client() as client:
+        sid = await new_session(client)
+        stopped = await client.call_tool(
+            "shell_exec",
+            {"command": f"{stopper}; sleep 111", "timeout": 2, "session_id": sid},
+            raise_on_error=False,
+        )
+        left = await sh(client, _LEFT, session_id=sid)
+        proxy = await sh(client, _PROXY_ANSWERS, session_id=sid)
+        again = await sh(client, "echo still here", session_id=sid)
+    _killed_by_take_over(structured(stopped))
+    assert left["output"] == "0\n0\n", left
+    assert proxy["output"].strip() not in ("", "000"), proxy
+    assert again["output"] == "still here\n", again
+
+
+@pytest.mark.skipif(
+    os.environ.get("POD_EXEC_MCP_EXEC_CHANNEL") == "podman-exec", reason="no agent in this run"
+)
+async def test_an_agent_stopped_while_idle_is_replaced(server: ServerProcess) -> None:
+    """Issue 22: the agent stopped between commands (from a background process) takes the
+    proxy's port with it, and the next command could not run. The command times out and
+    says why; the stopped agent is ended; the next agent gets the port back."""
+    async with server.client(legacy=True) as client:
+        marker = f"/tmp/{uuid.uuid4().hex}"
+        await sh(
+            client,
+            f"touch {marker}; agent={_AGENT_OF_THIS_COMMAND}; (sleep 1; kill -STOP $agent) &",
+        )
+        assert wait_until(lambda: _agent_stopped(server, marker)), "the agent never stopped"
+        stuck = await client.call_tool(
+            "shell_exec", {"command": "echo ran", "timeout": 2}, raise_on_error=False
+        )
+        left = await sh(client, _LEFT)
+        proxy = await sh(client, _PROXY_ANSWERS)
+    result = structured(stuck)
+    assert result["retval"] == 124, result
+    assert "did not answer" in result["output"], result
+    assert left["output"] == "0\n0\n", left
+    assert proxy["output"].strip() not in ("", "000"), proxy
+
+
+# Run by the test's own podman exec (outside every supervisor): take the proxy's port as
+# soon as it is free, say so in a file, and hold it.
+_SQUAT_PROXY_PORT = """
+import socket, time
+s = socket.socket()
+while True:
+    try:
+        s.bind(("127.0.0.1", 3128)); s.listen(); break
+    except OSError:
+        time.sleep(0.05)
+open("/tmp/squatted", "w").close()
+time.sleep(600)
+"""
+
+
+def _container_with(server: ServerProcess, marker: str) -> str:
+    for c in server.containers():
+        if podman("exec", c["Id"], "test", "-e", marker, check=False).returncode == 0:
+            return str(c["Id"])
+    raise AssertionError(f"no sandbox holds {marker}")
+
+
+@pytest.mark.skipif(
+    os.environ.get("POD_EXEC_MCP_EXEC_CHANNEL") == "podman-exec", reason="no agent in this run"
+)
+async def test_a_sandbox_that_lost_its_proxy_says_so(server: ServerProcess) -> None:
+    """Issue 22: when a new agent cannot take the proxy's port back (here something else
+    took it while no agent ran), the next result says the sandbox has no network access,
+    instead of only the server's log."""
+    async with server.client(legacy=True) as client:
+        marker = f"/tmp/{uuid.uuid4().hex}"
+        await sh(client, f"touch {marker}")
+        container = _container_with(server, marker)
+        podman("exec", "-d", container, "python3", "-c", _SQUAT_PROXY_PORT)
+        podman("exec", container, "pkill", "-KILL", "-x", "pem-agent")
+        assert wait_until(
+            lambda: (
+                podman("exec", container, "test", "-e", "/tmp/squatted", check=False).returncode
+                == 0
+            )
+        ), "the port was never taken"
+        told = await sh(client, "echo ran")
+    assert told["output"].startswith("ran\n"), told
+    assert "egress proxy could not start" in told["output"], told
+    assert "no network access" in told["output"], told
