@@ -32,8 +32,8 @@ MAX_PAYLOAD = 1024 * 1024
 T_HELLO, T_RUN, T_STDIN, T_STDIN_END, T_STOP, T_PING, T_SHUTDOWN = range(1, 8)
 T_HELLO_OK, T_STARTED, T_OUTPUT, T_EXIT, T_ERROR, T_PONG, T_BYE = range(0x81, 0x88)
 F_STDIN_FOLLOWS = 1
-X_STOPPED, X_ALL_KILLED, X_SPILLED, X_DEADLINE, X_SPILL_FAILED = 1, 2, 4, 8, 16
-FLD_COMMAND, FLD_CWD, FLD_ENV, FLD_SPILL_PATH = 1, 2, 3, 4
+X_STOPPED, X_ALL_KILLED, X_SPILLED, X_DEADLINE, X_SPILL_FAILED, X_SPILL_CUT = 1, 2, 4, 8, 16, 32
+FLD_COMMAND, FLD_CWD, FLD_ENV, FLD_SPILL_PATH, FLD_SPILL_MAX = 1, 2, 3, 4, 5
 ERROR_NAMES = {
     1: "bad frame",
     2: "bad version",
@@ -128,6 +128,8 @@ class AgentRun:
     # The whole output was to be kept in a file, but creating or writing it failed (the
     # sandbox's disk full, or the path made unwritable from inside).
     spill_failed: bool = False
+    # The file keeps only the head and the tail (the output passed its SPILL_MAX).
+    spill_cut: bool = False
     # The agent did not report the stop in time, so the caller's take-over killed the tree.
     taken_over: bool = False
 
@@ -180,6 +182,7 @@ def encode_run(
     cwd: str | None,
     spill_path: str | None,
     spill_after: int,
+    spill_max: int = 0,
 ) -> bytes:
     """The RUN payload: a 24-byte fixed part, then tagged fields."""
     flags = F_STDIN_FOLLOWS if has_stdin else 0
@@ -196,6 +199,8 @@ def encode_run(
         out.append(_field(FLD_ENV, f"{name}={value}".encode()))
     if spill:
         out.append(_field(FLD_SPILL_PATH, str(spill_path).encode()))
+        if spill_max:
+            out.append(_field(FLD_SPILL_MAX, str(spill_max).encode()))
     payload = b"".join(out)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError("command, cwd and environment exceed the agent's 1 MiB frame limit")
@@ -338,6 +343,7 @@ class AgentChannel:
         cwd: str | None = None,
         spill_path: str | None = None,
         spill_after: int = 0,
+        spill_max: int = 0,
         stop: asyncio.Event | None = None,
         take_over: TakeOverFn | None = None,
     ) -> AgentRun:
@@ -365,6 +371,7 @@ class AgentChannel:
             cwd=cwd,
             spill_path=spill_path,
             spill_after=spill_after,
+            spill_max=spill_max,
         )
         rid = next(self._ids) % 0xFFFFFFFF + 1  # ids are u32 and never 0
         done: asyncio.Future[AgentRun] = asyncio.get_running_loop().create_future()
@@ -557,6 +564,7 @@ class AgentChannel:
                         output_bytes=nbytes,
                         spilled_to=pending.spill_path if flags & X_SPILLED else None,
                         spill_failed=bool(flags & X_SPILL_FAILED),
+                        spill_cut=bool(flags & X_SPILL_CUT),
                     )
                 )
         elif ftype == T_STARTED:

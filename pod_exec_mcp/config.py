@@ -230,6 +230,15 @@ class Settings(BaseModel):
     """Output kept per call; past it the head and tail are kept and the middle is cut.
     Capped well below the 1 MiB SSE event size that fastmcp clients accept."""
 
+    max_spill_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """Most bytes the sandbox keeps in the file of one cut call's or one job's whole
+    output: past it the file holds the first and the last half, with a line between saying
+    how much was cut. 0: every byte (one `yes` can then fill the sandbox's disk)."""
+
+    max_spill_total_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Most bytes the output files and finished jobs' logs of one sandbox hold together;
+    past it the oldest are deleted first. 0: no bound on the total."""
+
     max_command_bytes: int = Field(default=100_000, ge=1, le=120_000)
     """Longest command accepted, in UTF-8 bytes (Linux caps one argument at 128 KiB)."""
 

@@ -116,6 +116,8 @@ class RunRequest:
     # Where the whole output is kept, inside the sandbox, when it is over max_output_bytes
     # (engines that cannot do this leave RunResult.output_file None).
     spill_path: str | None = None
+    # The spill file keeps at most this many bytes, its head and its tail; 0: all.
+    max_spill_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class RunResult:
     unkillable: bool = False
     # The file in the sandbox holding the whole output, when it was cut (see spill_path).
     output_file: str | None = None
+    # output_file holds only the head and the tail of the output (max_spill_bytes).
+    output_file_cut: bool = False
     # After a stop (timeout or stop request): what happened to the command's processes,
     # as a sentence ("the command and every process it started were killed").
     kill_note: str | None = None

@@ -60,6 +60,8 @@ class Job:
     window_bytes: int
     # The file in the sandbox with every byte the job printed, once the engine says so.
     log_file: str | None = None
+    # The log keeps only the head and the tail of the output (max_spill_bytes).
+    log_keeps: int | None = None
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[RunResult | None] | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
@@ -108,7 +110,7 @@ class Job:
         running = self.running
         return JobRead(
             job_id=self.id,
-            output=window.text(whole_output_in=self.log_file),
+            output=window.text(whole_output_in=self.log_file, file_keeps=self.log_keeps),
             running=running,
             retval=None if running else self.retval,
             truncated=window.truncated,

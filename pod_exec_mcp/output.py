@@ -44,15 +44,26 @@ class BoundedOutput:
     def truncated(self) -> bool:
         return self.total > self.limit
 
-    def text(self, whole_output_in: str | None = None, whole_output_lost: bool = False) -> str:
+    def text(
+        self,
+        whole_output_in: str | None = None,
+        whole_output_lost: bool = False,
+        file_keeps: int | None = None,
+    ) -> str:
         """The kept output as text; invalid UTF-8 becomes U+FFFD, never an exception.
         `whole_output_in` names the file that holds every byte, for the marker line;
-        `whole_output_lost` says that keeping every byte in such a file failed."""
+        `whole_output_lost` says that keeping every byte in such a file failed;
+        `file_keeps`: that file keeps only this many bytes, its head and its tail."""
         if not self.truncated:
             return (bytes(self._head) + bytes(self._tail)).decode("utf-8", "replace")
         tail = bytes(self._tail[-self._tail_limit :])
         omitted = self.total - len(self._head) - len(tail)
         kept_in = f"; the whole output is in {whole_output_in}" if whole_output_in else ""
+        if whole_output_in and file_keeps is not None:
+            kept_in = (
+                f"; {whole_output_in} keeps its first {file_keeps // 2} and last "
+                f"{file_keeps - file_keeps // 2} bytes (the sandbox's bound on such files)"
+            )
         if whole_output_lost:
             kept_in = (
                 "; the whole output could not be kept in a file in the sandbox (its disk is "

@@ -783,6 +783,7 @@ class PodmanEngine:
                 stdin=request.stdin,
                 spill_path=request.spill_path,
                 spill_after=request.max_output_bytes if request.spill_path else 0,
+                spill_max=request.max_spill_bytes,
                 stop=stop,
                 take_over=functools.partial(self._take_over, sandbox, channel, exec_id),
             )
@@ -818,7 +819,11 @@ class PodmanEngine:
                 f"the sandbox's exec agent stopped while the command ran ({exc}), so its "
                 "output and exit status are lost; a new agent starts with the next call"
             ) from None
-        text = output.text(whole_output_in=ran.spilled_to, whole_output_lost=ran.spill_failed)
+        text = output.text(
+            whole_output_in=ran.spilled_to,
+            whole_output_lost=ran.spill_failed,
+            file_keeps=request.max_spill_bytes if ran.spill_cut else None,
+        )
         if (lost := self._proxy_lost.pop(sandbox.name, None)) is not None:
             text += _notice(
                 text,
@@ -850,6 +855,7 @@ class PodmanEngine:
             timed_out=ran.stopped,
             duration=time.monotonic() - started,
             output_file=ran.spilled_to,
+            output_file_cut=ran.spill_cut,
             kill_note=kill_note,
         )
 

@@ -48,7 +48,7 @@ from pod_exec_mcp.shell_state import (
     in_session_cwd,
     new_output_file,
     persistent_command,
-    prune_output_files,
+    prune_spill_files,
     restoring_command,
 )
 from pod_exec_mcp.slots import ExecSlots
@@ -78,6 +78,10 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
+    # When the sandbox's output files were last pruned, and whether a prune waits: at most
+    # one a second (many short jobs would otherwise each cost one more exec), none skipped.
+    spill_pruned_at: float = 0.0
+    spill_prune_waits: bool = False
     ended: bool = False
     # The session's egress policy (the operator's, maybe narrowed at create_session).
     egress: EgressPolicy | None = None
@@ -300,7 +304,7 @@ class Sessions:
         result, queue_wait = await self._execute(session, request, on_progress)
         if result.output_file is not None:
             # Old whole outputs go, so that they cannot fill the sandbox's disk.
-            self._in_background(self._prune_outputs(session))
+            self._in_background(self._prune_spill_files(session))
         return _command_result(result, queue_wait)
 
     def _request(
@@ -321,6 +325,7 @@ class Sessions:
             env=env or {},
             stdin=stdin,
             spill_path=spill_path,
+            max_spill_bytes=self.settings.max_spill_bytes,
         )
 
     async def _execute(
@@ -356,9 +361,23 @@ class Sessions:
             session.last_used = time.monotonic()
         return result, queue_wait
 
-    async def _prune_outputs(self, session: Session) -> None:
+    async def _prune_spill_files(self, session: Session) -> None:
+        """Delete the sandbox's oldest output files and finished jobs' logs past
+        max_spill_total_bytes."""
+        if not self.settings.max_spill_total_bytes or session.ended or session.spill_prune_waits:
+            return
+        session.spill_prune_waits = True
+        try:
+            await asyncio.sleep(max(0.0, session.spill_pruned_at + 1.0 - time.monotonic()))
+        finally:
+            session.spill_prune_waits = False
+        if session.ended:
+            return
+        session.spill_pruned_at = time.monotonic()
+        running = [f"{JOBS_DIR}/{job.id}.log" for job in session.jobs.values() if job.running]
+        script = prune_spill_files(self.settings.max_spill_total_bytes, running)
         with contextlib.suppress(SessionError):
-            await self._execute(session, self._request(prune_output_files(), 30))
+            await self._execute(session, self._request(script, 30))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -528,8 +547,12 @@ class Sessions:
         note = f"stopped by stop_job; {result.kill_note}" if result.timed_out else None
         if result.output_file is not None:
             job.log_file = result.output_file
+            if result.output_file_cut:
+                job.log_keeps = request.max_spill_bytes
         job.finished(result.retval, note)
         self._drop_oldest_finished_jobs(session)
+        if result.output_file is not None:
+            self._in_background(self._prune_spill_files(session))
         return result
 
     # --- sandboxes ----------------------------------------------------------------------

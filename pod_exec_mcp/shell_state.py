@@ -20,8 +20,6 @@ STATE_DIR = "/tmp/.pod_exec_mcp"
 SHELL_DIR = f"{STATE_DIR}/shell"
 OUTPUT_DIR = f"{STATE_DIR}/output"
 JOBS_DIR = f"{STATE_DIR}/jobs"
-# How many whole outputs of cut calls are kept; older ones are pruned.
-KEPT_OUTPUT_FILES = 20
 
 COMMAND_ENV = "POD_EXEC_MCP_COMMAND"
 
@@ -101,9 +99,27 @@ def new_output_file() -> str:
     return f"{OUTPUT_DIR}/{secrets.token_hex(6)}.log"
 
 
-def prune_output_files() -> str:
-    """A command that keeps only the newest KEPT_OUTPUT_FILES whole outputs."""
-    return (
-        f"cd {shlex.quote(OUTPUT_DIR)} 2>/dev/null && "
-        f"ls -1t | tail -n +{KEPT_OUTPUT_FILES + 1} | xargs -r rm -f --"
-    )
+# Newest first, every output file and job log; the running jobs' logs (lines of $KEEP)
+# count but stay. One name per line, never globbed: a sandbox may name files as it likes.
+_PRUNE_SPILL_FILES = f"""
+files=$(ls -1t -- {OUTPUT_DIR}/*.log {JOBS_DIR}/*.log 2>/dev/null)
+set -f
+IFS='
+'
+total=0
+for f in $files; do
+  size=$(stat -c %s -- "$f" 2>/dev/null) || continue
+  total=$((total + size))
+  [ "$total" -gt "$LIMIT" ] || continue
+  case "$KEEP" in *"
+$f
+"*) ;; *) rm -f -- "$f" ;; esac
+done
+"""
+
+
+def prune_spill_files(limit: int, running_logs: list[str]) -> str:
+    """A command that deletes the oldest output files and finished jobs' logs until the
+    newest of them hold at most `limit` bytes together."""
+    keep = shlex.quote("\n" + "".join(f"{p}\n" for p in running_logs))
+    return f"LIMIT={int(limit)} KEEP={keep}; {_PRUNE_SPILL_FILES}"

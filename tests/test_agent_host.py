@@ -142,3 +142,38 @@ def kill_stray_sleep(pid: int) -> None:
             os.kill(pid, 9)
     except (FileNotFoundError, ProcessLookupError):
         pass
+
+
+# Numbered lines, so that the head and the tail the file keeps can be checked exactly.
+_NUMBERED = "i=0; while [ $i -lt {n} ]; do printf '%07d\\n' $i; i=$((i+1)); done"
+
+
+@pytest.mark.parametrize("lines", [1000, 200_000], ids=["under-the-bound", "ten-times-over"])
+async def test_the_spill_file_keeps_head_and_tail_within_its_bound(
+    agent: Path, tmp_path: Path, lines: int
+) -> None:
+    """Issue 23: the whole-output file of a command never grows past SPILL_MAX; past it,
+    it holds the exact head and the newest tail in order, with a line between saying how
+    much was cut (before, one `yes` wrote 10 GB in 30 s)."""
+    bound = 256 * 1024
+    path = tmp_path / "out" / "spill.log"
+    expected = b"".join(b"%07d\n" % i for i in range(lines))
+    async with attached(agent, "socket") as chan:
+        out = bytearray()
+        done = await chan.run(
+            _NUMBERED.format(n=lines), timeout=120, kill_grace=1, on_output=out.extend,
+            spill_path=str(path), spill_after=1024, spill_max=bound,
+        )  # fmt: skip
+    assert bytes(out) == expected  # the host still saw every byte
+    assert done.spilled_to == str(path) and not done.spill_failed, done
+    kept = path.read_bytes()
+    if len(expected) <= bound:
+        assert not done.spill_cut and kept == expected, done
+        return
+    assert done.spill_cut, done
+    head, tail = bound // 2, bound - bound // 2
+    line = b"\n[pod_exec_mcp: %d bytes cut here; the first %d and last %d kept]\n" % (
+        len(expected) - bound, head, tail,
+    )  # fmt: skip
+    assert kept == expected[:head] + line + expected[-tail:]
+    assert not (tmp_path / "out" / "spill.log.part").exists()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import ServerProcess, error_text, new_session, sh, structured
 
-from pod_exec_mcp.shell_state import OUTPUT_DIR
+from pod_exec_mcp.shell_state import JOBS_DIR, OUTPUT_DIR
 
 ERAS = pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "modern"])
 
@@ -329,3 +329,41 @@ async def test_a_scripted_coding_agent_session(server: ServerProcess) -> None:
             "shell_exec", {"command": "true", "session_id": sid}, raise_on_error=False
         )
         assert after.is_error and "has ended (ended by end_session)" in error_text(after)
+
+
+async def test_yes_cannot_fill_the_sandboxs_disk(launch: Any) -> None:
+    """Issue 23: 15 s of `yes` and a `yes` job left 10 GB of spill files and a full disk.
+    Each file now keeps at most --max-spill-bytes (head and tail, the cut said in the file
+    and in the result), and the oldest files go past --max-spill-total-bytes."""
+    mib = 1024 * 1024
+    server = launch("--max-spill-bytes", str(8 * mib), "--max-spill-total-bytes", str(12 * mib))
+    async with server.client() as client:
+        sid = await new_session(client)
+        ran = await sh(client, "yes", timeout=15, session_id=sid)
+        file = ran["output_file"]
+        cut = await sh(client, f"wc -c < {file}; grep -c 'bytes cut here' {file}", session_id=sid)
+        job = structured(
+            await client.call_tool("start_job", {"command": "yes", "session_id": sid})
+        )["job_id"]
+        log = f"{JOBS_DIR}/{job}.log"
+        # Until its log is full (it then wraps: `yes` writes 8 MiB in well under a second).
+        await sh(
+            client, f"until [ $(stat -c %s {log} 2>/dev/null || echo 0) -ge {8 * mib} ]; "
+            "do sleep 0.1; done", session_id=sid, timeout=60,
+        )  # fmt: skip
+        stopped = structured(await client.call_tool("stop_job", {"job_id": job, "session_id": sid}))
+        job_cut = await sh(client, f"wc -c < {log}; grep -c 'bytes cut here' {log}", session_id=sid)
+        # The pruning runs after each cut call and kept log; wait until it is done.
+        total = await sh(
+            client, f"for i in $(seq 100); do t=$(cat {OUTPUT_DIR}/*.log {JOBS_DIR}/*.log "
+            f"2>/dev/null | wc -c); [ $t -le {12 * mib} ] && break; sleep 0.1; done; echo $t",
+            session_id=sid,
+        )  # fmt: skip
+    assert ran["retval"] == 124 and file, ran
+    assert f"{file} keeps its first {4 * mib} and last {4 * mib} bytes" in ran["output"], ran
+    size, lines = cut["output"].split()
+    assert lines == "1" and 8 * mib < int(size) < 8 * mib + 200, cut
+    assert stopped["running"] is False, stopped
+    size, lines = job_cut["output"].split()
+    assert lines == "1" and 8 * mib < int(size) < 8 * mib + 200, job_cut
+    assert int(total["output"]) <= 12 * mib, total

@@ -14,6 +14,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -123,11 +124,83 @@ static int mkdir_parents(const char *path) {
 static void spill_fail(struct job *j, const char *what) {
     diag("spill %s for command %u: %s", what, j->id, strerror(errno));
     j->flags |= X_SPILL_FAILED;
-    j->flags &= ~(uint32_t)X_SPILLED;
+    j->flags &= ~(uint32_t)(X_SPILLED | X_SPILL_CUT);
     close_fd(&j->spill_fd);
     bytes_free(&j->spill_keep);
     free(j->spill_path);
     j->spill_path = NULL;
+}
+
+/* Write to the file: up to spill_max bytes in order; past that the head (its first half)
+ * stays and the tail region after it is overwritten as a ring, so the file never grows
+ * beyond spill_max however much the command prints (spill_finish puts it back in order). */
+static int spill_write(struct job *j, const unsigned char *data, size_t n) {
+    if (!j->spill_max) return write_all(j->spill_fd, data, n);
+    uint64_t head = j->spill_max / 2, tail = j->spill_max - head;
+    while (n) {
+        size_t k;
+        off_t at;
+        if (j->spill_size < j->spill_max) { /* still filling: in order */
+            k = n < j->spill_max - j->spill_size ? n : (size_t)(j->spill_max - j->spill_size);
+            at = (off_t)j->spill_size;
+            j->spill_size += k;
+        } else { /* full: the oldest bytes of the tail region go */
+            k = n < tail - j->spill_ring ? n : (size_t)(tail - j->spill_ring);
+            at = (off_t)(head + j->spill_ring);
+            j->spill_ring = (j->spill_ring + k) % tail;
+            j->flags |= X_SPILL_CUT;
+        }
+        for (size_t done = 0; done < k;) {
+            ssize_t w = pwrite(j->spill_fd, data + done, k - done, at + (off_t)done);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) return -1;
+            done += (size_t)w;
+        }
+        data += k;
+        n -= k;
+    }
+    return 0;
+}
+
+/* Copy len bytes at `from` of in_fd to the end of out_fd (no buffer of ours). */
+static int copy_range(int in_fd, off_t from, int out_fd, uint64_t len) {
+    while (len) {
+        ssize_t c = copy_file_range(in_fd, &from, out_fd, NULL, (size_t)len, 0);
+        if (c < 0 && errno == EINTR) continue;
+        if (c <= 0) return -1;
+        len -= (uint64_t)c;
+    }
+    return 0;
+}
+
+/* A file whose tail region wrapped: rewrite it as head, a line saying what was cut, and
+ * the tail in order, and put that in its place. */
+static void spill_finish(struct job *j) {
+    if (j->spill_fd < 0 || !(j->flags & X_SPILL_CUT)) return;
+    uint64_t head = j->spill_max / 2, tail = j->spill_max - head;
+    size_t plen = strlen(j->spill_path);
+    char *tmp = malloc(plen + 6);
+    if (!tmp) return spill_fail(j, "buffer");
+    memcpy(tmp, j->spill_path, plen);
+    memcpy(tmp + plen, ".part", 6);
+    int out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    char line[128];
+    int ll = snprintf(line, sizeof line,
+                      "\n[pod_exec_mcp: %llu bytes cut here; the first %llu and last %llu kept]\n",
+                      (unsigned long long)(j->output_bytes - j->spill_max),
+                      (unsigned long long)head, (unsigned long long)tail);
+    int ok = out >= 0 && copy_range(j->spill_fd, 0, out, head) == 0 &&
+             write_all(out, line, (size_t)ll) == 0 &&
+             copy_range(j->spill_fd, (off_t)(head + j->spill_ring), out, tail - j->spill_ring) == 0 &&
+             copy_range(j->spill_fd, (off_t)head, out, j->spill_ring) == 0;
+    if (out >= 0 && close(out) < 0) ok = 0;
+    if (ok && rename(tmp, j->spill_path) < 0) ok = 0;
+    if (!ok) {
+        unlink(tmp);
+        unlink(j->spill_path); /* out of order: no one should read it as the output */
+    }
+    free(tmp);
+    if (!ok) spill_fail(j, "rewrite");
 }
 
 static void spill_output(struct job *j, const unsigned char *data, size_t n) {
@@ -138,15 +211,15 @@ static void spill_output(struct job *j, const unsigned char *data, size_t n) {
     }
     if (j->spill_fd < 0) { /* just crossed the threshold: write what was kept, then this */
         if (mkdir_parents(j->spill_path) < 0) return spill_fail(j, "mkdir");
-        j->spill_fd = open(j->spill_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        j->spill_fd = open(j->spill_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (j->spill_fd < 0) return spill_fail(j, "open");
         j->flags |= X_SPILLED;
-        if (write_all(j->spill_fd, j->spill_keep.buf + j->spill_keep.off,
-                      bytes_pending(&j->spill_keep)) < 0)
+        if (spill_write(j, j->spill_keep.buf + j->spill_keep.off,
+                        bytes_pending(&j->spill_keep)) < 0)
             return spill_fail(j, "write");
         bytes_free(&j->spill_keep);
     }
-    if (write_all(j->spill_fd, data, n) < 0) spill_fail(j, "write");
+    if (spill_write(j, data, n) < 0) spill_fail(j, "write");
 }
 
 /* ---- command output ---- */
@@ -173,6 +246,7 @@ static void job_report_exit(struct job *j, int32_t status, uint32_t flags, uint3
      * Bounded by the pipe's capacity, since nothing the shell wrote can still be coming. */
     int rounds = 0;
     while (j->out_fd >= 0 && rounds++ < 32 && job_read_output(j)) {} /* 2 MiB > any pipe */
+    spill_finish(j);
     flags |= j->flags;
     unsigned char p[20];
     put32(p, (uint32_t)status);

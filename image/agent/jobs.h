@@ -29,6 +29,9 @@ struct job {
     uint64_t spill_after;
     struct bytes spill_keep;
     int spill_fd;           /* -1 until spilling */
+    uint64_t spill_max;     /* the file keeps at most this: its head and its tail; 0 = all */
+    uint64_t spill_size;    /* bytes in the file */
+    uint64_t spill_ring;    /* once full: where in the tail region the next byte goes */
 };
 
 #define JOB_POLL_FDS (3 * MAX_JOBS)   /* per job: output, control, stdin */

@@ -61,6 +61,7 @@ enum {
     FLD_CWD = 2,
     FLD_ENV = 3,
     FLD_SPILL_PATH = 4,
+    FLD_SPILL_MAX = 5,
 };
 
 /* EXIT flags */
@@ -70,6 +71,7 @@ enum {
     X_SPILLED = 4,
     X_DEADLINE = 8,
     X_SPILL_FAILED = 16,
+    X_SPILL_CUT = 32,
 };
 
 /* ERROR codes */

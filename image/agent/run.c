@@ -18,7 +18,7 @@ struct field { const char *s; size_t len; };
 
 struct run_req {
     uint32_t deadline_ms, grace_ms, flags;
-    uint64_t spill_after;
+    uint64_t spill_after, spill_max;
     struct field command, cwd, spill_path;
     struct field env[MAX_ENV];
     int nenv;
@@ -51,6 +51,17 @@ static const char *parse_run(const unsigned char *p, size_t len, struct run_req 
             break;
         case FLD_CWD: r->cwd = f; break;
         case FLD_SPILL_PATH: r->spill_path = f; break;
+        case FLD_SPILL_MAX: { /* decimal text: fields hold no NUL byte */
+            char num[24], *end;
+            if (flen == 0 || flen >= sizeof num) return "SPILL_MAX is not a decimal number";
+            memcpy(num, f.s, flen);
+            num[flen] = 0;
+            errno = 0;
+            r->spill_max = strtoull(num, &end, 10);
+            if (*end || errno || num[0] < '0' || num[0] > '9')
+                return "SPILL_MAX is not a decimal number";
+            break;
+        }
         case FLD_ENV:
             if (r->nenv == MAX_ENV) return "more than 256 environment variables";
             if (flen == 0 || f.s[0] == '=' || !memchr(f.s, '=', flen))
@@ -64,6 +75,8 @@ static const char *parse_run(const unsigned char *p, size_t len, struct run_req 
     if (!r->command.s) return "RUN has no command";
     if (r->spill_after && (r->spill_path.len == 0 || r->spill_path.s[0] != '/'))
         return "spill needs an absolute spill path";
+    if (r->spill_max && r->spill_max < 2 * READ_CHUNK)
+        return "SPILL_MAX below twice the read size";
     if (r->cwd.s && (r->cwd.len == 0 || r->cwd.s[0] != '/')) return "cwd must be an absolute path";
     return NULL;
 }
@@ -132,5 +145,6 @@ void handle_run(uint32_t id, const unsigned char *p, size_t len) {
     if (r.spill_after) {
         j->spill_after = r.spill_after;
         j->spill_path = field_str(r.spill_path);
+        j->spill_max = r.spill_max;
     }
 }
