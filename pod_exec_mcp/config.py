@@ -223,6 +223,11 @@ class Settings(BaseModel):
     max_timeout: float = Field(default=600.0, gt=0)
     """Largest timeout a call may ask for, in seconds."""
 
+    background_after: float = Field(default=40.0, ge=0)
+    """Seconds after which a shell_exec still running returns at once and goes on as a
+    background job (read_job), so that clients that give up at 60 s lose nothing. A call
+    may set its own. 0: never."""
+
     kill_grace: float = Field(default=3.0, ge=0)
     """Seconds between SIGTERM and SIGKILL when a command is stopped."""
 

@@ -66,7 +66,8 @@ class ShellExecResult(BaseModel):
 
     output: str = Field(description="stdout and stderr, merged in the order written.")
     retval: int = Field(
-        description="The command's exit status (124 if it timed out, as GNU timeout)."
+        description="The command's exit status (124 if it timed out, as GNU timeout); -1, "
+        "never an exit status, while it still runs as job_id."
     )
     truncated: bool = Field(
         default=False, description="True if the middle of the output was cut to fit the cap."
@@ -78,6 +79,12 @@ class ShellExecResult(BaseModel):
         description="When the output was cut: a file in the sandbox holding all of it "
         "(read it with read_file or rg).",
     )
+    running: bool = Field(
+        default=False,
+        description="True if the command still runs after background_after seconds: it "
+        "goes on as job_id (read_job gives the rest of its output and its exit status).",
+    )
+    job_id: str | None = Field(default=None, description="The job it goes on as, if running.")
 
 
 class CreatedSession(BaseModel):
@@ -247,16 +254,26 @@ async def shell_exec(
         float | None,
         Field(description="Seconds before the command is killed (see the tool description)."),
     ] = None,
+    background_after: Annotated[
+        float | None,
+        Field(
+            description="Seconds after which a command still running returns and goes on as "
+            "a job (see the tool description); 0: wait for it to end."
+        ),
+    ] = None,
 ) -> ShellExecResult:
     settings = _settings(ctx)
     limit = _check_timeout(timeout, settings)
     _check_command(command, settings)
+    moves_after = _check_background_after(background_after, settings)
 
     async def progress(elapsed: float) -> None:
         await ctx.report_progress(elapsed, None, f"command running for {elapsed:.0f} s")
 
     session = _session_of(ctx, session_id)
-    result = await _until_disconnected(ctx, _sessions(ctx).run(session, command, limit, progress))
+    result = await _until_disconnected(
+        ctx, _sessions(ctx).run(session, command, limit, progress, moves_after)
+    )
     audit.note(queue_wait=result.queue_wait)  # ops: audit
     return ShellExecResult(
         output=result.output,
@@ -265,6 +282,8 @@ async def shell_exec(
         timed_out=result.timed_out,
         duration=round(result.duration, 3),
         output_file=result.output_file,
+        running=result.job_id is not None,
+        job_id=result.job_id,
     )
 
 
@@ -585,9 +604,22 @@ def _shell_exec_description(settings: Settings) -> str:
         "head and tail; output_file then names a file in the sandbox that holds all of it. "
         f"A command is killed, with every process it started, after `timeout` seconds "
         f"(default {settings.default_timeout:g}, at most {settings.max_timeout:g}) and then "
-        "returns retval 124. Many clients give up on a call after 60 s: run anything that "
-        "may take longer (servers, watchers, long builds and test runs) with start_job "
-        f"instead. {_network_line(settings)} {_SESSION_HINT}"
+        f"returns retval 124. {_background_line(settings)}Servers and watchers belong in "
+        f"start_job. {_network_line(settings)} {_SESSION_HINT}"
+    )
+
+
+def _background_line(settings: Settings) -> str:
+    if not settings.background_after:
+        return (
+            "Many clients give up on a call after 60 s: run anything that may take longer "
+            "(long builds and test runs) with start_job instead. "
+        )
+    return (
+        f"A command still running after `background_after` seconds (default "
+        f"{settings.background_after:g}; many clients give up at 60 s) returns at once with "
+        "its output so far, running=true, retval -1 and a job_id, and goes on as that job "
+        "until it ends or its timeout: call read_job for the rest and its exit status. "
     )
 
 
@@ -779,6 +811,17 @@ def _check_timeout(timeout: float | None, settings: Settings) -> float:
             f"(got {timeout!r}); the server's maximum is set by {env_var('max_timeout')}."
         )
     return timeout
+
+
+def _check_background_after(seconds: float | None, settings: Settings) -> float:
+    if seconds is None:
+        return settings.background_after
+    if not math.isfinite(seconds) or seconds < 0:
+        raise SessionError(
+            f"background_after must be a number of seconds, 0 or more (got {seconds!r}); 0 "
+            "waits for the command to end."
+        )
+    return seconds
 
 
 def _check_command(command: str, settings: Settings) -> None:

@@ -41,6 +41,7 @@ from pod_exec_mcp.engine import (
 )
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import DroppedJob, Job, JobRead, job_key, new_job_id
+from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
 from pod_exec_mcp.pool import WarmPool
 from pod_exec_mcp.shell_state import (
@@ -56,6 +57,9 @@ from pod_exec_mcp.slots import ExecSlots
 log = logging.getLogger(__name__)
 
 SessionKind = Literal["explicit", "legacy"]
+
+# How long read_job waits, past news, for the job's end (see read_job).
+_EXIT_AFTER_OUTPUT = 0.2
 
 # How many ended session keys we remember, to tell "ended" from "never existed".
 _TOMBSTONES = 10_000
@@ -114,6 +118,8 @@ class CommandResult:
     queue_wait: float
     # The file in the sandbox that holds the whole output, when it was cut.
     output_file: str | None = None
+    # Still running after background_after: it goes on as this job (retval is then -1).
+    job_id: str | None = None
 
 
 def session_key(principal: str | None, kind: SessionKind, session_id: str) -> str:
@@ -290,22 +296,104 @@ class Sessions:
         command: str,
         timeout: float,
         on_progress: ProgressCallback | None = None,
+        background_after: float = 0.0,
     ) -> CommandResult:
         """Run `command` in the session's sandbox (started on first use).
 
         The engine enforces `timeout` (killing the command's whole tree) and bounds the
         output, keeping the whole of a cut output in a file in the sandbox. A sandbox the
-        engine reports gone is replaced, and the agent told so.
+        engine reports gone is replaced, and the agent told so. A command still running
+        after `background_after` seconds (0: never) goes on as a job, and this returns at
+        once with its output so far and the job's id (issue 23: clients give up at 60 s).
         """
         script, env = (
             persistent_command(command) if self.settings.persistent_shell else (command, {})
         )
         request = self._request(script, timeout, env=env, spill_path=new_output_file())
-        result, queue_wait = await self._execute(session, request, on_progress)
+        if not 0 < background_after < timeout:
+            result, queue_wait = await self._execute(session, request, on_progress)
+            return self._finished(session, result, queue_wait)
+        job = Job(new_job_id(), session.key, self.settings.max_output_bytes)
+        so_far = BoundedOutput(self.settings.max_output_bytes)
+
+        def feed(chunk: bytes) -> None:
+            (so_far if job.task is None else job).feed(chunk)
+
+        async def progress(elapsed: float) -> None:
+            if job.task is None and on_progress is not None:
+                await on_progress(elapsed)
+
+        running = asyncio.ensure_future(
+            self._execute(session, request, progress, feed, stop=job.stop_requested)
+        )
+        try:
+            await asyncio.wait({running}, timeout=background_after)
+        except asyncio.CancelledError:
+            running.cancel()  # the call was cancelled before it moved: kill the command
+            with contextlib.suppress(asyncio.CancelledError, SessionError):
+                await running
+            raise
+        if running.done():
+            result, queue_wait = running.result()
+            return self._finished(session, result, queue_wait)
+        job.task = asyncio.create_task(self._backgrounded(session, job, running, timeout))
+        key = job_key(session.principal, job.id)
+        self._jobs[key] = session.jobs[key] = job
+        note = (
+            f"still running after {background_after:g} s, so it goes on as job {job.id} and "
+            f"still ends at its timeout ({timeout:g} s). Call read_job with this job_id for "
+            "the rest of its output and its exit status; retval is -1 until then"
+        )
+        text = so_far.text()
+        newline = "\n" if text and not text.endswith("\n") else ""
+        return CommandResult(
+            output=f"{text}{newline}[pod_exec_mcp: {note}]",
+            retval=-1,
+            truncated=so_far.truncated,
+            timed_out=False,
+            duration=background_after,
+            queue_wait=0.0,
+            job_id=job.id,
+        )
+
+    def _finished(self, session: Session, result: RunResult, queue_wait: float) -> CommandResult:
         if result.output_file is not None:
             # Old whole outputs go, so that they cannot fill the sandbox's disk.
             self._in_background(self._prune_spill_files(session))
         return _command_result(result, queue_wait)
+
+    async def _backgrounded(
+        self,
+        session: Session,
+        job: Job,
+        running: asyncio.Future[tuple[RunResult, float]],
+        timeout: float,
+    ) -> RunResult | None:
+        """The rest of a shell_exec that went on as a job."""
+        try:
+            result, _ = await running
+        except asyncio.CancelledError:
+            running.cancel()
+            job.finished(None, "the job was killed: its session ended")
+            raise
+        except SessionError as exc:
+            job.finished(None, f"the job ended without an exit status: {exc}")
+            self._drop_oldest_finished_jobs(session)
+            return None
+        note = None
+        if result.timed_out:
+            why = "stopped by stop_job" if job.stop_requested.is_set() else (
+                f"timed out after {timeout:g} s"
+            )  # fmt: skip
+            note = f"{why}; {result.kill_note}"
+        if result.output_file is not None:
+            job.log_file = result.output_file
+            if result.output_file_cut:
+                job.log_keeps = self.settings.max_spill_bytes
+        job.finished(result.retval, note)
+        self._drop_oldest_finished_jobs(session)
+        self._finished(session, result, 0.0)
+        return result
 
     def _request(
         self,
@@ -334,6 +422,7 @@ class Sessions:
         request: RunRequest,
         on_progress: ProgressCallback | None = None,
         on_output: OutputCallback | None = None,
+        stop: asyncio.Event | None = None,
     ) -> tuple[RunResult, float]:
         """The path of every command: busy, sandbox, exec slots, engine, recovery.
         Returns the result and the seconds it waited for a slot."""
@@ -344,7 +433,7 @@ class Sessions:
             async with session.exec_slots, self._exec_slots.slot(session.key):
                 queue_wait = time.monotonic() - queued
                 try:
-                    result = await self.engine.run(sandbox, request, on_progress, on_output)
+                    result = await self.engine.run(sandbox, request, on_progress, on_output, stop)
                 except SandboxBroken as exc:
                     raise SessionError(await self._recover(session, sandbox, str(exc))) from None
                 except EngineError as exc:
@@ -514,7 +603,13 @@ class Sessions:
     async def read_job(self, job: Job, wait: float) -> JobRead:
         """The job's output since the last read; waits up to `wait` s for news first."""
         self._touch(job)
+        started = time.monotonic()
         await job.wait_for_news(wait)
+        # Output comes a moment before the exit status: give the job that moment, so the
+        # final output and the status come in one answer, not two.
+        left = min(_EXIT_AFTER_OUTPUT, wait - (time.monotonic() - started))
+        if job.running and job.task is not None and left > 0:
+            await asyncio.wait({job.task}, timeout=left)
         return job.take()
 
     async def stop_job(self, job: Job) -> JobRead:

@@ -242,3 +242,65 @@ async def test_legacy_client_killed_mid_command_leaves_no_process(server: Server
         client.kill()
         await client.wait()
     assert await asyncio.to_thread(wait_until, lambda: sleeps() == "", 30), sleeps()
+
+
+async def _read_until_done(client: Any, job_id: str, **args: Any) -> list[dict[str, Any]]:
+    """read_job answers until the one that says the job ended (each waits up to 20 s)."""
+    reads: list[dict[str, Any]] = []
+    while not reads or reads[-1]["running"]:
+        assert len(reads) < 20, reads
+        got = await client.call_tool("read_job", {"job_id": job_id, "wait": 20, **args})
+        reads.append(structured(got))
+    return reads
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["modern", "legacy"])
+async def test_a_long_call_goes_on_as_a_job_and_finishes(
+    server: ServerProcess, legacy: bool
+) -> None:
+    """Issue 23: clients give up at 60 s and then the command was killed. A call still
+    running after background_after returns its output so far as a running job, which
+    finishes; its final output and exit status come in one read_job answer."""
+    async with server.client(legacy=legacy) as client:
+        args = {} if legacy else {"session_id": await new_session(client)}
+        first = structured(
+            await client.call_tool(
+                "shell_exec",
+                {"command": "echo start; sleep 4; echo end; exit 3", "timeout": 60,
+                 "background_after": 1, **args},
+            )
+        )  # fmt: skip
+        reads = await _read_until_done(client, first["job_id"], **args)
+        after = await sh(client, "pwd", **args)  # the session goes on as before
+    assert first["running"] is True and first["retval"] == -1 and first["job_id"], first
+    so_far, marker = first["output"].split("[pod_exec_mcp: ")
+    assert marker.startswith("still running after 1 s") and "read_job" in marker, first
+    assert not first["timed_out"], first
+    # Nothing lost, nothing twice: what the call had, then what the job gave.
+    assert so_far + "".join(r["output"] for r in reads) == "start\nend\n", (first, reads)
+    assert reads[-1]["retval"] == 3 and reads[-1]["running"] is False, reads
+    assert after["retval"] == 0, after
+
+
+async def test_a_backgrounded_call_still_ends_at_its_timeout(server: ServerProcess) -> None:
+    async with server.client() as client:
+        sid = await new_session(client)
+        first = structured(
+            await client.call_tool(
+                "shell_exec",
+                {"command": "sleep 100", "timeout": 3, "background_after": 1, "session_id": sid},
+            )
+        )
+        reads = await _read_until_done(client, first["job_id"], session_id=sid)
+        left = await sh(client, "ps -eo args | grep -c '^sleep 100' || true", session_id=sid)
+        bad = await client.call_tool(
+            "shell_exec",
+            {"command": "true", "background_after": -1, "session_id": sid},
+            raise_on_error=False,
+        )
+    assert first["running"] and first["job_id"], first
+    assert reads[-1]["retval"] == 124, reads
+    assert "timed out after 3 s" in reads[-1]["output"], reads
+    assert "were killed" in reads[-1]["output"], reads
+    assert left["output"] == "0\n", left
+    assert "background_after must be a number of seconds" in error_text(bad)
