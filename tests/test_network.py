@@ -62,7 +62,7 @@ async def session_call(server: ServerProcess, commands: list[str], **create: Any
         sid = structured(await client.call_tool("create_session", create))["session_id"]
         outs = []
         for command in commands:
-            result = await sh(client, command, session_id=sid, timeout=120)
+            result = await sh(client, command, session_id=sid, timeout=120, background_after=0)
             outs.append(f"{result['output']}[rc={result['retval']}]")
         await client.call_tool("end_session", {"session_id": sid})
         return outs
