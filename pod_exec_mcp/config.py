@@ -274,6 +274,15 @@ class Settings(BaseModel):
     for read_job (each holds up to max_output_bytes). Past it the oldest finished job is
     dropped; read_job then says so, with its exit status and its log file in the sandbox."""
 
+    idempotency_keys_per_session: int = Field(default=100, ge=1)
+    """Results of calls with an idempotency_key that one session (or, for create_session,
+    one principal) keeps, so that a re-sent call returns the first one's result instead of
+    running again; past it the oldest are forgotten. All sessions together keep at most
+    64 MiB of such results."""
+
+    idempotency_key_ttl: float = Field(default=900.0, gt=0)
+    """Seconds an idempotency_key's result is kept; a repeat after that runs again."""
+
     max_file_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest file read_file reads or write_file writes, in bytes."""
 

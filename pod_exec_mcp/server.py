@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -37,6 +38,7 @@ from pydantic import ValidationError as PydanticValidationError
 from pod_exec_mcp import __version__, audit  # ops: audit
 from pod_exec_mcp.config import Settings, env_var
 from pod_exec_mcp.engine import SandboxEngine
+from pod_exec_mcp.idempotency import MAX_KEY_CHARS, IdempotencyError, fingerprint
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import Job, JobRead
 from pod_exec_mcp.sessions import (
@@ -243,6 +245,17 @@ def _to_result(job: JobRead) -> JobState:
 # --- the tools ---------------------------------------------------------------------------
 
 
+# A re-sent call with the same key returns the first one's result (idempotency.py).
+IdempotencyKey = Annotated[
+    str | None,
+    Field(
+        description="Optional: a key of yours (a UUID) for this call. Sending the same call "
+        "again with the same key returns the first one's result without running it again "
+        f"(at most {MAX_KEY_CHARS} characters; results are kept for a while: see the README).",
+    ),
+]
+
+
 async def shell_exec(
     command: Annotated[str, Field(description="Shell command, run as `/bin/sh -lc`.")],
     ctx: Context,
@@ -261,6 +274,7 @@ async def shell_exec(
             "a job (see the tool description); 0: wait for it to end."
         ),
     ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> ShellExecResult:
     settings = _settings(ctx)
     limit = _check_timeout(timeout, settings)
@@ -271,19 +285,26 @@ async def shell_exec(
         await ctx.report_progress(elapsed, None, f"command running for {elapsed:.0f} s")
 
     session = _session_of(ctx, session_id)
-    result = await _until_disconnected(
-        ctx, _sessions(ctx).run(session, command, limit, progress, moves_after)
-    )
-    audit.note(queue_wait=result.queue_wait)  # ops: audit
-    return ShellExecResult(
-        output=result.output,
-        retval=result.retval,
-        truncated=result.truncated,
-        timed_out=result.timed_out,
-        duration=round(result.duration, 3),
-        output_file=result.output_file,
-        running=result.job_id is not None,
-        job_id=result.job_id,
+
+    async def once() -> ShellExecResult:
+        result = await _until_disconnected(
+            ctx, _sessions(ctx).run(session, command, limit, progress, moves_after)
+        )
+        audit.note(queue_wait=result.queue_wait)  # ops: audit
+        return ShellExecResult(
+            output=result.output,
+            retval=result.retval,
+            truncated=result.truncated,
+            timed_out=result.timed_out,
+            duration=round(result.duration, 3),
+            output_file=result.output_file,
+            running=result.job_id is not None,
+            job_id=result.job_id,
+        )
+
+    asked = {"command": command, "timeout": limit, "background_after": moves_after}
+    return await _sessions(ctx).once.run(
+        session.key, idempotency_key, fingerprint("shell_exec", asked), once
     )
 
 
@@ -301,12 +322,20 @@ async def create_session(
         list[str] | None,
         Field(description="Optional: destinations to refuse besides the server's own denials."),
     ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> CreatedSession:
-    session_id = await _sessions(ctx).create_explicit(
-        current_principal(), egress_allow, egress_deny
-    )
-    audit.note(session=session_key(current_principal(), "explicit", session_id))  # ops: audit
-    return CreatedSession(session_id=session_id)
+    principal = current_principal()
+
+    async def once() -> CreatedSession:
+        session_id = await _sessions(ctx).create_explicit(principal, egress_allow, egress_deny)
+        audit.note(session=session_key(principal, "explicit", session_id))  # ops: audit
+        return CreatedSession(session_id=session_id)
+
+    asked = {"egress_allow": egress_allow, "egress_deny": egress_deny}
+    return await _sessions(ctx).once.run(
+        f"principal\0{principal or ''}", idempotency_key, fingerprint("create_session", asked),
+        once,
+    )  # fmt: skip
 
 
 async def end_session(
@@ -327,11 +356,19 @@ async def start_job(
         str | None,
         Field(description="Id from create_session. Required on stateless connections."),
     ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> StartedJob:
     _check_command(command, _settings(ctx))
     session = _session_of(ctx, session_id)
-    job_id = await _sessions(ctx).start_job(session, current_principal(), command)
-    return StartedJob(job_id=job_id)
+
+    async def once() -> StartedJob:
+        return StartedJob(
+            job_id=await _sessions(ctx).start_job(session, current_principal(), command)
+        )
+
+    return await _sessions(ctx).once.run(
+        session.key, idempotency_key, fingerprint("start_job", {"command": command}), once
+    )
 
 
 async def read_job(
@@ -426,6 +463,7 @@ async def write_file(
         Literal["text", "base64"],
         Field(description="How `content` is given: text (written as UTF-8) or base64."),
     ] = "text",
+    idempotency_key: IdempotencyKey = None,
 ) -> FileWritten:
     if encoding == "base64":
         try:
@@ -437,8 +475,15 @@ async def write_file(
     else:
         data = content.encode("utf-8", "surrogatepass")
     session = _session_of(ctx, session_id)
-    written = await _sessions(ctx).write_file(session, path, data)
-    return FileWritten(path=path, bytes_written=written)
+
+    async def once() -> FileWritten:
+        written = await _sessions(ctx).write_file(session, path, data)
+        return FileWritten(path=path, bytes_written=written)
+
+    asked = {"path": path, "sha256": hashlib.sha256(data).hexdigest()}
+    return await _sessions(ctx).once.run(
+        session.key, idempotency_key, fingerprint("write_file", asked), once
+    )
 
 
 def _base64_slice(path: str, data: bytes, offset: int, limit: int) -> FileContent:
@@ -540,7 +585,7 @@ def _agent_errors(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     async def translated(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await tool(*args, **kwargs)
-        except SessionError as exc:
+        except (SessionError, IdempotencyError) as exc:
             raise ToolError(str(exc)) from None
 
     return translated

@@ -39,6 +39,7 @@ from pod_exec_mcp.engine import (
     SandboxSpec,
     sandbox_spec,
 )
+from pod_exec_mcp.idempotency import Once
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import DroppedJob, Job, JobRead, job_key, new_job_id
 from pod_exec_mcp.output import BoundedOutput
@@ -57,6 +58,9 @@ from pod_exec_mcp.slots import ExecSlots
 log = logging.getLogger(__name__)
 
 SessionKind = Literal["explicit", "legacy"]
+
+# All keyed calls' results kept together (config.py, idempotency_keys_per_session).
+IDEMPOTENT_RESULT_BYTES = 64 * 1024 * 1024
 
 # How long read_job waits, past news, for the job's end (see read_job).
 _EXIT_AFTER_OUTPUT = 0.2
@@ -148,6 +152,12 @@ class Sessions:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._closed = False
         self._exec_slots = ExecSlots(settings.max_concurrent_execs)
+        # Keyed calls' results (idempotency_key), for the tools layer.
+        self.once = Once(
+            settings.idempotency_keys_per_session,
+            settings.idempotency_key_ttl,
+            IDEMPOTENT_RESULT_BYTES,
+        )
         self.egress = EgressPolicy.from_rules(settings.egress_allow, settings.egress_deny)
         self.pool = WarmPool(
             engine, lambda: self._spec("pool"), settings.warm_pool, settings.sandbox_lifetime

@@ -367,3 +367,41 @@ async def test_yes_cannot_fill_the_sandboxs_disk(launch: Any) -> None:
     size, lines = job_cut["output"].split()
     assert lines == "1" and 8 * mib < int(size) < 8 * mib + 200, job_cut
     assert int(total["output"]) <= 12 * mib, total
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["modern", "legacy"])
+async def test_a_re_sent_call_runs_once(server: ServerProcess, legacy: bool) -> None:
+    """Issue 23: a client whose stream broke sends the call again; with the same
+    idempotency_key it must not run twice. Three sends, two of them at once."""
+    async with server.client(legacy=legacy) as client:
+        created = [
+            structured(await client.call_tool("create_session", {"idempotency_key": "s-1"}))
+            for _ in range(2)
+        ]
+        args = {} if legacy else {"session_id": created[0]["session_id"]}
+        call = {
+            "command": "sleep 1; echo ran >> /tmp/runs; wc -l < /tmp/runs",
+            "idempotency_key": "k-1", **args,
+        }  # fmt: skip
+        both = await asyncio.gather(*(client.call_tool("shell_exec", call) for _ in range(2)))
+        third = await client.call_tool("shell_exec", call)
+        other = await client.call_tool(
+            "shell_exec", {**call, "command": "true"}, raise_on_error=False
+        )
+        written = [
+            structured(
+                await client.call_tool(
+                    "write_file",
+                    {"path": "/tmp/w", "content": "x", "idempotency_key": "w-1", **args},
+                )
+            )
+            for _ in range(2)
+        ]
+        runs = await sh(client, "wc -l < /tmp/runs", **args)
+    assert created[0] == created[1], created
+    results = [structured(r) for r in (*both, third)]
+    assert results[0] == results[1] == results[2], results
+    assert results[0]["output"] == "1\n", results
+    assert runs["output"] == "1\n", runs
+    assert "first used with other arguments" in error_text(other)
+    assert written[0] == written[1], written
