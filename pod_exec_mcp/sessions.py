@@ -47,6 +47,7 @@ from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
 from pod_exec_mcp.pool import WarmPool
 from pod_exec_mcp.shell_state import (
     JOBS_DIR,
+    STATE_DIR,
     in_session_cwd,
     new_output_file,
     persistent_command,
@@ -58,6 +59,10 @@ from pod_exec_mcp.slots import ExecSlots
 log = logging.getLogger(__name__)
 
 SessionKind = Literal["explicit", "legacy"]
+
+# What failed commands print when a disk is full, and the probe that then checks it.
+_DISK_FULL_SIGNS = ("No space left on device", "Disk quota exceeded", "ENOSPC")
+_FREE_SPACE = "df -Pk / /tmp 2>/dev/null | awk 'NR > 1 {print $2, $4, $6}'"
 
 # All keyed calls' results kept together (config.py, idempotency_keys_per_session).
 IDEMPOTENT_RESULT_BYTES = 64 * 1024 * 1024
@@ -322,7 +327,7 @@ class Sessions:
         request = self._request(script, timeout, env=env, spill_path=new_output_file())
         if not 0 < background_after < timeout:
             result, queue_wait = await self._execute(session, request, on_progress)
-            return self._finished(session, result, queue_wait)
+            return await self._finished(session, result, queue_wait)
         job = Job(new_job_id(), session.key, self.settings.max_output_bytes)
         so_far = BoundedOutput(self.settings.max_output_bytes)
 
@@ -345,7 +350,7 @@ class Sessions:
             raise
         if running.done():
             result, queue_wait = running.result()
-            return self._finished(session, result, queue_wait)
+            return await self._finished(session, result, queue_wait)
         job.task = asyncio.create_task(self._backgrounded(session, job, running, timeout))
         key = job_key(session.principal, job.id)
         self._jobs[key] = session.jobs[key] = job
@@ -366,11 +371,48 @@ class Sessions:
             job_id=job.id,
         )
 
-    def _finished(self, session: Session, result: RunResult, queue_wait: float) -> CommandResult:
+    async def _said_if_disk_full(self, session: Session, result: CommandResult) -> CommandResult:
+        """A failed command whose output speaks of a full disk, on a sandbox whose disk is
+        full now: the result says so, and what to do (issue 23: pip's `[Errno 28]` alone
+        did not tell the agent why)."""
+        if result.retval == 0 or not any(s in result.output for s in _DISK_FULL_SIGNS):
+            return result
+        note = await self._disk_full(session)
+        if note is None:
+            return result
+        newline = "\n" if result.output and not result.output.endswith("\n") else ""
+        return replace(result, output=f"{result.output}{newline}[pod_exec_mcp: {note}]")
+
+    async def _disk_full(self, session: Session) -> str | None:
+        """What of the sandbox's / and /tmp is full now (under 16 MiB or 1 % free), said
+        for the agent; None if neither is."""
+        try:
+            probe, _ = await self._execute(session, self._request(_FREE_SPACE, 10))
+        except SessionError:
+            return None
+        full = []
+        for line in probe.output.splitlines():
+            fields = line.split()
+            if len(fields) == 3 and fields[0].isdigit() and fields[1].isdigit():
+                size_k, free_k, mount = int(fields[0]), int(fields[1]), fields[2]
+                if free_k < max(16 * 1024, size_k // 100) and mount not in full:
+                    full.append(mount)
+        if not full:
+            return None
+        return (
+            f"the sandbox's disk is full ({' and '.join(full)}: under 1 % free), which is "
+            "most likely why this failed. Delete what you no longer need (`du -xsh /* "
+            f"2>/dev/null` shows where it went; old outputs in {STATE_DIR} can go too) "
+            "and run it again"
+        )
+
+    async def _finished(
+        self, session: Session, result: RunResult, queue_wait: float
+    ) -> CommandResult:
         if result.output_file is not None:
             # Old whole outputs go, so that they cannot fill the sandbox's disk.
             self._in_background(self._prune_spill_files(session))
-        return _command_result(result, queue_wait)
+        return await self._said_if_disk_full(session, _command_result(result, queue_wait))
 
     async def _backgrounded(
         self,
@@ -402,7 +444,8 @@ class Sessions:
                 job.log_keeps = self.settings.max_spill_bytes
         job.finished(result.retval, note)
         self._drop_oldest_finished_jobs(session)
-        self._finished(session, result, 0.0)
+        if result.output_file is not None:
+            self._in_background(self._prune_spill_files(session))
         return result
 
     def _request(
@@ -532,7 +575,13 @@ class Sessions:
             stdin=data,
         )  # fmt: skip
         result, _ = await self._execute(session, request)
-        _raise_for_file_status(result, path, limit)
+        try:
+            _raise_for_file_status(result, path, limit)
+        except SessionError as exc:
+            full = any(sign in result.output for sign in _DISK_FULL_SIGNS)
+            if full and (note := await self._disk_full(session)) is not None:
+                raise SessionError(f"{exc} {note[0].upper()}{note[1:]}.") from None
+            raise
         return len(data)
 
     # --- background jobs ----------------------------------------------------------------

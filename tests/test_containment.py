@@ -190,6 +190,12 @@ async def test_writing_past_the_disk_limit_fails(launch: Any, tmp_path: Path) ->
             timeout=120,
         )
         grown = disk_used(storage) - before
+        # A command that fails because the disk is full, and a write_file, say so (issue 23).
+        full = await sh(client, "head -c 10m /dev/zero > /workspace/d")
+        full_write = await client.call_tool(
+            "write_file", {"path": "/workspace/e", "content": "x" * 1_000_000},
+            raise_on_error=False,
+        )  # fmt: skip
         # Podman bind-mounts /etc/hosts, /etc/resolv.conf, /etc/hostname and
         # /run/.containerenv from files in its run root (here on the host's disk),
         # writable by sandbox root: appending to them must meet the same limit.
@@ -233,6 +239,8 @@ async def test_writing_past_the_disk_limit_fails(launch: Any, tmp_path: Path) ->
         assert kept < 64 * 1024 * 1024, f"{kept / 1e6:.0f} MB still held after rm"
     if disk_limit_by() == "root disk":  # (a storage quota covers the graph root only)
         assert "No space left" in bound["output"], bound
+        assert full["retval"] != 0 and "the sandbox's disk is full (/" in full["output"], full
+        assert "sandbox's disk is full (/" in error_text(full_write), full_write
         assert grown_run < 300 * 1024 * 1024 + 64 * 1024 * 1024
     assert reason.strip() in ("No space left on device", "Disk quota exceeded"), files
     assert int(count) < 200000, files
