@@ -41,6 +41,7 @@ from pod_exec_mcp.engine import SandboxEngine
 from pod_exec_mcp.idempotency import MAX_KEY_CHARS, IdempotencyError, fingerprint
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import Job, JobRead
+from pod_exec_mcp.plain_text import PlainText
 from pod_exec_mcp.sessions import (
     Session,
     SessionError,
@@ -743,7 +744,11 @@ def build_server(
         ),
         lifespan=lifespan,
         auth=auth,
-        middleware=[audit.AuditMiddleware(settings.audit_command_chars), ArgumentErrors()],  # ops
+        middleware=[
+            audit.AuditMiddleware(settings.audit_command_chars),  # ops: audit
+            ArgumentErrors(),
+            PlainText(),
+        ],
     )
     idle = describe_seconds(settings.idle_timeout)
     _add_tool(

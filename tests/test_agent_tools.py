@@ -405,3 +405,22 @@ async def test_a_re_sent_call_runs_once(server: ServerProcess, legacy: bool) -> 
     assert runs["output"] == "1\n", runs
     assert "first used with other arguments" in error_text(other)
     assert written[0] == written[1], written
+
+
+async def test_the_text_content_is_the_plain_output(server: ServerProcess) -> None:
+    """Issue 25: hosts that give the model the text content showed one escaped JSON line.
+    The text is now the output, then one status line; structuredContent is unchanged."""
+    async with server.client() as client:
+        sid = await new_session(client)
+        ran = await client.call_tool(
+            "shell_exec", {"command": "printf 'a\\nb\\n'", "session_id": sid}
+        )
+        failed = await client.call_tool(
+            "shell_exec", {"command": "echo no; exit 3", "session_id": sid}
+        )
+        read = await client.call_tool("read_file", {"path": "/etc/hostname", "session_id": sid})
+    assert ran.content[0].text == "a\nb\n[exit status 0]", ran.content
+    assert structured(ran)["output"] == "a\nb\n" and structured(ran)["retval"] == 0
+    assert failed.content[0].text == "no\n[exit status 3]", failed.content
+    text = read.content[0].text
+    assert text.startswith(structured(read)["content"]) and "/etc/hostname:" in text, text
