@@ -641,8 +641,9 @@ def _shell_exec_description(settings: Settings) -> str:
         else "Each call starts in /workspace with a fresh environment. "
     )
     return (
-        "Run a shell command in your private Linux sandbox (Debian with bash, git, curl, "
-        "python3 with pip and venv, make, ripgrep, jq; as root, `/bin/sh -lc COMMAND`, "
+        "Run a shell command in your private Linux sandbox (Debian with git, curl, python3 "
+        "with pip and venv, make, ripgrep, jq; as root, `/bin/sh -lc COMMAND`, where /bin/sh "
+        "is bash, "
         "starting in /workspace; stdin is empty and there is no TTY, so nothing can prompt "
         f"you). {shell}"
         "Files, installed packages and background processes persist in the session. stdout "

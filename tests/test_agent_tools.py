@@ -424,3 +424,33 @@ async def test_the_text_content_is_the_plain_output(server: ServerProcess) -> No
     assert failed.content[0].text == "no\n[exit status 3]", failed.content
     text = read.content[0].text
     assert text.startswith(structured(read)["content"]) and "/etc/hostname:" in text, text
+
+
+async def test_the_shell_and_python_are_what_agents_expect(server: ServerProcess) -> None:
+    """Issue 25: /bin/sh was dash (`source: not found`, `[[` not found, `{1..3}` literal),
+    the first pip install failed on PEP 668, and a job's Python output was block-buffered."""
+    async with server.client() as client:
+        sid = await new_session(client)
+        bash = await sh(
+            client,
+            "python3 -m venv venv && source venv/bin/activate && [[ -n $VIRTUAL_ENV ]] && "
+            "echo {1..3}",
+            session_id=sid,
+            timeout=120,
+        )
+        pip = await sh(client, "pip install --no-index pod-exec-mcp-nothing", session_id=sid)
+        job = structured(
+            await client.call_tool(
+                "start_job",
+                {"command": "python3 -c 'import time; print(\"up\"); time.sleep(60)'",
+                 "session_id": sid},
+            )
+        )["job_id"]  # fmt: skip
+        read = structured(
+            await client.call_tool("read_job", {"job_id": job, "wait": 20, "session_id": sid})
+        )
+        await client.call_tool("stop_job", {"job_id": job, "session_id": sid})
+    assert bash["output"] == "1 2 3\n", bash
+    assert "externally-managed-environment" not in pip["output"], pip
+    assert "No matching distribution" in pip["output"], pip
+    assert read["output"] == "up\n" and read["running"], read
