@@ -132,7 +132,7 @@ class FileContent(BaseModel):
 
 
 class FileWritten(BaseModel):
-    path: str
+    path: str = Field(description="The absolute path written.")
     bytes_written: int
 
 
@@ -478,8 +478,8 @@ async def write_file(
     session = _session_of(ctx, session_id)
 
     async def once() -> FileWritten:
-        written = await _sessions(ctx).write_file(session, path, data)
-        return FileWritten(path=path, bytes_written=written)
+        where, written = await _sessions(ctx).write_file(session, path, data)
+        return FileWritten(path=where, bytes_written=written)
 
     asked = {"path": path, "sha256": hashlib.sha256(data).hexdigest()}
     return await _sessions(ctx).once.run(

@@ -46,6 +46,7 @@ from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
 from pod_exec_mcp.pool import WarmPool
 from pod_exec_mcp.shell_state import (
+    CWD_GONE,
     JOBS_DIR,
     STATE_DIR,
     in_session_cwd,
@@ -559,9 +560,9 @@ class Sessions:
             )
         return bytes(data)
 
-    async def write_file(self, session: Session, path: str, data: bytes) -> int:
+    async def write_file(self, session: Session, path: str, data: bytes) -> tuple[str, int]:
         """Write `data` to `path` atomically (a temporary file renamed into place),
-        creating parent directories; returns the size written."""
+        creating parent directories; returns the absolute path written and its size."""
         _check_path(path)
         limit = self.settings.max_file_bytes
         if len(data) > limit:
@@ -582,7 +583,8 @@ class Sessions:
             if full and (note := await self._disk_full(session)) is not None:
                 raise SessionError(f"{exc} {note[0].upper()}{note[1:]}.") from None
             raise
-        return len(data)
+        written = result.output.strip()
+        return (written if written.startswith("/") else path), len(data)
 
     # --- background jobs ----------------------------------------------------------------
 
@@ -896,6 +898,7 @@ t="$d/.pod_exec_mcp_write.$$"
 if cat > "$t"; then
   if [ -x "$p" ]; then chmod +x "$t"; fi
   mv -f -- "$t" "$p" || { rm -f -- "$t"; exit 5; }
+  case "$p" in /*) printf '%s' "$p" ;; *) printf '%s/%s' "$PWD" "$p" ;; esac
 else
   rm -f -- "$t"; exit 5
 fi
@@ -910,6 +913,11 @@ def _check_path(path: str) -> None:
 def _raise_for_file_status(result: RunResult, path: str, limit: int) -> None:
     if result.timed_out:
         raise SessionError(f"{path}: the file operation timed out ({result.kill_note}).")
+    if result.retval == CWD_GONE:
+        raise SessionError(
+            f"{path} is relative to the shell's working directory {result.output.strip()}, "
+            "which is gone: give an absolute path, or cd to a directory that exists."
+        )
     what = _FILE_STATUS.get(result.retval)
     if result.retval == 6:
         raise SessionError(

@@ -37,7 +37,9 @@ _RESTORE = f"""
 __pem_dir={SHELL_DIR}
 if [ -r "$__pem_dir/env" ]; then . "$__pem_dir/env"; fi
 if [ -r "$__pem_dir/cwd" ] && IFS= read -r __pem_cwd < "$__pem_dir/cwd"; then
-  cd "$__pem_cwd" 2>/dev/null || true
+  cd "$__pem_cwd" 2>/dev/null ||
+    printf '[pod_exec_mcp: the working directory %s is gone, so this runs in %s]\n' \
+      "$__pem_cwd" "$(pwd -P)" >&2
 fi
 """
 _RUN = f"""
@@ -57,7 +59,7 @@ __pem_save() {{
     printf '%s\\n' "$__pem_after" > "$__pem_dir/env.$$" &&
       mv -f "$__pem_dir/env.$$" "$__pem_dir/env"
   fi
-  pwd > "$__pem_dir/cwd"
+  printf '%s\n' "$PWD" > "$__pem_dir/cwd"
 }}
 __pem_before=$(unset {EXEC_ID_ENV} {COMMAND_ENV}; export -p)
 trap __pem_save EXIT
@@ -70,10 +72,14 @@ trap __pem_save EXIT
 _RESTORING = _RESTORE + _RUN
 
 # Only the working directory, for file tools: a relative path means what it would mean
-# to the agent's next shell_exec.
+# to the agent's next shell_exec. If that directory is gone, a relative path means nothing:
+# status CWD_GONE, with the directory as the output.
+CWD_GONE = 8
 _IN_CWD = f"""
 if [ -r {SHELL_DIR}/cwd ] && IFS= read -r __pem_cwd < {SHELL_DIR}/cwd; then
-  cd "$__pem_cwd" 2>/dev/null || true
+  if ! cd "$__pem_cwd" 2>/dev/null; then
+    case "$POD_EXEC_MCP_PATH" in /*) ;; *) printf '%s' "$__pem_cwd"; exit {CWD_GONE} ;; esac
+  fi
 fi
 """
 

@@ -454,3 +454,43 @@ async def test_the_shell_and_python_are_what_agents_expect(server: ServerProcess
     assert "externally-managed-environment" not in pip["output"], pip
     assert "No matching distribution" in pip["output"], pip
     assert read["output"] == "up\n" and read["running"], read
+
+
+async def test_a_gone_working_directory_is_said_and_paths_come_back_absolute(
+    server: ServerProcess,
+) -> None:
+    """Issue 25: a removed working directory silently fell back to /workspace (dangerous
+    right before an `rm`), and write_file echoed a relative path as given."""
+    async with server.client() as client:
+        sid = await new_session(client)
+        await sh(client, "mkdir -p /tmp/here && cd /tmp/here", session_id=sid)
+        wrote = structured(
+            await client.call_tool(
+                "write_file", {"path": "sub/f.txt", "content": "x", "session_id": sid}
+            )
+        )
+        await sh(client, "mkdir -p /tmp/here2 && cd /tmp/here2", session_id=sid)
+        await sh(client, "rm -rf /tmp/here2", session_id=sid)  # from inside it
+        gone = await sh(client, "pwd", session_id=sid)
+        await sh(client, "mkdir -p /tmp/here3 && cd /tmp/here3 && rmdir /tmp/here3", session_id=sid)
+        gone_too = await sh(client, "pwd", session_id=sid)
+        await sh(client, "mkdir -p /tmp/here2 && cd /tmp/here2", session_id=sid)
+        await sh(client, "rm -rf /tmp/here2", session_id=sid)
+        refused = await client.call_tool(
+            "write_file", {"path": "g.txt", "content": "x", "session_id": sid},
+            raise_on_error=False,
+        )  # fmt: skip
+        absolute = await client.call_tool(
+            "write_file", {"path": "/tmp/abs.txt", "content": "x", "session_id": sid}
+        )
+    assert wrote["path"] == "/tmp/here/sub/f.txt", wrote
+    assert gone["output"].startswith(
+        "[pod_exec_mcp: the working directory /tmp/here2 is gone, so this runs in /workspace]\n"
+    ), gone
+    assert gone_too["output"].startswith(
+        "[pod_exec_mcp: the working directory /tmp/here3 is gone, so this runs in /workspace]\n"
+    ), gone_too
+    assert "relative to the shell's working directory /tmp/here2, which is gone" in (
+        error_text(refused)
+    )
+    assert structured(absolute)["path"] == "/tmp/abs.txt"
