@@ -131,6 +131,11 @@ class FileContent(BaseModel):
     )
 
 
+class FileEdited(BaseModel):
+    path: str = Field(description="The absolute path edited.")
+    bytes_written: int = Field(description="The file's new size.")
+
+
 class FileWritten(BaseModel):
     path: str = Field(description="The absolute path written.")
     bytes_written: int
@@ -448,6 +453,23 @@ async def read_file(
     if encoding == "base64":
         return _base64_slice(path, data, offset or 0, limit or MAX_BASE64_READ)
     return _text_slice(path, data, offset or 1, limit or DEFAULT_LINES, settings.max_output_bytes)
+
+
+async def edit_file(
+    path: Annotated[
+        str, Field(description="File path; relative to the shell's current directory.")
+    ],
+    old: Annotated[str, Field(description="The exact text to replace; it must occur once.")],
+    new: Annotated[str, Field(description="The text to put in its place.")],
+    ctx: Context,
+    session_id: Annotated[
+        str | None,
+        Field(description="Id from create_session. Required on stateless connections."),
+    ] = None,
+) -> FileEdited:
+    session = _session_of(ctx, session_id)
+    where, size = await _sessions(ctx).edit_file(session, path, old, new)
+    return FileEdited(path=where, bytes_written=size)
 
 
 async def write_file(
@@ -849,6 +871,20 @@ def build_server(
         read_only=False,
         destructive=True,
         idempotent=True,
+    )
+    _add_tool(
+        mcp,
+        edit_file,
+        "Edit a file",
+        (
+            "Replace one exact, unique occurrence of `old` with `new` in a text file in your "
+            "sandbox, and write it back atomically: no need to rewrite the whole file. "
+            "Fails, changing nothing, when `old` occurs nowhere or more than once. "
+            f"{_SESSION_HINT}"
+        ),
+        read_only=False,
+        destructive=True,
+        idempotent=False,
     )
     return mcp, sessions
 

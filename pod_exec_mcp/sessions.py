@@ -560,6 +560,32 @@ class Sessions:
             )
         return bytes(data)
 
+    async def edit_file(self, session: Session, path: str, old: str, new: str) -> tuple[str, int]:
+        """Replace the one occurrence of `old` in the text file `path` with `new`; returns
+        the absolute path and the new size. An `old` found nowhere or more than once is an
+        error, and nothing is written. Read, then written atomically: a change made to the
+        file in between by something else is lost, as with any editor."""
+        if not old:
+            raise SessionError("old must be the exact, non-empty text to replace.")
+        try:
+            text = (await self.read_file(session, path)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise SessionError(
+                f"{path} is not UTF-8 text; change it with shell_exec (sed, perl) instead."
+            ) from None
+        found = text.count(old)
+        if found != 1:
+            where = "nowhere in it" if not found else f"{found} times in it"
+            raise SessionError(
+                f"old is {where}, and edit_file replaces exactly one occurrence: "
+                + (
+                    "copy the text exactly as the file has it (read_file shows it)."
+                    if not found
+                    else "give more of the surrounding text, so that it is unique."
+                )
+            )
+        return await self.write_file(session, path, text.replace(old, new, 1).encode("utf-8"))
+
     async def write_file(self, session: Session, path: str, data: bytes) -> tuple[str, int]:
         """Write `data` to `path` atomically (a temporary file renamed into place),
         creating parent directories; returns the absolute path written and its size."""

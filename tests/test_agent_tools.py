@@ -494,3 +494,30 @@ async def test_a_gone_working_directory_is_said_and_paths_come_back_absolute(
         error_text(refused)
     )
     assert structured(absolute)["path"] == "/tmp/abs.txt"
+
+
+async def test_edit_file_replaces_one_occurrence(server: ServerProcess) -> None:
+    """Issue 25: every change rewrote the whole file."""
+    async with server.client() as client:
+        sid = await new_session(client)
+        await sh(
+            client, "printf 'a = 1\\nb = 2\\nb = 2\\n' > f.py && chmod +x f.py", session_id=sid
+        )
+        edited = structured(
+            await client.call_tool(
+                "edit_file", {"path": "f.py", "old": "a = 1", "new": "a = 10", "session_id": sid}
+            )
+        )
+        twice = await client.call_tool(
+            "edit_file", {"path": "f.py", "old": "b = 2", "new": "b = 3", "session_id": sid},
+            raise_on_error=False,
+        )  # fmt: skip
+        nowhere = await client.call_tool(
+            "edit_file", {"path": "f.py", "old": "zzz", "new": "y", "session_id": sid},
+            raise_on_error=False,
+        )  # fmt: skip
+        after = await sh(client, "cat f.py; test -x f.py && echo executable", session_id=sid)
+    assert edited == {"path": "/workspace/f.py", "bytes_written": 19}, edited
+    assert "2 times in it" in error_text(twice)
+    assert "nowhere in it" in error_text(nowhere)
+    assert after["output"] == "a = 10\nb = 2\nb = 2\nexecutable\n", after

@@ -285,6 +285,12 @@ BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
     ("write_file", {"content": "x"}, "path"),
     ("write_file", {"path": "f", "content": "!!", "encoding": "base64"}, "base64"),
     ("write_file", {"path": "f", "content": "x", "encoding": "rot13"}, "encoding"),
+    ("shell_exec", {"command": "true", "background_after": -1}, "background_after"),
+    ("shell_exec", {"command": "true", "idempotency_key": ""}, "idempotency_key"),
+    ("shell_exec", {"command": "true", "idempotency_key": "x" * 201}, "idempotency_key"),
+    ("edit_file", {"path": "f", "old": "a"}, "new"),
+    ("edit_file", {"path": "f", "new": "a"}, "old"),
+    ("edit_file", {"path": "f", "old": "", "new": "a"}, "old must be"),
 ]
 
 
