@@ -252,7 +252,7 @@ async def test_survivors_are_reported_not_hidden(new_sandbox: Callable[..., str]
     marker = uuid.uuid4().hex[:8]
     command = (
         "setsid setpriv --reuid=65534 --regid=65534 --clear-groups "
-        f"sh -c 'sleep 1000' survivor_{marker} & sleep 300"
+        f"sh -c 'sleep 1000; :' survivor_{marker} & sleep 300"
     )
     async with channel(name) as chan:
         result, _ = await run(chan, command, timeout=1, kill_grace=0.2)
@@ -273,7 +273,7 @@ async def test_deadline_to_result_and_cancel(sandbox: str) -> None:
         )
         # A cancelled run stops its tree before CancelledError reaches the caller.
         marker = uuid.uuid4().hex[:8]
-        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' cancel_{marker} & wait"))
+        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300; :' cancel_{marker} & wait"))
         await asyncio.sleep(0.5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -390,7 +390,7 @@ async def test_killing_everything_inside_leaves_the_sandbox(
         async with channel(name) as chan:
             await run(
                 chan,
-                f"sh -c 'sleep 300' orphan_{marker} & sleep 0.2; kill -9 {chan.agent_pid}; wait",
+                f"sh -c 'sleep 300; :' orphan_{marker} & sleep 0.2; kill -9 {chan.agent_pid}; wait",
             )
     assert await asyncio.to_thread(wait_until, lambda: marker not in processes(name), 30)
     with pytest.raises(AgentError):
@@ -409,7 +409,7 @@ async def test_host_gone_stops_commands(sandbox: str) -> None:
         attach_argv(sandbox), heartbeat_interval=1, heartbeat_timeout=5
     )
     try:
-        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' gone_{marker} & wait"))
+        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300; :' gone_{marker} & wait"))
         assert await asyncio.to_thread(wait_until, lambda: marker in processes(sandbox), 20)
         os.kill(chan._proc.pid, signal.SIGKILL)
         with pytest.raises(AgentError):
@@ -424,7 +424,7 @@ def test_heartbeat_stops_commands_when_the_host_hangs(sandbox: str) -> None:
     marker = uuid.uuid4().hex[:8]
     hello = HEADER.pack(1, 0, 0, 0, 8) + struct.pack(">HHI", 1, 1, 2000)
     payload = encode_run(
-        f"sh -c 'sleep 300' hb_{marker} & wait", deadline=0, grace=0.5, env=None,
+        f"sh -c 'sleep 300; :' hb_{marker} & wait", deadline=0, grace=0.5, env=None,
         has_stdin=False, cwd=None, spill_path=None, spill_after=0,
     )  # fmt: skip
     run_frame = HEADER.pack(2, 0, 0, 1, len(payload)) + payload
@@ -444,7 +444,7 @@ def test_heartbeat_stops_commands_when_the_host_hangs(sandbox: str) -> None:
 async def test_close_stops_background_children(sandbox: str) -> None:
     marker = uuid.uuid4().hex[:8]
     async with channel(sandbox) as chan:
-        result, _ = await run(chan, f"sh -c 'sleep 300' bg_{marker} >/dev/null 2>&1 &")
+        result, _ = await run(chan, f"sh -c 'sleep 300; :' bg_{marker} >/dev/null 2>&1 &")
         assert result.status == 0 and marker in processes(sandbox)
     assert not chan.alive
     assert marker not in processes(sandbox)
@@ -638,7 +638,7 @@ async def test_remote_podman(remote_sandbox: tuple[list[str], str]) -> None:
         assert (result.status, out) == (0, b"remote\n/workspace\n")
         # Host gone through the API socket: the agent still sees its stdin close.
         marker = uuid.uuid4().hex[:8]
-        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300' remote_{marker} & wait"))
+        task = asyncio.create_task(run(chan, f"sh -c 'sleep 300; :' remote_{marker} & wait"))
         assert await asyncio.to_thread(wait_until, lambda: marker in processes(name), 20)
         os.kill(chan._proc.pid, signal.SIGKILL)
         with pytest.raises(AgentError):
