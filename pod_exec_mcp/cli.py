@@ -296,8 +296,8 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
         die(str(exc))
     if (unenforced := unenforced_limits_warning(facts.cgroup_controllers)) is not None:
         log.warning("limits: %s", unenforced)
-    for warning in capacity_warnings(settings, host_state(facts.graph_root)):
-        log.warning("capacity: %s", warning)
+    if warnings := capacity_warnings(settings, host_state(facts.graph_root)):
+        log.warning("capacity: %s", "; ".join(warnings))  # one line, however many
     if gets_root_disk(sandbox_spec(settings, "", {}), root_disks):
         assert root_disks is not None
         log.info(

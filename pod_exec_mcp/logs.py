@@ -173,6 +173,7 @@ def configure_logging(
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_formatter(chosen))
     handler.setLevel(level.upper())
+    handler.addFilter(_AgentMistakes(handler.level))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -190,6 +191,24 @@ def configure_logging(
     _quiet_fastmcp()
     _configured = chosen
     return chosen
+
+
+class _AgentMistakes(logging.Filter):
+    """An agent's own mistake (bad arguments) is info, not a warning: fastmcp logs it as
+    one, and the audit trail already records it (issue 25: every agent mistake was logged
+    at ERROR or WARNING). Our own tool errors carry their level (server._agent_errors)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("fastmcp") and str(record.msg).startswith(
+            "Invalid arguments for tool"
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return record.levelno >= self.level
+        return True
 
 
 def _quiet_fastmcp() -> None:

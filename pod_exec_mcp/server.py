@@ -16,6 +16,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -609,7 +610,10 @@ def _agent_errors(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         try:
             return await tool(*args, **kwargs)
         except (SessionError, IdempotencyError) as exc:
-            raise ToolError(str(exc)) from None
+            error = ToolError(str(exc))
+            # The agent's to act on, and in the audit trail: not a server error in the log.
+            error.log_level = logging.INFO
+            raise error from None
 
     return translated
 
