@@ -13,8 +13,10 @@ The head is parsed by h11 (a strict HTTP/1.1 parser), and any framing that two p
 could read differently is a 400 before anything is resolved (`_strict_lines`,
 `_framing`); exactly one request's bytes go on, its declared body and nothing after it.
 A refusal is an HTTP 403 whose body (and reason phrase) names the rule, sent before any
-connection is made; every other failure is a 4xx/5xx with a message. Nothing waits forever
-for the sandbox's client before the request head is complete (HEAD_TIMEOUT).
+connection is made; every other failure is a 4xx/5xx with a message. A request head must
+arrive whole within a bound (`head_timeout`, the setting egress_head_timeout): one sent
+slowly, a byte at a time, gets 408 and the connection is closed, before anything is
+resolved.
 
 Once the request is checked and the connection made, a client that can (`Splicer`: an
 agent stream with a pass socket) takes the connection over and copies the exchange itself,
@@ -42,7 +44,8 @@ from pod_exec_mcp.ratelog import RateLimitedLog
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024
-HEAD_TIMEOUT = 30.0
+# The default bound on the time a request head may take to arrive (egress_head_timeout).
+HEAD_TIMEOUT = 10.0
 RESOLVE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 CHUNK = 256 * 1024
@@ -571,20 +574,28 @@ async def serve_connection(
     label: str = "",
     refusals: RefusalLog | None = None,
     gate: ConnectionGate | None = None,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> None:
     """Serve one proxy connection from a sandbox, then close it. Never raises (except
     CancelledError). Refusals (every 4xx/5xx) are logged through `refusals`, the sandbox's
     rate-limited log (one of this connection's own when None). With `gate` (the
-    sandbox's connection bounds), a connection past them is answered at once, unread."""
+    sandbox's connection bounds), a connection past them is answered at once, unread. A
+    request head not complete within `head_timeout` seconds (however slowly it trickles
+    in) is answered 408 and the connection closed: nothing more of it is read."""
     upstream: ByteStream | None = None
     refused = gate.admit() if gate is not None else None
     try:
         if refused is not None:
             raise refused
         try:
-            head, rest = await asyncio.wait_for(read_head(client), HEAD_TIMEOUT)
+            head, rest = await asyncio.wait_for(read_head(client), head_timeout)
         except TimeoutError:
-            raise ProxyError(408, "Request Timeout", "no complete request head in 30 s\n") from None
+            raise ProxyError(
+                408,
+                "Request Timeout",
+                f"pod_exec_mcp egress proxy: no complete request head in {head_timeout:g} s, "
+                "its bound (egress_head_timeout); send the request head at once\n",
+            ) from None
         request = Request(head, rest)
         upstream = await open_upstream(request, policy, resolver, connector)
         log.info("egress %s %s:%d%s", request.method, request.host, request.port, label)
