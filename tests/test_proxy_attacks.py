@@ -540,6 +540,42 @@ async def test_streams_over_the_cap_are_logged_as_a_count(caplog: pytest.LogCapt
     await mux.close()
 
 
+async def test_resets_past_the_cap_go_out_together_in_order() -> None:
+    """2,000 connections past the stream cap, opened within one turn of the event loop,
+    are reset in one write to the agent (one per turn, not a task and a write each: that
+    was a third of the server's time under a flood), every reset there, in order."""
+    from pod_exec_mcp import agent_streams as st
+
+    writes: list[bytes] = []
+
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        writes.append(bytes(data) + bytes(more))
+
+    async def handler(stream: st.AgentStream) -> None:
+        await asyncio.Event().wait()
+
+    mux = st.StreamMux(send, handler)
+    ids = [0x80000001 + i for i in range(st.MAX_STREAMS + 2000)]
+    for fid in ids:
+        mux.dispatch(st.T_STREAM_OPEN, fid, b"")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(writes) == 1, len(writes)
+    data, reset = writes[0], []
+    while data:
+        ftype, _, _, fid, length = st.HEADER.unpack(data[: st.HEADER.size])
+        assert ftype == st.T_STREAM_RESET
+        reset.append(fid)
+        data = data[st.HEADER.size + length :]
+    assert reset == ids[st.MAX_STREAMS :]
+    # And later ones still go out.
+    mux.dispatch(st.T_STREAM_OPEN, 0x90000000, b"")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(writes) == 2 and st.HEADER.unpack(writes[1][: st.HEADER.size])[3] == 0x90000000
+    await mux.close()
+
+
 # --- 6. fairness: per-sandbox bounds on connections --------------------------------------
 
 
