@@ -27,7 +27,8 @@ loopback port) with `--warm-pool 2`, and measures, each against its comparator:
   flood        another session's warm shell_exec("true") while one sandbox floods its own
                egress proxy (100 connections trickling heads, 50 threads of requests with
                2,000-character host names) for 20 s, against the same calls without the
-               flood; and how much the server's log grew meanwhile;
+               flood; how much the server's log grew meanwhile; and, as a control, the
+               same calls while that sandbox only burns its CPU share;
   slots        an idle session's warm shell_exec("true") while 16 sessions, two `sleep 1`
                loops each, keep every server-wide exec slot busy, against the same calls
                with the slots free.
@@ -194,6 +195,22 @@ for t in threads:
 print(json.dumps(dict(counts)))
 """
 FLOOD_HOLDERS, FLOOD_BAD_THREADS = 100, 50
+# The flood's control: the same sandbox burning all the CPU it may (--cpus), nothing else.
+BURN_SCRIPT = r"""
+import json, multiprocessing, sys, time
+
+def burn(end):
+    while time.monotonic() < end:
+        pass
+
+end = time.monotonic() + float(sys.argv[1])
+procs = [multiprocessing.Process(target=burn, args=(end,)) for _ in range(4)]
+for p in procs:
+    p.start()
+for p in procs:
+    p.join()
+print(json.dumps({}))
+"""
 # The slots phase: sessions that keep the server-wide exec slots (16 by default) busy.
 SLOT_SESSIONS, SLOT_LOOPS = 16, 2
 
@@ -762,46 +779,58 @@ class Bench:
     async def phase_flood(self) -> None:
         """Issue 22: one sandbox floods its own egress proxy; another session's warm calls
         are timed during the flood and, as the comparator, in equal time without it (half
-        before, half after). The server's log is measured around the flood."""
+        before, half after). The server's log is measured around the flood. The control: the
+        same calls while a sandbox only burns the CPU it may use (what of the lift is the
+        machine's CPU, not the proxy)."""
         assert self.main is not None
         main, seconds = self.main, self.args.flood_seconds
         self.log(
             f"flood: {seconds:g} s of {FLOOD_HOLDERS} connections + {FLOOD_BAD_THREADS} "
             "bad-request threads from one sandbox to its own proxy"
         )
-        command = (
-            f"python3 -c {shlex.quote(FLOOD_SCRIPT)} {seconds:g} {FLOOD_HOLDERS} "
-            f"{FLOOD_BAD_THREADS}"
-        )
         async with contextlib.AsyncExitStack() as stack:
             flooder, flood_sid, _ = await self.modern(stack, main)
             victim, sid, _ = await self.modern(stack, main)
+
+            async def load(script: str, session: str) -> tuple[list[float], dict[str, Any]]:
+                """The victim's calls while `script` runs in the sandbox of `session`."""
+                arguments = {
+                    "command": f"python3 -c {shlex.quote(script)} {seconds:g} {FLOOD_HOLDERS} "
+                    f"{FLOOD_BAD_THREADS}",
+                    "session_id": session,
+                    "timeout": seconds + 60,
+                }
+                running = asyncio.ensure_future(flooder.call_tool("shell_exec", arguments))
+                await asyncio.sleep(1.0)  # under way: its threads started
+                samples = await self.warm_trues(victim, sid, 0, until=running)
+                return samples, ok(await running)
+
             await self.warm_trues(victim, sid, 1.0)  # warm-up, not counted
             quiet = await self.warm_trues(victim, sid, seconds / 2)
             log_before = main.log_path.stat().st_size
             cpu_before, wall_before = cpu_seconds(main.pid), time.perf_counter()
-            flood = asyncio.ensure_future(
-                flooder.call_tool(
-                    "shell_exec",
-                    {"command": command, "session_id": flood_sid, "timeout": seconds + 60},
-                )
-            )
-            await asyncio.sleep(1.0)  # the flood under way: its threads started
-            loaded = await self.warm_trues(victim, sid, 0, until=flood)
-            data = ok(await flood)
+            loaded, data = await load(FLOOD_SCRIPT, flood_sid)
             cpu_share = (cpu_seconds(main.pid) - cpu_before) / (time.perf_counter() - wall_before)
             log_after_flood = main.log_path.stat().st_size
             # Ending the flooding session closes its refusal log: its last count is logged.
             await flooder.call_tool("end_session", {"session_id": flood_sid})
+            await asyncio.sleep(0.5)
+            log_after = main.log_path.stat().st_size
+            # The control: a sandbox that only burns its CPU share (--cpus), no proxy.
+            burn_sid = structured(await flooder.call_tool("create_session", {}))["session_id"]
+            ok(await flooder.call_tool("shell_exec", {"command": "true", "session_id": burn_sid}))
+            cpu_before, wall_before = cpu_seconds(main.pid), time.perf_counter()
+            burning, _ = await load(BURN_SCRIPT, burn_sid)
+            burn_cpu = (cpu_seconds(main.pid) - cpu_before) / (time.perf_counter() - wall_before)
+            await flooder.call_tool("end_session", {"session_id": burn_sid})
             quiet += await self.warm_trues(victim, sid, seconds / 2)
             await victim.call_tool("end_session", {"session_id": sid})
-        log_after = main.log_path.stat().st_size
         with main.log_path.open("rb") as f:
             f.seek(log_before)
             grown = f.read(log_after - log_before).decode(errors="replace").splitlines()
         egress = [line for line in grown if "egress" in line or "connections at once" in line]
         answers = json.loads(data["output"].strip().splitlines()[-1])
-        self.samples["flood"] = {"loaded": loaded, "quiet": quiet}
+        self.samples["flood"] = {"loaded": loaded, "quiet": quiet, "cpu_only": burning}
         self.loaded_row(
             "flood",
             f"another session's warm shell_exec('true') during one sandbox's {seconds:g} s "
@@ -811,9 +840,16 @@ class Bench:
             server_cpu_share_during_flood=round(cpu_share, 3),
             log_bytes_during_flood=log_after_flood - log_before,
         )  # fmt: skip
+        self.loaded_row(
+            "flood.cpu_only",
+            f"the same calls while one sandbox only burns its CPU share for {seconds:g} s "
+            "(the control: no proxy)",
+            burning, quiet, "the same session's calls without load (same run)",
+            server_cpu_share=round(burn_cpu, 3),
+        )  # fmt: skip
         self.results["flood.log"] = {
             "what": "MB the server's log grew from the flood's start to the end of its "
-            "session (every line: the other session's audit lines included)",
+            "session, 0.5 s later (every line: the other session's audit lines included)",
             "ratio": (log_after - log_before) / 1e6,
             "log_bytes": log_after - log_before,
             "log_lines": len(grown),
@@ -1003,7 +1039,7 @@ def table(report: dict[str, Any], markdown: bool = False) -> str:
                 f"kill_grace {grace}: result notes {r['result_notes']}; "
                 f"processes left after: {r['processes_left_after']}"
             )
-    for key in ("flood", "slots"):
+    for key in ("flood", "flood.cpu_only", "slots"):
         if (r := results.get(key)) is not None:
             ours, ref = r["ours"], r["ref"]
             lines.append(
