@@ -67,6 +67,14 @@ DATA_CHUNK = 256 * 1024
 MAX_STREAMS = 32
 # How long a closed stream waits for the sandbox's client to finish before it is reset.
 LINGER = 10.0
+# Streams past MAX_STREAMS are reset this long after they open, together, not at once:
+# until then each holds a place in the agent's own table of streams (agent.h MAX_STREAMS,
+# 128), and while that is full the agent accepts nothing (the sandbox's next connections
+# wait in its listen backlog). A sandbox that reconnects as fast as it can thus opens at
+# most about one table of streams per interval here, not thousands a second.
+OVER_CAP_RESET_DELAY = 0.5
+# Resets held back at most; past it they go at once (only a forged agent gets there).
+MAX_HELD_RESETS = 256
 
 # Sends a frame: its header (or the whole frame) and, optionally, the rest of it.
 Sender = Callable[[bytes, bytes | memoryview], Awaitable[None]]
@@ -272,6 +280,10 @@ class StreamMux:
         # Frames of send_soon not yet written, and the task that writes them.
         self._soon: list[bytes] = []
         self._flushing: asyncio.Future[None] | None = None
+        # Resets of streams past MAX_STREAMS, held back for over_cap_delay seconds.
+        self.over_cap_delay = OVER_CAP_RESET_DELAY
+        self._held: list[bytes] = []
+        self._held_timer: asyncio.TimerHandle | None = None
 
     async def send(self, data: bytes, more: bytes | memoryview = b"") -> None:
         if self._dead is not None:
@@ -386,7 +398,7 @@ class StreamMux:
                 "in the last {seconds} s",
                 logging.WARNING,
             )
-            self.send_soon(frame(T_STREAM_RESET, fid, b"too many connections"))
+            self._hold_reset(frame(T_STREAM_RESET, fid, b"too many connections"))
             return
         stream = self._streams[fid] = AgentStream(self, fid, self.send_window, self.window)
         handler = self._handler
@@ -402,6 +414,23 @@ class StreamMux:
 
         self._track(asyncio.ensure_future(serve()))
 
+    def _hold_reset(self, reset: bytes) -> None:
+        """Reset a stream past the cap once over_cap_delay is over (OVER_CAP_RESET_DELAY)."""
+        self._held.append(reset)
+        if self.over_cap_delay <= 0 or len(self._held) >= MAX_HELD_RESETS:
+            self._release_held()
+        elif self._held_timer is None:
+            loop = asyncio.get_running_loop()
+            self._held_timer = loop.call_later(self.over_cap_delay, self._release_held)
+
+    def _release_held(self) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, []
+        for reset in held:
+            self.send_soon(reset)  # one write for all of them
+
     def forget(self, fid: int) -> None:
         self._streams.pop(fid, None)
 
@@ -409,6 +438,10 @@ class StreamMux:
         """The channel is gone: every stream is reset, every LISTEN fails."""
         if self._dead is None:
             self._dead = why
+        if self._held_timer is not None:  # the held resets are moot: the channel is gone
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._held.clear()
         for stream in list(self._streams.values()):
             stream._on_reset(why)
         self._streams.clear()

@@ -49,6 +49,11 @@ HEAD_TIMEOUT = 10.0
 RESOLVE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 CHUNK = 256 * 1024
+# A connection past its sandbox's bounds (ConnectionGate) is answered this long after it
+# opens, and keeps its place (an agent stream) meanwhile: a sandbox that reconnects as
+# fast as it can is then refused a few dozen times a second, not thousands (a measured
+# flood: 2,500 refusals a second and a third of a core here; issue 22).
+REFUSAL_DELAY = 0.5
 
 # Headers meant for one hop only: never forwarded to the origin.
 _HOP_BY_HOP = {
@@ -198,12 +203,17 @@ class ConnectionGate:
     """One sandbox's bounds on its proxy connections: at most `max_open` at once, and new
     ones at `per_second` on average (a token bucket that holds `per_second`, so a burst of
     that many passes). A connection past either gets an answer naming the bound, before
-    anything of it is read."""
+    anything of it is read, after `refusal_delay` seconds (REFUSAL_DELAY)."""
 
     def __init__(
-        self, max_open: int, per_second: float, clock: Callable[[], float] = time.monotonic
+        self,
+        max_open: int,
+        per_second: float,
+        clock: Callable[[], float] = time.monotonic,
+        refusal_delay: float | None = None,
     ) -> None:
         self.max_open, self.per_second, self.clock = max_open, per_second, clock
+        self.refusal_delay = REFUSAL_DELAY if refusal_delay is None else refusal_delay
         self.open = 0
         self._tokens = float(per_second)
         self._at = clock()
@@ -579,13 +589,16 @@ async def serve_connection(
     """Serve one proxy connection from a sandbox, then close it. Never raises (except
     CancelledError). Refusals (every 4xx/5xx) are logged through `refusals`, the sandbox's
     rate-limited log (one of this connection's own when None). With `gate` (the
-    sandbox's connection bounds), a connection past them is answered at once, unread. A
+    sandbox's connection bounds), a connection past them is answered unread, after the
+    gate's refusal_delay. A
     request head not complete within `head_timeout` seconds (however slowly it trickles
     in) is answered 408 and the connection closed: nothing more of it is read."""
     upstream: ByteStream | None = None
     refused = gate.admit() if gate is not None else None
     try:
         if refused is not None:
+            assert gate is not None
+            await asyncio.sleep(gate.refusal_delay)
             raise refused
         try:
             head, rest = await asyncio.wait_for(read_head(client), head_timeout)

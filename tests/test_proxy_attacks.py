@@ -540,10 +540,11 @@ async def test_streams_over_the_cap_are_logged_as_a_count(caplog: pytest.LogCapt
     await mux.close()
 
 
-async def test_resets_past_the_cap_go_out_together_in_order() -> None:
-    """2,000 connections past the stream cap, opened within one turn of the event loop,
-    are reset in one write to the agent (one per turn, not a task and a write each: that
-    was a third of the server's time under a flood), every reset there, in order."""
+async def test_resets_past_the_cap_are_held_back_then_go_out_together() -> None:
+    """2,000 connections past the stream cap: none is reset at once (each then keeps its
+    place in the agent's own table, which stops the agent accepting more once it is full,
+    so a sandbox that reconnects as fast as it can opens one table per interval here, not
+    thousands a second); after the delay, all are reset in one write, in order."""
     from pod_exec_mcp import agent_streams as st
 
     writes: list[bytes] = []
@@ -555,9 +556,16 @@ async def test_resets_past_the_cap_go_out_together_in_order() -> None:
         await asyncio.Event().wait()
 
     mux = st.StreamMux(send, handler)
-    ids = [0x80000001 + i for i in range(st.MAX_STREAMS + 2000)]
+    assert mux.over_cap_delay == st.OVER_CAP_RESET_DELAY > 0
+    mux.over_cap_delay = 3600.0  # the test releases them itself, when the timer would
+    ids = [0x80000001 + i for i in range(st.MAX_STREAMS + 200)]
     for fid in ids:
         mux.dispatch(st.T_STREAM_OPEN, fid, b"")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert writes == [], "none reset at once"
+    assert mux._held_timer is not None
+    mux._held_timer._run()  # the timer's callback, as the loop runs it once it is due
     for _ in range(3):
         await asyncio.sleep(0)
     assert len(writes) == 1, len(writes)
@@ -568,11 +576,31 @@ async def test_resets_past_the_cap_go_out_together_in_order() -> None:
         reset.append(fid)
         data = data[st.HEADER.size + length :]
     assert reset == ids[st.MAX_STREAMS :]
-    # And later ones still go out.
-    mux.dispatch(st.T_STREAM_OPEN, 0x90000000, b"")
+    await mux.close()
+
+
+async def test_held_resets_are_bounded() -> None:
+    """A forged agent's endless opens past the cap: held resets never pile up past
+    MAX_HELD_RESETS; past it they go out at once, in one write per turn."""
+    from pod_exec_mcp import agent_streams as st
+
+    writes: list[bytes] = []
+
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        writes.append(bytes(data) + bytes(more))
+
+    async def handler(stream: st.AgentStream) -> None:
+        await asyncio.Event().wait()
+
+    mux = st.StreamMux(send, handler)
+    mux.over_cap_delay = 3600.0  # only the bound can release them
+    for i in range(st.MAX_STREAMS + 10 * st.MAX_HELD_RESETS):
+        mux.dispatch(st.T_STREAM_OPEN, 0x80000001 + i, b"")
+        assert len(mux._held) < st.MAX_HELD_RESETS
     for _ in range(3):
         await asyncio.sleep(0)
-    assert len(writes) == 2 and st.HEADER.unpack(writes[1][: st.HEADER.size])[3] == 0x90000000
+    frames = sum(len(w) for w in writes) // (st.HEADER.size + len(b"too many connections"))
+    assert frames == 10 * st.MAX_HELD_RESETS and len(writes) == 1, (frames, len(writes))
     await mux.close()
 
 
@@ -596,6 +624,29 @@ async def test_connections_past_the_concurrent_bound_get_a_503_naming_it() -> No
     await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
     assert client.written.startswith(b"HTTP/1.1 403 "), "admitted, then judged by the policy"
     assert gate.open == 1, "the served connection gave its place back"
+
+
+async def test_a_refusal_past_the_bounds_waits_and_keeps_its_place() -> None:
+    """A connection past its sandbox's bounds is answered only after the gate's
+    refusal_delay (REFUSAL_DELAY), holding its agent stream meanwhile, so a sandbox that
+    reconnects at once is refused a few dozen times a second, not thousands; unread."""
+    from pod_exec_mcp.proxy import REFUSAL_DELAY, ConnectionGate
+
+    assert ConnectionGate(1, 1.0).refusal_delay == REFUSAL_DELAY > 0
+    gate = ConnectionGate(max_open=1, per_second=1000, clock=lambda: 0.0, refusal_delay=3600)
+    assert gate.admit() is None  # the one place, held
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    serving = asyncio.ensure_future(serve_connection(client, DEFAULT, gate=gate))  # type: ignore[arg-type]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not serving.done() and client.written == b"" and client.taken == 0
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    gate.refusal_delay = 0
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 503 ") and client.taken == 0
+    assert gate.open == 1, "a refused connection never took a place"
 
 
 async def test_new_connections_past_the_rate_get_a_429_naming_it() -> None:
