@@ -62,7 +62,7 @@ UNLIMITED = 2**64 - 1
 WINDOW_TO_AGENT = 1024 * 1024
 WINDOW_TO_HOST = 256 * 1024
 DATA_CHUNK = 256 * 1024
-# Streams open at once per channel on this side; more are reset at once (bounds memory:
+# Streams open at once per channel on this side; more are reset (bounds memory:
 # MAX_STREAMS * WINDOW_TO_HOST per sandbox).
 MAX_STREAMS = 32
 # How long a closed stream waits for the sandbox's client to finish before it is reset.
@@ -295,9 +295,8 @@ class StreamMux:
 
     def send_soon(self, data: bytes) -> None:
         """Send without waiting (from synchronous code); failures are moot. The frames
-        sent so within one turn of the event loop go out in order in one write: a sandbox
-        that opens thousands of connections past the cap, each reset at once, costs one
-        write per turn rather than a task and a write per connection."""
+        sent so within one turn of the event loop go out in order in one write: the resets
+        of many connections past the cap cost one write, not a task and a write each."""
         self._soon.append(data)
         if self._flushing is None:
             self._flushing = asyncio.ensure_future(self._flush_soon())
