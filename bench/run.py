@@ -23,7 +23,15 @@ loopback port) with `--warm-pool 2`, and measures, each against its comparator:
                out, on servers with kill_grace 0 and 1;
   agent        the exec agent's own cost: RSS and the pids of an idle sandbox, from /proc;
   podman_exec  warm shell_exec("true") on a server with exec_channel=podman-exec (the old
-               one-podman-exec-per-command path), for reference.
+               one-podman-exec-per-command path), for reference;
+  flood        another session's warm shell_exec("true") while one sandbox floods its own
+               egress proxy (100 connections trickling heads, 50 threads of requests with
+               2,000-character host names) for 20 s, against the same calls without the
+               flood; how much the server's log grew meanwhile; and, as a control, the
+               same calls while that sandbox only burns its CPU share;
+  slots        an idle session's warm shell_exec("true") while 16 sessions, two `sleep 1`
+               loops each, keep every server-wide exec slot busy, against the same calls
+               with the slots free.
 
 Variants are interleaved in random order within every repetition, so that the noise of a
 shared machine hits all alike. Every container carries the server's instance label or
@@ -41,7 +49,9 @@ import json
 import os
 import platform
 import random
+import re
 import secrets
+import shlex
 import shutil
 import statistics
 import sys
@@ -92,6 +102,7 @@ DOWNLOAD_BYTES = 100 * 1024 * 1024
 DOWNLOAD_COMMAND = "curl -sS -o /dev/null -w '%{{size_download}} %{{time_total}}' http://{}:{}/"
 PHASES = (
     "warm", "throughput", "first", "large", "kill", "agent", "podman_exec", "download",
+    "flood", "slots",
 )  # fmt: skip
 POOL = 2
 
@@ -107,7 +118,101 @@ TARGETS = {
     "large": ("<=", 0.5),
     # Issue 11's: the isolated network's proxy against --network bridge, in MB/s.
     "download": (">=", 0.5),
+    # Issue 22's: one sandbox's flood of its proxy lifts another session's warm p50 by at
+    # most 1.5x, and grows the server's log by under 5 MB (the row's "ratio" is the MB).
+    "flood": ("<=", 1.5),
+    "flood.log": ("<=", 5.0),
 }
+
+# The flood phase's attack, run by python3 in the flooding sandbox: every byte goes to
+# 127.0.0.1:3128 in the sandbox, its own egress proxy, and nowhere else. Each request is
+# one the proxy refuses without a lookup or a connection (this host's own address; a host
+# name over 253 characters). argv: seconds, holders, bad-request threads.
+FLOOD_SCRIPT = r"""
+import json, socket, sys, threading, time
+from collections import Counter
+
+END = time.monotonic() + float(sys.argv[1])
+HOLDERS, BAD = int(sys.argv[2]), int(sys.argv[3])
+PROXY = ("127.0.0.1", 3128)
+BIG = ("h" * 63 + ".") * 31 + "example"  # 1,991 characters
+counts = Counter()
+lock = threading.Lock()
+
+def note(key):
+    with lock:
+        counts[key] += 1
+
+def answer(data):
+    if data.startswith(b"HTTP/1.1 "):
+        return data[9:12].decode("ascii", "replace")
+    return "closed" if not data else "other"
+
+def holder():
+    # One of HOLDERS connections open at once: a request head trickled a byte a second.
+    trickle = b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nX-A: " + b"a" * 100000
+    while time.monotonic() < END:
+        try:
+            s = socket.create_connection(PROXY, timeout=5)
+        except OSError:
+            note("connect failed")
+            time.sleep(0.05)
+            continue
+        s.settimeout(1.0)
+        try:
+            for i in range(len(trickle)):
+                if time.monotonic() >= END:
+                    break
+                s.send(trickle[i : i + 1])
+                try:
+                    data = s.recv(256)
+                except socket.timeout:
+                    continue
+                note(answer(data))
+                break
+        except OSError:
+            note("reset")
+        finally:
+            s.close()
+
+def bad():
+    request = f"CONNECT {BIG}:443 HTTP/1.1\r\nHost: {BIG}:443\r\n\r\n".encode()
+    while time.monotonic() < END:
+        try:
+            with socket.create_connection(PROXY, timeout=5) as s:
+                s.sendall(request)
+                s.settimeout(5)
+                note(answer(s.recv(256)))
+        except OSError:
+            note("reset")
+
+threads = [threading.Thread(target=holder) for _ in range(HOLDERS)]
+threads += [threading.Thread(target=bad) for _ in range(BAD)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(dict(counts)))
+"""
+FLOOD_HOLDERS, FLOOD_BAD_THREADS = 100, 50
+# The flood's control: the same sandbox burning all the CPU it may (--cpus), nothing else.
+BURN_SCRIPT = r"""
+import json, multiprocessing, sys, time
+
+def burn(end):
+    while time.monotonic() < end:
+        pass
+
+end = time.monotonic() + float(sys.argv[1])
+procs = [multiprocessing.Process(target=burn, args=(end,)) for _ in range(4)]
+for p in procs:
+    p.start()
+for p in procs:
+    p.join()
+print(json.dumps({}))
+"""
+# The slots phase: sessions that keep the server-wide exec slots (16 by default) busy.
+SLOT_SESSIONS, SLOT_LOOPS = 16, 2
 
 
 class _Zeros(http.server.BaseHTTPRequestHandler):
@@ -144,6 +249,7 @@ def summary(values: list[float]) -> dict[str, float]:
         "median": statistics.median(values) if values else float("nan"),
         "p10": percentile(values, 10),
         "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
         "min": min(values, default=float("nan")),
         "max": max(values, default=float("nan")),
     }
@@ -217,6 +323,24 @@ def ok(result: Any) -> dict[str, Any]:
     if data.get("retval") != 0:
         raise RuntimeError(f"shell_exec failed: {data}")
     return data
+
+
+def idle_queue_wait(line: str) -> float | None:
+    """The slot wait of a server log line that is the audit event of a shell_exec("true")
+    call (JSON, or text's key=value fields), else None."""
+    if line.startswith("{"):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        if event.get("tool") == "shell_exec" and event.get("command") == "true":
+            wait = event.get("queue_wait")
+            return float(wait) if wait is not None else None
+        return None
+    if "tool=shell_exec" not in line or not re.search(r'\bcommand="?true"?(\s|$)', line):
+        return None
+    match = re.search(r"\bqueue_wait=([0-9.]+(?:e-?[0-9]+)?)", line)
+    return float(match.group(1)) if match else None
 
 
 # --- the benchmark ----------------------------------------------------------------------------
@@ -618,6 +742,185 @@ class Bench:
             "agent_init_rss_kib": sum(p["rss_kib"] for p in init),
         }
 
+    async def warm_trues(
+        self, client: Client, sid: str, seconds: float, until: asyncio.Future[Any] | None = None
+    ) -> list[float]:
+        """Seconds per warm shell_exec("true") of one session, one call at a time with a
+        random pause of up to 50 ms between calls (so that they do not lock step with a
+        load's own rhythm), for `seconds`, or until `until` is done."""
+        samples: list[float] = []
+        end = time.perf_counter() + seconds
+        arguments = {"command": "true", "session_id": sid}
+        while (until is None and time.perf_counter() < end) or (
+            until is not None and not until.done()
+        ):
+            started = time.perf_counter()
+            ok(await client.call_tool("shell_exec", arguments))
+            samples.append(time.perf_counter() - started)
+            await asyncio.sleep(random.uniform(0, 0.05))
+        return samples
+
+    def loaded_row(
+        self,
+        key: str,
+        what: str,
+        loaded: list[float],
+        quiet: list[float],
+        ref_what: str,
+        **extra: Any,
+    ) -> None:
+        """A row of `loaded` against `quiet` calls (not paired: the ratio is of medians),
+        with the p99s and their ratio."""
+        row = compare(what, loaded, quiet, ref_what, **extra)
+        row["paired_ratio"] = float("nan")  # taken in blocks, not side by side
+        row["p99_ratio"] = row["ours"]["p99"] / row["ref"]["p99"]
+        self.results[key] = row
+
+    async def phase_flood(self) -> None:
+        """Issue 22: one sandbox floods its own egress proxy; another session's warm calls
+        are timed during the flood and, as the comparator, in equal time without it (half
+        before, half after). The server's log is measured around the flood. The control: the
+        same calls while a sandbox only burns the CPU it may use (what of the lift is the
+        machine's CPU, not the proxy)."""
+        assert self.main is not None
+        main, seconds = self.main, self.args.flood_seconds
+        self.log(
+            f"flood: {seconds:g} s of {FLOOD_HOLDERS} connections + {FLOOD_BAD_THREADS} "
+            "bad-request threads from one sandbox to its own proxy"
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            flooder, flood_sid, _ = await self.modern(stack, main)
+            victim, sid, _ = await self.modern(stack, main)
+
+            async def load(script: str, session: str) -> tuple[list[float], dict[str, Any]]:
+                """The victim's calls while `script` runs in the sandbox of `session`."""
+                arguments = {
+                    "command": f"python3 -c {shlex.quote(script)} {seconds:g} {FLOOD_HOLDERS} "
+                    f"{FLOOD_BAD_THREADS}",
+                    "session_id": session,
+                    "timeout": seconds + 60,
+                }
+                running = asyncio.ensure_future(flooder.call_tool("shell_exec", arguments))
+                await asyncio.sleep(1.0)  # under way: its threads started
+                samples = await self.warm_trues(victim, sid, 0, until=running)
+                return samples, ok(await running)
+
+            await self.warm_trues(victim, sid, 1.0)  # warm-up, not counted
+            quiet = await self.warm_trues(victim, sid, seconds / 2)
+            log_before = main.log_path.stat().st_size
+            cpu_before, wall_before = cpu_seconds(main.pid), time.perf_counter()
+            loaded, data = await load(FLOOD_SCRIPT, flood_sid)
+            cpu_share = (cpu_seconds(main.pid) - cpu_before) / (time.perf_counter() - wall_before)
+            log_after_flood = main.log_path.stat().st_size
+            # Ending the flooding session closes its refusal log: its last count is logged.
+            await flooder.call_tool("end_session", {"session_id": flood_sid})
+            await asyncio.sleep(0.5)
+            log_after = main.log_path.stat().st_size
+            # The control: a sandbox that only burns its CPU share (--cpus), no proxy.
+            burn_sid = structured(await flooder.call_tool("create_session", {}))["session_id"]
+            ok(await flooder.call_tool("shell_exec", {"command": "true", "session_id": burn_sid}))
+            cpu_before, wall_before = cpu_seconds(main.pid), time.perf_counter()
+            burning, _ = await load(BURN_SCRIPT, burn_sid)
+            burn_cpu = (cpu_seconds(main.pid) - cpu_before) / (time.perf_counter() - wall_before)
+            await flooder.call_tool("end_session", {"session_id": burn_sid})
+            quiet += await self.warm_trues(victim, sid, seconds / 2)
+            await victim.call_tool("end_session", {"session_id": sid})
+        with main.log_path.open("rb") as f:
+            f.seek(log_before)
+            grown = f.read(log_after - log_before).decode(errors="replace").splitlines()
+        egress = [line for line in grown if "egress" in line or "connections at once" in line]
+        answers = json.loads(data["output"].strip().splitlines()[-1])
+        self.samples["flood"] = {"loaded": loaded, "quiet": quiet, "cpu_only": burning}
+        self.loaded_row(
+            "flood",
+            f"another session's warm shell_exec('true') during one sandbox's {seconds:g} s "
+            "flood of its own proxy",
+            loaded, quiet, "the same session's calls without the flood (same run)",
+            flood_answers=answers,
+            server_cpu_share_during_flood=round(cpu_share, 3),
+            log_bytes_during_flood=log_after_flood - log_before,
+        )  # fmt: skip
+        self.loaded_row(
+            "flood.cpu_only",
+            f"the same calls while one sandbox only burns its CPU share for {seconds:g} s "
+            "(the control: no proxy)",
+            burning, quiet, "the same session's calls without load (same run)",
+            server_cpu_share=round(burn_cpu, 3),
+        )  # fmt: skip
+        self.results["flood.log"] = {
+            "what": "MB the server's log grew from the flood's start to the end of its "
+            "session, 0.5 s later (every line: the other session's audit lines included)",
+            "ratio": (log_after - log_before) / 1e6,
+            "log_bytes": log_after - log_before,
+            "log_lines": len(grown),
+            "egress_lines": len(egress),
+            "egress_bytes": sum(len(line) + 1 for line in egress),
+        }
+
+    async def phase_slots(self) -> None:
+        """Issue 22: SLOT_SESSIONS sessions, SLOT_LOOPS `sleep 1` loops each, keep every
+        server-wide exec slot busy; an idle session's warm calls are timed meanwhile and,
+        as the comparator, in equal time with the slots free (half before, half after)."""
+        assert self.main is not None
+        main, seconds = self.main, self.args.slots_seconds
+        self.log(
+            f"slots: {SLOT_SESSIONS} sessions x {SLOT_LOOPS} `sleep 1` loops for {seconds:g} s, "
+            "and an idle session"
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            busy = [await self.modern(stack, main) for _ in range(SLOT_SESSIONS)]
+            idle, sid, _ = await self.modern(stack, main)
+            await self.warm_trues(idle, sid, 1.0)  # warm-up, not counted
+            quiet = await self.warm_trues(idle, sid, seconds / 2)
+            stop = asyncio.Event()
+            sleeps: list[float] = []
+
+            async def sleeper(session: str, delay: float) -> None:
+                async with Client(main.url) as client:
+                    await asyncio.sleep(delay)
+                    arguments = {"command": "sleep 1", "session_id": session}
+                    while not stop.is_set():
+                        ok(await client.call_tool("shell_exec", arguments))
+                        sleeps.append(time.perf_counter())
+
+            loops = [
+                asyncio.ensure_future(sleeper(s, random.uniform(0, 1)))
+                for _, s, _ in busy
+                for _ in range(SLOT_LOOPS)
+            ]
+            try:
+                await asyncio.sleep(2.0)  # every loop started: the slots are full
+                log_from = main.log_path.stat().st_size
+                started = time.perf_counter()
+                loaded = await self.warm_trues(idle, sid, seconds)
+                ended = time.perf_counter()
+                log_to = main.log_path.stat().st_size
+            finally:
+                stop.set()
+                await asyncio.gather(*loops)
+            quiet += await self.warm_trues(idle, sid, seconds / 2)
+            for client, session, _ in [*busy, (idle, sid, "")]:
+                await client.call_tool("end_session", {"session_id": session})
+        done = sum(1 for t in sleeps if started <= t <= ended)
+        # The idle session's own slot waits, from the server's audit trail: its calls are
+        # the only `true` ones meanwhile (the others run `sleep 1`).
+        with main.log_path.open("rb") as f:
+            f.seek(log_from)
+            window = f.read(log_to - log_from).decode(errors="replace").splitlines()
+        waits = [w for line in window if (w := idle_queue_wait(line)) is not None]
+        if not waits:
+            example = next((line for line in window if "shell_exec" in line), "(none)")
+            self.log(f"slots: no queue_wait of the idle session's calls in the log: {example}")
+        self.samples["slots"] = {"loaded": loaded, "quiet": quiet, "idle_queue_waits": waits}
+        self.loaded_row(
+            "slots",
+            f"an idle session's warm shell_exec('true') while {SLOT_SESSIONS} sessions x "
+            f"{SLOT_LOOPS} `sleep 1` loops fill the server-wide exec slots",
+            loaded, quiet, "the same session's calls with the slots free (same run)",
+            sleeps_per_s=round(done / (ended - started), 2),
+            idle_queue_wait=summary(waits),
+        )  # fmt: skip
+
     # driver --------------------------------------------------------------------------------
 
     async def run_phases(self) -> None:
@@ -736,6 +1039,34 @@ def table(report: dict[str, Any], markdown: bool = False) -> str:
                 f"kill_grace {grace}: result notes {r['result_notes']}; "
                 f"processes left after: {r['processes_left_after']}"
             )
+    for key in ("flood", "flood.cpu_only", "slots"):
+        if (r := results.get(key)) is not None:
+            ours, ref = r["ours"], r["ref"]
+            lines.append(
+                f"{key}: p99 {1000 * ours['p99']:.1f} ms against {1000 * ref['p99']:.1f} ms "
+                f"({r['p99_ratio']:.2f}x); {ours['n']} loaded / {ref['n']} quiet calls"
+            )
+    if (r := results.get("flood")) is not None:
+        log_row = results["flood.log"]
+        goal = goals.get("flood.log")
+        verdict = (
+            f" (target {goal['target']} MB {'MET' if goal['met'] else 'MISSED'})" if goal else ""
+        )
+        lines.append(
+            f"flood: server log +{log_row['log_bytes']} bytes{verdict} "
+            f"({log_row['log_lines']} lines, "
+            f"{log_row['egress_lines']} of them egress, {log_row['egress_bytes']} bytes); server "
+            f"CPU {100 * r['server_cpu_share_during_flood']:.0f} % of a core; the flood's "
+            f"answers {r['flood_answers']}"
+        )
+    if (r := results.get("slots")) is not None:
+        q = r["idle_queue_wait"]
+        lines.append(
+            f"slots: `sleep 1` calls finished per second meanwhile: {r['sleeps_per_s']}; the "
+            f"idle session's wait for a slot (audit queue_wait, {q['n']} calls): median "
+            f"{1000 * q['median']:.1f} ms, p99 {1000 * q['p99']:.1f} ms, "
+            f"max {1000 * q['max']:.1f} ms"
+        )
     if "agent" in results:
         a = results["agent"]
         names = ", ".join(f"{p['pid']}:{p['name']}" for p in a["processes"])
@@ -761,6 +1092,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", type=lambda s: [x for x in s.split(",") if x], default=list(PHASES),
         help=f"comma-separated phases out of {','.join(PHASES)} (default: all)",
     )  # fmt: skip
+    parser.add_argument("--flood-seconds", type=float, help="flood length (default 20)")
+    parser.add_argument("--slots-seconds", type=float, help="busy-slots length (default 20)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--show", type=Path, help="print the table of an earlier run's JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -769,6 +1102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {
         "reps": (8, 60), "first_reps": (2, 10), "tp_reps": (1, 5), "calls": (2, 4),
         "large_reps": (2, 9), "kill_reps": (1, 5), "download_reps": (1, 5),
+        "flood_seconds": (4.0, 20.0), "slots_seconds": (4.0, 20.0),
     }  # fmt: skip
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:

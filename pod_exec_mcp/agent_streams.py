@@ -62,11 +62,19 @@ UNLIMITED = 2**64 - 1
 WINDOW_TO_AGENT = 1024 * 1024
 WINDOW_TO_HOST = 256 * 1024
 DATA_CHUNK = 256 * 1024
-# Streams open at once per channel on this side; more are reset at once (bounds memory:
+# Streams open at once per channel on this side; more are reset (bounds memory:
 # MAX_STREAMS * WINDOW_TO_HOST per sandbox).
 MAX_STREAMS = 32
 # How long a closed stream waits for the sandbox's client to finish before it is reset.
 LINGER = 10.0
+# Streams past MAX_STREAMS are reset this long after they open, together, not at once:
+# until then each holds a place in the agent's own table of streams (agent.h MAX_STREAMS,
+# 128), and while that is full the agent accepts nothing (the sandbox's next connections
+# wait in its listen backlog). A sandbox that reconnects as fast as it can thus opens at
+# most about one table of streams per interval here, not thousands a second.
+OVER_CAP_RESET_DELAY = 0.5
+# Resets held back at most; past it they go at once (only a forged agent gets there).
+MAX_HELD_RESETS = 256
 
 # Sends a frame: its header (or the whole frame) and, optionally, the rest of it.
 Sender = Callable[[bytes, bytes | memoryview], Awaitable[None]]
@@ -269,6 +277,13 @@ class StreamMux:
         self._tasks: set[asyncio.Future[None]] = set()
         self._listening: dict[int, asyncio.Future[int]] = {}
         self._dead: str | None = None
+        # Frames of send_soon not yet written, and the task that writes them.
+        self._soon: list[bytes] = []
+        self._flushing: asyncio.Future[None] | None = None
+        # Resets of streams past MAX_STREAMS, held back for over_cap_delay seconds.
+        self.over_cap_delay = OVER_CAP_RESET_DELAY
+        self._held: list[bytes] = []
+        self._held_timer: asyncio.TimerHandle | None = None
 
     async def send(self, data: bytes, more: bytes | memoryview = b"") -> None:
         if self._dead is not None:
@@ -279,13 +294,23 @@ class StreamMux:
             raise ConnectionResetError(f"the agent channel is gone: {exc}") from None
 
     def send_soon(self, data: bytes) -> None:
-        """Send without waiting (from synchronous code); failures are moot."""
+        """Send without waiting (from synchronous code); failures are moot. The frames
+        sent so within one turn of the event loop go out in order in one write: the resets
+        of many connections past the cap cost one write, not a task and a write each."""
+        self._soon.append(data)
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush_soon())
+            self._track(self._flushing)
 
-        async def quietly() -> None:
-            with contextlib.suppress(Exception):
-                await self.send(data)
-
-        self._track(asyncio.ensure_future(quietly()))
+    async def _flush_soon(self) -> None:
+        try:
+            while self._soon:
+                batch = b"".join(self._soon)
+                self._soon.clear()
+                with contextlib.suppress(Exception):
+                    await self.send(batch)
+        finally:
+            self._flushing = None
 
     def _track(self, task: asyncio.Future[None]) -> None:
         self._tasks.add(task)
@@ -372,7 +397,7 @@ class StreamMux:
                 "in the last {seconds} s",
                 logging.WARNING,
             )
-            self.send_soon(frame(T_STREAM_RESET, fid, b"too many connections"))
+            self._hold_reset(frame(T_STREAM_RESET, fid, b"too many connections"))
             return
         stream = self._streams[fid] = AgentStream(self, fid, self.send_window, self.window)
         handler = self._handler
@@ -388,6 +413,23 @@ class StreamMux:
 
         self._track(asyncio.ensure_future(serve()))
 
+    def _hold_reset(self, reset: bytes) -> None:
+        """Reset a stream past the cap once over_cap_delay is over (OVER_CAP_RESET_DELAY)."""
+        self._held.append(reset)
+        if self.over_cap_delay <= 0 or len(self._held) >= MAX_HELD_RESETS:
+            self._release_held()
+        elif self._held_timer is None:
+            loop = asyncio.get_running_loop()
+            self._held_timer = loop.call_later(self.over_cap_delay, self._release_held)
+
+    def _release_held(self) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, []
+        for reset in held:
+            self.send_soon(reset)  # one write for all of them
+
     def forget(self, fid: int) -> None:
         self._streams.pop(fid, None)
 
@@ -395,6 +437,10 @@ class StreamMux:
         """The channel is gone: every stream is reset, every LISTEN fails."""
         if self._dead is None:
             self._dead = why
+        if self._held_timer is not None:  # the held resets are moot: the channel is gone
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._held.clear()
         for stream in list(self._streams.values()):
             stream._on_reset(why)
         self._streams.clear()

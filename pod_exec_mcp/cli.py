@@ -311,6 +311,7 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
         Headroom.of(settings, disk_home),
         root_disks,
         (settings.egress_max_connections, settings.egress_connections_per_second),
+        settings.egress_head_timeout,
     )
     app = create_app(settings, engine, instance, auth, podman)
     sessions, metrics = app.sessions, app.metrics

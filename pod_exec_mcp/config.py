@@ -163,6 +163,11 @@ class Settings(BaseModel):
     """New egress proxy connections one sandbox may open per second, on average (bursts
     of as many pass); past it a new one gets 429 naming this bound."""
 
+    egress_head_timeout: float = Field(default=10.0, gt=0)
+    """Seconds the whole head of one egress proxy request may take to arrive; past it
+    the request gets 408 naming this bound and its connection is closed, so a sandbox that
+    sends its requests a byte at a time (slowloris) holds nothing for long."""
+
     strict: bool = False
     """Strict profile: --cap-drop=ALL, read-only root with tmpfs /workspace and /tmp, and
     network none, whatever `network` says."""

@@ -54,7 +54,7 @@ from pod_exec_mcp.engine import (
 )
 from pod_exec_mcp.output import BoundedOutput
 from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
-from pod_exec_mcp.proxy import ConnectionGate, RefusalLog, serve_connection
+from pod_exec_mcp.proxy import HEAD_TIMEOUT, ConnectionGate, RefusalLog, serve_connection
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
     RootDisk,
@@ -392,10 +392,13 @@ class PodmanEngine:
         headroom: Headroom | None = None,
         root_disks: RootDisks | None = None,
         egress_limits: tuple[int, float] = (24, 50.0),
+        egress_head_timeout: float = HEAD_TIMEOUT,
     ) -> None:
         self.podman = podman
-        # Each isolated sandbox's proxy connection bounds: (at once, new per second).
+        # Each isolated sandbox's proxy connection bounds: (at once, new per second), and
+        # the time one request head may take to arrive.
         self.egress_limits = egress_limits
+        self.egress_head_timeout = egress_head_timeout
         self._gates: dict[str, ConnectionGate] = {}
         # Disk limits as root disks (PodmanFacts.disk_limit_by_root_disk) rather than as a
         # storage quota; and each sandbox's.
@@ -558,7 +561,12 @@ class PodmanEngine:
         if gate is None:
             gate = self._gates[name] = ConnectionGate(*self.egress_limits)
         await serve_connection(
-            stream, policy, label=f" (sandbox {name})", refusals=refusals, gate=gate
+            stream,
+            policy,
+            label=f" (sandbox {name})",
+            refusals=refusals,
+            gate=gate,
+            head_timeout=self.egress_head_timeout,
         )
 
     async def close(self) -> None:

@@ -13,8 +13,10 @@ The head is parsed by h11 (a strict HTTP/1.1 parser), and any framing that two p
 could read differently is a 400 before anything is resolved (`_strict_lines`,
 `_framing`); exactly one request's bytes go on, its declared body and nothing after it.
 A refusal is an HTTP 403 whose body (and reason phrase) names the rule, sent before any
-connection is made; every other failure is a 4xx/5xx with a message. Nothing waits forever
-for the sandbox's client before the request head is complete (HEAD_TIMEOUT).
+connection is made; every other failure is a 4xx/5xx with a message. A request head must
+arrive whole within a bound (`head_timeout`, the setting egress_head_timeout): one sent
+slowly, a byte at a time, gets 408 and the connection is closed, before anything is
+resolved.
 
 Once the request is checked and the connection made, a client that can (`Splicer`: an
 agent stream with a pass socket) takes the connection over and copies the exchange itself,
@@ -42,10 +44,16 @@ from pod_exec_mcp.ratelog import RateLimitedLog
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024
-HEAD_TIMEOUT = 30.0
+# The default bound on the time a request head may take to arrive (egress_head_timeout).
+HEAD_TIMEOUT = 10.0
 RESOLVE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 CHUNK = 256 * 1024
+# A connection past its sandbox's bounds (ConnectionGate) is answered this long after it
+# opens, and keeps its place (an agent stream) meanwhile: a sandbox that reconnects as
+# fast as it can is then refused a few dozen times a second, not thousands (a measured
+# flood: 2,500 refusals a second and a third of a core here; issue 22).
+REFUSAL_DELAY = 0.5
 
 # Headers meant for one hop only: never forwarded to the origin.
 _HOP_BY_HOP = {
@@ -195,12 +203,17 @@ class ConnectionGate:
     """One sandbox's bounds on its proxy connections: at most `max_open` at once, and new
     ones at `per_second` on average (a token bucket that holds `per_second`, so a burst of
     that many passes). A connection past either gets an answer naming the bound, before
-    anything of it is read."""
+    anything of it is read, after `refusal_delay` seconds (REFUSAL_DELAY)."""
 
     def __init__(
-        self, max_open: int, per_second: float, clock: Callable[[], float] = time.monotonic
+        self,
+        max_open: int,
+        per_second: float,
+        clock: Callable[[], float] = time.monotonic,
+        refusal_delay: float | None = None,
     ) -> None:
         self.max_open, self.per_second, self.clock = max_open, per_second, clock
+        self.refusal_delay = REFUSAL_DELAY if refusal_delay is None else refusal_delay
         self.open = 0
         self._tokens = float(per_second)
         self._at = clock()
@@ -571,20 +584,31 @@ async def serve_connection(
     label: str = "",
     refusals: RefusalLog | None = None,
     gate: ConnectionGate | None = None,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> None:
     """Serve one proxy connection from a sandbox, then close it. Never raises (except
     CancelledError). Refusals (every 4xx/5xx) are logged through `refusals`, the sandbox's
     rate-limited log (one of this connection's own when None). With `gate` (the
-    sandbox's connection bounds), a connection past them is answered at once, unread."""
+    sandbox's connection bounds), a connection past them is answered unread, after the
+    gate's refusal_delay. A
+    request head not complete within `head_timeout` seconds (however slowly it trickles
+    in) is answered 408 and the connection closed: nothing more of it is read."""
     upstream: ByteStream | None = None
     refused = gate.admit() if gate is not None else None
     try:
         if refused is not None:
+            assert gate is not None
+            await asyncio.sleep(gate.refusal_delay)
             raise refused
         try:
-            head, rest = await asyncio.wait_for(read_head(client), HEAD_TIMEOUT)
+            head, rest = await asyncio.wait_for(read_head(client), head_timeout)
         except TimeoutError:
-            raise ProxyError(408, "Request Timeout", "no complete request head in 30 s\n") from None
+            raise ProxyError(
+                408,
+                "Request Timeout",
+                f"pod_exec_mcp egress proxy: no complete request head in {head_timeout:g} s, "
+                "its bound (egress_head_timeout); send the request head at once\n",
+            ) from None
         request = Request(head, rest)
         upstream = await open_upstream(request, policy, resolver, connector)
         log.info("egress %s %s:%d%s", request.method, request.host, request.port, label)

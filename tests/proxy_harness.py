@@ -8,7 +8,7 @@ import ipaddress
 from typing import Any
 
 from pod_exec_mcp.egress import EgressPolicy
-from pod_exec_mcp.proxy import SocketStream, connect, serve_connection
+from pod_exec_mcp.proxy import HEAD_TIMEOUT, SocketStream, connect, serve_connection
 
 ip = ipaddress.ip_address
 
@@ -22,6 +22,7 @@ class Recorder:
         self.resolved: list[str] = []
         self.connects: list[tuple[str, int]] = []
         self.port = 0
+        self.head_timeout = HEAD_TIMEOUT
 
     async def resolver(self, host: str, port: int) -> list[Any]:
         self.resolved.append(host)
@@ -40,6 +41,7 @@ class Recorder:
             self.policy,
             resolver=self.resolver,
             connector=self.connector,
+            head_timeout=self.head_timeout,
         )
 
     async def ask(self, raw: bytes) -> bytes:

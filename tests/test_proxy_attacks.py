@@ -10,6 +10,7 @@ lookup or connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
@@ -539,6 +540,70 @@ async def test_streams_over_the_cap_are_logged_as_a_count(caplog: pytest.LogCapt
     await mux.close()
 
 
+async def test_resets_past_the_cap_are_held_back_then_go_out_together() -> None:
+    """2,000 connections past the stream cap: none is reset at once (each then keeps its
+    place in the agent's own table, which stops the agent accepting more once it is full,
+    so a sandbox that reconnects as fast as it can opens one table per interval here, not
+    thousands a second); after the delay, all are reset in one write, in order."""
+    from pod_exec_mcp import agent_streams as st
+
+    writes: list[bytes] = []
+
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        writes.append(bytes(data) + bytes(more))
+
+    async def handler(stream: st.AgentStream) -> None:
+        await asyncio.Event().wait()
+
+    mux = st.StreamMux(send, handler)
+    assert mux.over_cap_delay == st.OVER_CAP_RESET_DELAY > 0
+    mux.over_cap_delay = 3600.0  # the test releases them itself, when the timer would
+    ids = [0x80000001 + i for i in range(st.MAX_STREAMS + 200)]
+    for fid in ids:
+        mux.dispatch(st.T_STREAM_OPEN, fid, b"")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert writes == [], "none reset at once"
+    assert mux._held_timer is not None
+    mux._held_timer._run()  # the timer's callback, as the loop runs it once it is due
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(writes) == 1, len(writes)
+    data, reset = writes[0], []
+    while data:
+        ftype, _, _, fid, length = st.HEADER.unpack(data[: st.HEADER.size])
+        assert ftype == st.T_STREAM_RESET
+        reset.append(fid)
+        data = data[st.HEADER.size + length :]
+    assert reset == ids[st.MAX_STREAMS :]
+    await mux.close()
+
+
+async def test_held_resets_are_bounded() -> None:
+    """A forged agent's endless opens past the cap: held resets never pile up past
+    MAX_HELD_RESETS; past it they go out at once, in one write per turn."""
+    from pod_exec_mcp import agent_streams as st
+
+    writes: list[bytes] = []
+
+    async def send(data: bytes, more: bytes | memoryview = b"") -> None:
+        writes.append(bytes(data) + bytes(more))
+
+    async def handler(stream: st.AgentStream) -> None:
+        await asyncio.Event().wait()
+
+    mux = st.StreamMux(send, handler)
+    mux.over_cap_delay = 3600.0  # only the bound can release them
+    for i in range(st.MAX_STREAMS + 10 * st.MAX_HELD_RESETS):
+        mux.dispatch(st.T_STREAM_OPEN, 0x80000001 + i, b"")
+        assert len(mux._held) < st.MAX_HELD_RESETS
+    for _ in range(3):
+        await asyncio.sleep(0)
+    frames = sum(len(w) for w in writes) // (st.HEADER.size + len(b"too many connections"))
+    assert frames == 10 * st.MAX_HELD_RESETS and len(writes) == 1, (frames, len(writes))
+    await mux.close()
+
+
 # --- 6. fairness: per-sandbox bounds on connections --------------------------------------
 
 
@@ -559,6 +624,29 @@ async def test_connections_past_the_concurrent_bound_get_a_503_naming_it() -> No
     await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
     assert client.written.startswith(b"HTTP/1.1 403 "), "admitted, then judged by the policy"
     assert gate.open == 1, "the served connection gave its place back"
+
+
+async def test_a_refusal_past_the_bounds_waits_and_keeps_its_place() -> None:
+    """A connection past its sandbox's bounds is answered only after the gate's
+    refusal_delay (REFUSAL_DELAY), holding its agent stream meanwhile, so a sandbox that
+    reconnects at once is refused a few dozen times a second, not thousands; unread."""
+    from pod_exec_mcp.proxy import REFUSAL_DELAY, ConnectionGate
+
+    assert ConnectionGate(1, 1.0).refusal_delay == REFUSAL_DELAY > 0
+    gate = ConnectionGate(max_open=1, per_second=1000, clock=lambda: 0.0, refusal_delay=3600)
+    assert gate.admit() is None  # the one place, held
+    client = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    serving = asyncio.ensure_future(serve_connection(client, DEFAULT, gate=gate))  # type: ignore[arg-type]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not serving.done() and client.written == b"" and client.taken == 0
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    gate.refusal_delay = 0
+    await serve_connection(client, DEFAULT, gate=gate)  # type: ignore[arg-type]
+    assert client.written.startswith(b"HTTP/1.1 503 ") and client.taken == 0
+    assert gate.open == 1, "a refused connection never took a place"
 
 
 async def test_new_connections_past_the_rate_get_a_429_naming_it() -> None:
@@ -619,3 +707,130 @@ async def test_the_engine_gives_each_sandbox_its_own_bounds() -> None:
     third = MemoryStream(b"CONNECT 10.0.0.5:443 HTTP/1.1\r\nHost: x\r\n\r\n")
     await engine._serve_egress("s1", third)  # type: ignore[arg-type]
     assert third.written.startswith(b"HTTP/1.1 403 "), "the held place was given back"
+
+
+# --- 7. fairness: a bound on the time one request may take to arrive ---------------------
+
+
+async def _trickle(port: int, data: bytes, every: float = 0.05) -> bytes:
+    """Send `data` to the proxy at `port` one byte at a time, `every` seconds apart (a
+    slowloris), stopping once the proxy answers; then all it answered, up to its close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = bytearray()
+
+    async def read_all() -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                answer.extend(chunk)
+
+    reading = asyncio.ensure_future(read_all())
+    try:
+        for byte in data:
+            if reading.done() or answer:
+                break
+            with contextlib.suppress(ConnectionError):
+                writer.write(bytes([byte]))
+                await writer.drain()
+            await asyncio.sleep(every)
+        await asyncio.wait_for(reading, 10)
+    finally:
+        writer.close()
+    return bytes(answer)
+
+
+async def test_a_trickled_request_head_gets_a_408_and_reaches_nothing(
+    proxy_of: Any, origin: Origin
+) -> None:
+    """A whole, allowed request sent one byte at a time, more slowly than the head bound
+    lets it arrive: 408, the connection closed, and no lookup, connection or byte at the
+    origin (on a proxy without the bound, the origin answers it)."""
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    proxy.head_timeout = 0.5
+    head = f"GET http://allowed.test:{origin.port}/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+    # 20 bytes per second: the head needs 3 s or more, six times its bound.
+    reply = await _trickle(proxy.port, head.encode(), every=0.05)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
+    assert b"egress_head_timeout" in reply, "the answer names the bound"
+    assert reply.endswith(b"\n") and b"Connection: close" in reply
+    assert proxy.resolved == [] and proxy.connects == []
+    assert origin.received.empty()
+
+
+async def test_a_head_that_never_ends_gets_a_408_and_a_close(proxy_of: Any) -> None:
+    """The classic slowloris: header lines, one byte at a time, for ever. The proxy answers
+    408 once the bound is over and closes the connection (the trickle then stops, so the
+    reply ends at the proxy's close, not at the end of the trickle)."""
+    proxy = await proxy_of(LOOPBACK, {"allowed.test": ["127.0.0.1"]})
+    proxy.head_timeout = 0.3
+    endless = b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n" + b"X-A: b\r\n" * 5000
+    reply = await _trickle(proxy.port, endless, every=0.01)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
+    assert proxy.resolved == [] and proxy.connects == []
+
+
+class TrickleStream(MemoryStream):
+    """A client that sends its bytes one per read, `every` seconds apart, and records
+    whether the proxy read from it after it answered."""
+
+    def __init__(self, data: bytes, every: float) -> None:
+        super().__init__(data)
+        self.every = every
+        self.read_after_answer = False
+        self.closed = False
+
+    async def read(self, n: int) -> bytes:
+        if self.written:
+            self.read_after_answer = True
+        await asyncio.sleep(self.every)
+        return await super().read(1)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_the_engine_bounds_each_request_head_from_the_settings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through PodmanEngine with `egress_head_timeout` from the settings: 30 trickled
+    requests from one sandbox each get a 408 and a close, each cost at most its head, the
+    proxy reads nothing of them after answering, and the log gets one line for all 30 (the
+    sandbox's rate-limited refusal log), not one each."""
+    from types import SimpleNamespace
+
+    from pod_exec_mcp.config import Settings
+    from pod_exec_mcp.podman_engine import PodmanEngine
+    from pod_exec_mcp.proxy import MAX_HEAD
+
+    settings = Settings(egress_head_timeout=0.2)
+    engine = PodmanEngine(
+        SimpleNamespace(path="/usr/bin/podman"),  # type: ignore[arg-type]
+        egress_limits=(32, 1000.0),
+        egress_head_timeout=settings.egress_head_timeout,
+    )
+    head = b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"
+    clients = [TrickleStream(head, every=0.02) for _ in range(30)]
+    with caplog.at_level(logging.DEBUG, logger="pod_exec_mcp"):
+        await asyncio.gather(*(engine._serve_egress("s1", c) for c in clients))  # type: ignore[arg-type]
+    for client in clients:
+        assert client.written.startswith(b"HTTP/1.1 408 "), bytes(client.written[:200])
+        assert client.closed and not client.read_after_answer
+        assert client.taken <= MAX_HEAD + 4
+    refused = [r.getMessage() for r in caplog.records if "egress refused" in r.getMessage()]
+    assert len(refused) == 1 and "408" in refused[0] and "sandbox s1" in refused[0], refused
+
+
+def test_the_head_bound_is_a_setting_with_a_flag_and_an_environment_variable() -> None:
+    from pod_exec_mcp.cli import build_parser
+    from pod_exec_mcp.config import Settings, SettingsError, load_settings
+    from pod_exec_mcp.proxy import HEAD_TIMEOUT
+
+    assert Settings().egress_head_timeout == HEAD_TIMEOUT
+    args = build_parser().parse_args(["--egress-head-timeout", "2.5"])
+    assert (
+        load_settings({"egress_head_timeout": args.egress_head_timeout}, {}).egress_head_timeout
+        == 2.5
+    )
+    environ = {"POD_EXEC_MCP_EGRESS_HEAD_TIMEOUT": "4"}
+    assert load_settings({}, environ).egress_head_timeout == 4.0
+    with pytest.raises(SettingsError, match="egress-head-timeout"):
+        load_settings({"egress_head_timeout": "0"}, {})
