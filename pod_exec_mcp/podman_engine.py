@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import time
@@ -50,10 +52,17 @@ from pod_exec_mcp.engine import (
     SandboxBroken,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
     is_gvisor,
 )
 from pod_exec_mcp.output import BoundedOutput
-from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
+from pod_exec_mcp.podman import (
+    LABEL_SESSION,
+    LABEL_SNAPSHOT,
+    LABEL_SNAPSHOT_BASE,
+    Podman,
+    PodmanError,
+)
 from pod_exec_mcp.proxy import ConnectionGate, RefusalLog, serve_connection
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
@@ -434,6 +443,9 @@ class PodmanEngine:
         self._gvisor: set[str] = set()
         # Sandboxes whose egress proxy did not start, and why: said in their next result.
         self._proxy_lost: dict[str, str] = {}
+        # Ids of deleted snapshot images that a container still used (only untagged): each
+        # removal tries them again.
+        self._dangling: set[str] = set()
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.headroom is not None:
@@ -522,6 +534,106 @@ class PodmanEngine:
             self._gvisor.discard(s.name)
             self._attaching.pop(s.name, None)
             self._proxy_lost.pop(s.name, None)
+
+        if self._dangling:
+            await self._remove_dangling()
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    async def snapshot(
+        self, sandbox: Sandbox, name: str, labels: Mapping[str, str], passing: bool = False
+    ) -> SnapshotInfo:
+        """`podman commit` of the sandbox's writable layer; a sandbox on a root disk of its
+        own (which Podman cannot commit: "exploded rootfs") is recorded by a tar of its root
+        into `podman import`, or, for a passing copy, straight into the files that new
+        root disks are built over (no image: several times faster). Neither pauses the
+        sandbox."""
+        root = self._roots.get(sandbox.name)
+        changes = [f"LABEL {key}={value}" for key, value in labels.items()]
+        try:
+            if passing and root is not None and self.root_disks is not None:
+                await self.root_disks.copy_root(root, name)
+                return SnapshotInfo(name, dict(labels), 0, time.time())
+            if root is not None and self.root_disks is not None:
+                # `import` makes a bare image: the base image's run configuration goes with it.
+                config = [f"ENV {variable}" for variable in root.image.env]
+                config += [f"WORKDIR {root.image.workdir}"] if root.image.workdir else []
+                config += [f"USER {root.image.user}"] if root.image.user else []
+                await self.root_disks.import_root(root, name, [*config, *changes])
+            else:
+                # Its size is the layer's: the image it was committed on is not counted.
+                base = await self.podman.run(
+                    "container", "inspect", "--format", "{{.Image}}", sandbox.name
+                )
+                changes.append(f"LABEL {LABEL_SNAPSHOT_BASE}={base.stdout.decode().strip()}")
+                # Podman's own run files and the agent's volume are not part of the layer.
+                await self.podman.run(
+                    "commit", "--quiet", *[a for c in changes for a in ("--change", c)],
+                    sandbox.name, name,
+                )  # fmt: skip
+            return await self._snapshot_info(name)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.remove_snapshot(name))
+            if isinstance(exc, PodmanError | RootDiskError | OSError):
+                raise EngineError(f"could not snapshot the sandbox: {exc}") from None
+            raise
+
+    async def _snapshot_info(self, name: str) -> SnapshotInfo:
+        found = await self.podman.run("image", "inspect", "--format", "json", name)
+        image = (json.loads(found.stdout) or [{}])[0]
+        labels = image.get("Labels") or (image.get("Config") or {}).get("Labels") or {}
+        return SnapshotInfo(
+            name=name,
+            labels=labels,
+            size=await self._own_size(int(image.get("Size") or 0), labels),
+            created=_wall_clock(image.get("Created")),
+        )
+
+    async def _own_size(self, size: int, labels: Mapping[str, str]) -> int:
+        base = labels.get(LABEL_SNAPSHOT_BASE)
+        if not base:
+            return size
+        done = await self.podman.run("image", "inspect", "--format", "{{.Size}}", base, check=False)
+        text = done.stdout.decode().strip()
+        return max(0, size - int(text)) if done.returncode == 0 and text.isdigit() else size
+
+    async def list_snapshots(self, *label_filters: str) -> list[SnapshotInfo]:
+        try:
+            found = await self.podman.list_images(LABEL_SNAPSHOT, *label_filters)
+            listed = []
+            for image in found:
+                tags = image.get("RepoTags") or image.get("Names") or []
+                if not tags:
+                    continue  # deleted, but still used by a container (remove_snapshot)
+                labels = image.get("Labels") or {}
+                size = await self._own_size(int(image.get("Size") or 0), labels)
+                created = _wall_clock(image.get("Created"))
+                listed.append(SnapshotInfo(tags[0], labels, size, created))
+            return listed
+        except PodmanError as exc:
+            raise EngineError(str(exc)) from None
+
+    async def remove_snapshot(self, name: str) -> None:
+        try:
+            done = await self.podman.run(
+                "image", "inspect", "--format", "{{.Id}}", name, check=False
+            )
+            if done.returncode != 0:
+                return
+            if not await self.podman.remove_image(name):
+                self._dangling.add(done.stdout.decode().strip())
+        except PodmanError as exc:
+            raise EngineError(str(exc)) from None
+        finally:
+            if self.root_disks is not None:
+                self.root_disks.forget(name)
+
+    async def _remove_dangling(self) -> None:
+        for image_id in list(self._dangling):
+            done = await self.podman.run("rmi", image_id, check=False)
+            if done.returncode == 0 or "image not known" in done.error_text:
+                self._dangling.discard(image_id)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
         # A live agent channel answers its heartbeats from inside the container, so it is
@@ -1042,6 +1154,18 @@ async def _wait(
             # Progress is a courtesy: a client that went away must not break the run.
             with contextlib.suppress(Exception):
                 await on_progress(time.monotonic() - started)
+
+
+def _wall_clock(created: object) -> float:
+    """An image's creation time from `podman images` (seconds) or `inspect` (RFC 3339)."""
+    if isinstance(created, int | float):
+        return float(created)
+    if isinstance(created, str):
+        with contextlib.suppress(ValueError):
+            # Podman gives nanoseconds; Python's parser takes at most microseconds.
+            text = re.sub(r"(\.\d{6})\d+", r"\1", created.replace("Z", "+00:00"))
+            return datetime.datetime.fromisoformat(text).timestamp()
+    return 0.0
 
 
 def _notice(output: str, message: str) -> str:

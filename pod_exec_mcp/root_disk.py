@@ -307,6 +307,8 @@ class RootDisk:
     uid_base: int | None
     gid_base: int | None
     image: ImageConfig = field(default_factory=ImageConfig)
+    # The image whose files are its lower layer (RootDisks.image_files).
+    source: str = ""
     # Held while the sandbox lives: the sweep leaves a root whose lock is held alone.
     lock_fd: int = field(repr=False, default=-1)
     slot_fd: int = field(repr=False, default=-1)
@@ -446,6 +448,10 @@ class RootDisks:
         self.reservations = run_dir / "userns"
         # Image name -> its exported files, and the shared lock that keeps them.
         self._images: dict[str, tuple[ImageFiles, int]] = {}
+        # Image name -> the roots built over its files now; and the images whose files go
+        # as soon as no root uses them (snapshots deleted: forget).
+        self._users: dict[str, int] = {}
+        self._forgotten: set[str] = set()
         self._exporting = asyncio.Lock()
         # Container names that existed at the last sweep: a reservation naming one of
         # them is not free even if its holder died (the container may still run).
@@ -562,7 +568,10 @@ class RootDisks:
         /etc/hosts. RootDiskError if it cannot be."""
         files = await self.image_files(image, labels)
         lower = files.path
-        root = RootDisk(name, self.roots / name, size, hostname_for(name), None, None, files.config)
+        root = RootDisk(
+            name, self.roots / name, size, hostname_for(name), None, None, files.config, image
+        )
+        self._users[image] = self._users.get(image, 0) + 1
         lock = os.open(self.roots / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -682,6 +691,122 @@ class RootDisks:
                 (self.roots / f"{root.name}.lock").unlink()
             os.close(root.lock_fd)
             root.lock_fd = -1
+        if root.source:
+            self._users[root.source] = self._users.get(root.source, 1) - 1
+            root.source, source = "", root.source
+            if self._users[source] <= 0:
+                del self._users[source]
+                if source in self._forgotten:
+                    self._drop_image(source)
+
+    def forget(self, image: str) -> None:
+        """`image` is gone (a deleted snapshot): its exported files go as soon as no root
+        built over them is left (sandboxes started from it keep their files till then)."""
+        self._forgotten.add(image)
+        if not self._users.get(image):
+            self._drop_image(image)
+
+    def _drop_image(self, image: str) -> None:
+        self._forgotten.discard(image)
+        known = self._images.pop(image, None)
+        if known is not None:
+            os.close(known[1])
+            self._prune_images(keep={f.path for f, _ in self._images.values()})
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    async def import_root(self, root: RootDisk, image: str, changes: list[str]) -> None:
+        """Record a sandbox's whole root file system as image `image` (`tar` of its root,
+        as the sandbox sees it, into `podman import`, with `changes` such as LABEL and ENV):
+        `podman commit` cannot commit a container on a root of its own. RootDiskError if
+        either side fails (the image may then exist: the caller removes it)."""
+        await self._stream_root(
+            root,
+            [self.podman.path, "import", "--quiet",
+             *[a for c in changes for a in ("--change", c)], "-", image],
+            "podman import",
+        )  # fmt: skip
+
+    async def copy_root(self, root: RootDisk, image: str) -> None:
+        """Copy a sandbox's whole root file system into files that roots of `image` are
+        built over (build), without Podman: a fork's passing copy, for this server only.
+        `forget(image)` removes it once no root uses it; a server that died leaves it to
+        the next one's prune."""
+        if image in self._images:
+            raise RootDiskError(f"{image} exists already")
+        images = self.directory / "images"
+        stem = f"copy-{secrets.token_hex(8)}"
+        files = images / stem
+        lock = os.open(images / f"{stem}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            files.mkdir(mode=0o755)
+            await self._stream_root(
+                root,
+                ["tar", "-x", "--numeric-owner", "--same-permissions", "--xattrs",
+                 "--xattrs-include=*", "-C", str(files)],
+                "tar -x",
+            )  # fmt: skip
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, files, True)
+            with contextlib.suppress(OSError):
+                (images / f"{stem}.lock").unlink()
+            os.close(lock)
+            raise
+        self._images[image] = (ImageFiles(files, root.image), lock)
+
+    async def _stream_root(self, root: RootDisk, consumer: list[str], what: str) -> None:
+        """`tar -c` of a sandbox's root into `consumer`'s stdin. Owners are given as the
+        sandbox sees them (its user namespace's ids shifted back). Taken while the sandbox
+        runs: a file written meanwhile may be caught half-written."""
+        maps: list[str] = []
+        map_files: list[Path] = []
+        if root.uid_base is not None and root.gid_base is not None:
+            for flag, base in (("--owner-map", root.uid_base), ("--group-map", root.gid_base)):
+                path = self.directory / f".ids-{secrets.token_hex(4)}"
+                path.write_text("".join(f"+{base + i} +{i}\n" for i in range(USERNS_SIZE)))
+                map_files.append(path)
+                maps.append(f"{flag}={path}")
+        reading, writing = os.pipe()
+        processes: list[asyncio.subprocess.Process] = []
+        try:
+            try:
+                tar = await asyncio.create_subprocess_exec(
+                    "tar", "-c", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                    "--one-file-system", *maps, "-C", str(root.path), ".",
+                    stdin=asyncio.subprocess.DEVNULL, stdout=writing,
+                    stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                processes.append(tar)
+                taker = await asyncio.create_subprocess_exec(
+                    *consumer, stdin=reading, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                )  # fmt: skip
+                processes.append(taker)
+            finally:
+                os.close(reading)
+                os.close(writing)
+            (_, tar_error), (taken, taker_error) = await asyncio.gather(
+                tar.communicate(), taker.communicate()
+            )
+        except BaseException:
+            for process in processes:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await process.wait()
+            raise
+        finally:
+            for path in map_files:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        # tar's 1: a file changed while it was read (the sandbox runs); kept as read.
+        if tar.returncode not in (0, 1):
+            said = " ".join(tar_error.decode(errors="replace").split())[-500:]
+            raise RootDiskError(f"tar of the sandbox's root failed ({tar.returncode}): {said}")
+        if taker.returncode != 0:
+            said = " ".join((taker_error or taken).decode(errors="replace").split())[-500:]
+            raise RootDiskError(f"{what} failed ({taker.returncode}): {said}")
 
     def sweep(self, existing: Iterable[str]) -> list[str]:
         """Unmount the roots (and free the reservations) of sandboxes whose server is gone
