@@ -19,6 +19,8 @@ import os
 import re
 import secrets
 import socket
+import subprocess
+import tarfile
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +68,7 @@ from pod_exec_mcp.podman import (
 from pod_exec_mcp.proxy import ConnectionGate, RefusalLog, serve_connection
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
+    ImageConfig,
     RootDisk,
     RootDiskError,
     RootDisks,
@@ -556,10 +559,24 @@ class PodmanEngine:
                 return SnapshotInfo(name, dict(labels), 0, time.time())
             if root is not None and self.root_disks is not None:
                 # `import` makes a bare image: the base image's run configuration goes with it.
-                config = [f"ENV {variable}" for variable in root.image.env]
-                config += [f"WORKDIR {root.image.workdir}"] if root.image.workdir else []
-                config += [f"USER {root.image.user}"] if root.image.user else []
-                await self.root_disks.import_root(root, name, [*config, *changes])
+                await self.root_disks.import_root(
+                    root, name, [*_config_changes(root.image), *changes]
+                )
+            elif (shift := await self._id_shift(sandbox)) is not None:
+                # Podman 4.3 commits a user-namespaced container's files with their host
+                # ids (a new sandbox then sees them owned by nobody): its export instead,
+                # ids shifted back, into `podman import` (the whole tree, not a layer).
+                base = await self.podman.run(
+                    "container", "inspect", "--format", "{{.Image}}", sandbox.name
+                )
+                config = await self.podman.run(
+                    "image", "inspect", "--format", "{{json .Config}}", base.stdout.decode().strip()
+                )
+                image = ImageConfig.of(json.loads(config.stdout or b"null"))
+                await asyncio.to_thread(
+                    _export_shifted, self.podman.path, sandbox.name, shift, name,
+                    [*_config_changes(image), *changes],
+                )  # fmt: skip
             else:
                 # Its size is the layer's: the image it was committed on is not counted.
                 base = await self.podman.run(
@@ -578,6 +595,17 @@ class PodmanEngine:
             if isinstance(exc, PodmanError | RootDiskError | OSError):
                 raise EngineError(f"could not snapshot the sandbox: {exc}") from None
             raise
+
+    async def _id_shift(self, sandbox: Sandbox) -> tuple[int, int] | None:
+        """The host uid and gid of the container's root, where it has a user namespace."""
+        done = await self.podman.run(
+            "container", "inspect", "--format", "{{json .HostConfig.IDMappings}}", sandbox.name
+        )
+        mappings = json.loads(done.stdout or b"null") or {}
+        firsts = [(mappings.get(key) or [""])[0].split(":") for key in ("UidMap", "GidMap")]
+        if all(len(f) == 3 and f[0] == "0" and f[1].isdigit() for f in firsts):
+            return int(firsts[0][1]), int(firsts[1][1])
+        return None
 
     async def _snapshot_info(self, name: str) -> SnapshotInfo:
         found = await self.podman.run("image", "inspect", "--format", "json", name)
@@ -1154,6 +1182,64 @@ async def _wait(
             # Progress is a courtesy: a client that went away must not break the run.
             with contextlib.suppress(Exception):
                 await on_progress(time.monotonic() - started)
+
+
+def _config_changes(image: ImageConfig) -> list[str]:
+    """`podman import --change` lines that give a bare image `image`'s run configuration."""
+    changes = [f"ENV {variable}" for variable in image.env]
+    changes += [f"WORKDIR {image.workdir}"] if image.workdir else []
+    changes += [f"USER {image.user}"] if image.user else []
+    return changes
+
+
+def _export_shifted(
+    podman: str, container: str, shift: tuple[int, int], image: str, changes: list[str]
+) -> None:
+    """`podman export CONTAINER | podman import - IMAGE`, every owner shifted from the host
+    ids of the container's user namespace back to its own (ids outside it: nobody)."""
+    exporter = subprocess.Popen(
+        [podman, "export", container], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    importer = subprocess.Popen(
+        [podman, "import", "--quiet", *[a for c in changes for a in ("--change", c)], "-", image],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert exporter.stdout is not None and importer.stdin is not None
+
+    def back(value: int, base: int) -> int:
+        return value - base if base <= value < base + USERNS_SIZE else _NOBODY
+
+    try:
+        with (
+            tarfile.open(fileobj=exporter.stdout, mode="r|") as source,
+            tarfile.open(fileobj=importer.stdin, mode="w|", format=tarfile.PAX_FORMAT) as out,
+        ):
+            for member in source:
+                member.uid, member.gid = back(member.uid, shift[0]), back(member.gid, shift[1])
+                member.uname = member.gname = ""
+                # A PAX header would carry the old ids on (they were too large for ustar).
+                member.pax_headers = {
+                    k: v for k, v in member.pax_headers.items() if k not in _OWNER_KEYS
+                }
+                out.addfile(member, source.extractfile(member) if member.isreg() else None)
+    except (tarfile.TarError, OSError) as exc:
+        exporter.kill()
+        importer.kill()
+        raise PodmanError(f"could not copy the container's export: {exc}") from None
+    finally:
+        # (communicate closes the importer's stdin: the end of its input.)
+        _, export_error = exporter.communicate()
+        import_out, import_error = importer.communicate()
+    if exporter.returncode != 0:
+        raise PodmanError(f"podman export failed: {' '.join(export_error.decode().split())}")
+    if importer.returncode != 0:
+        said = " ".join((import_error or import_out).decode(errors="replace").split())
+        raise PodmanError(f"podman import failed: {said}")
+
+
+# The overflow id a user namespace shows for ids it does not map.
+_NOBODY = 65534
+_OWNER_KEYS = frozenset({"uid", "gid", "uname", "gname"})
 
 
 def _wall_clock(created: object) -> float:
