@@ -760,13 +760,15 @@ class RootDisks:
         sandbox sees them (its user namespace's ids shifted back). Taken while the sandbox
         runs: a file written meanwhile may be caught half-written."""
         maps: list[str] = []
-        map_files: list[Path] = []
+        # The id maps live in memory files that tar opens by descriptor: nothing on disk
+        # that a killed server could leave behind.
+        map_fds: list[int] = []
         if root.uid_base is not None and root.gid_base is not None:
             for flag, base in (("--owner-map", root.uid_base), ("--group-map", root.gid_base)):
-                path = self.directory / f".ids-{secrets.token_hex(4)}"
-                path.write_text("".join(f"+{base + i} +{i}\n" for i in range(USERNS_SIZE)))
-                map_files.append(path)
-                maps.append(f"{flag}={path}")
+                fd = os.memfd_create("pod_exec_mcp-ids", 0)
+                map_fds.append(fd)
+                os.write(fd, "".join(f"+{base + i} +{i}\n" for i in range(USERNS_SIZE)).encode())
+                maps.append(f"{flag}=/proc/self/fd/{fd}")
         reading, writing = os.pipe()
         processes: list[asyncio.subprocess.Process] = []
         try:
@@ -775,7 +777,7 @@ class RootDisks:
                     "tar", "-c", "--numeric-owner", "--xattrs", "--xattrs-include=*",
                     "--one-file-system", *maps, "-C", str(root.path), ".",
                     stdin=asyncio.subprocess.DEVNULL, stdout=writing,
-                    stderr=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, pass_fds=map_fds,
                 )  # fmt: skip
                 processes.append(tar)
                 taker = await asyncio.create_subprocess_exec(
@@ -797,9 +799,8 @@ class RootDisks:
                     await process.wait()
             raise
         finally:
-            for path in map_files:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            for fd in map_fds:
+                os.close(fd)
         # tar's 1: a file changed while it was read (the sandbox runs); kept as read.
         if tar.returncode not in (0, 1):
             said = " ".join(tar_error.decode(errors="replace").split())[-500:]
