@@ -5,7 +5,10 @@ delete_snapshot; ownership, bounds, a server restart, and nothing left behind.""
 from __future__ import annotations
 
 import json
+import secrets
+import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,14 @@ from conftest import (
 )
 from fastmcp import Client
 
-from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SNAPSHOT, LABEL_SNAPSHOT_KIND, has_labels
+from pod_exec_mcp.podman import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_SNAPSHOT,
+    LABEL_SNAPSHOT_KIND,
+    has_labels,
+)
 
 pytestmark = pytest.mark.podman
 
@@ -49,6 +59,17 @@ def snapshot_images(*labels: str) -> list[dict[str, Any]]:
     done = podman("images", "--all", "--format", "json", "--filter", f"label={LABEL_SNAPSHOT}")
     found: list[dict[str, Any]] = json.loads(done.stdout or "[]") or []
     return [i for i in found if has_labels(i.get("Labels") or {}, labels)]
+
+
+@pytest.fixture(autouse=True)
+def no_snapshot_left(run_dir: Path) -> Iterator[None]:
+    """Whatever a test asserts, no snapshot image of this run's state dir outlives it: they
+    survive server restarts by design, so a failed test would leave them for good."""
+    yield
+    owner = run_dir / "state" / "pod_exec_mcp" / "instances" / "owner"
+    if owner.exists():
+        left = snapshot_images(f"{LABEL_OWNER}={owner.read_text().strip()}")
+        podman("rmi", *[i["Id"] for i in left], check=False)
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
@@ -212,3 +233,39 @@ async def test_without_a_user_namespace_podman_commits_only_the_changes(launch: 
     server.stop()
     assert server.containers() == []
     assert snapshot_images(f"{LABEL_INSTANCE}={server.instance}") == []
+
+
+def _import_labelled(tar: Path, reference: str, labels: dict[str, str]) -> str:
+    changes = [arg for k, v in labels.items() for arg in ("--change", f"LABEL {k}={v}")]
+    done = podman("import", "--quiet", *changes, str(tar), reference)
+    return done.stdout.strip().removeprefix("sha256:")
+
+
+async def test_a_dead_servers_passing_copies_are_swept_and_snapshots_kept(
+    launch: Any, run_dir: Path, tmp_path: Path
+) -> None:
+    launch("--disk-limit", "0").stop()  # the state dir's owner id exists from now on
+    owner = (run_dir / "state" / "pod_exec_mcp" / "instances" / "owner").read_text().strip()
+    tar = tmp_path / "tiny.tar"
+    with tarfile.open(tar, "w") as archive:
+        (tmp_path / "f").write_text("x")
+        archive.add(tmp_path / "f", "f")
+    dead = secrets.token_hex(8)  # an instance without a lock: its server is gone
+    labels = {LABEL_MANAGED: "true", LABEL_OWNER: owner, LABEL_INSTANCE: dead}
+    tag = secrets.token_hex(6)
+    made = {
+        kind: _import_labelled(
+            tar,
+            f"localhost/pod_exec_mcp_snapshot:{kind}_{tag}",
+            {**labels, LABEL_SNAPSHOT: f"{kind}_{tag}", LABEL_SNAPSHOT_KIND: kind},
+        )
+        for kind in ("fork", "snapshot", "deleted")
+    }
+    # A deleted snapshot that a container used until it went: only its tag was removed.
+    podman("untag", made["deleted"])
+    try:
+        launch("--disk-limit", "0").stop()  # its start-up sweep
+        left = {i["Id"] for i in snapshot_images(f"{LABEL_INSTANCE}={dead}")}
+        assert left == {made["snapshot"]}
+    finally:
+        podman("rmi", *made.values(), check=False)
