@@ -347,16 +347,22 @@ def gets_root_disk(spec: SandboxSpec, root_disks: RootDisks | None) -> bool:
 
 
 async def build_root_disk(
-    root_disks: RootDisks, spec: SandboxSpec, hosts: dict[str, str] | None = None
+    root_disks: RootDisks,
+    spec: SandboxSpec,
+    hosts: dict[str, str] | None = None,
+    copy_of: RootDisk | None = None,
 ) -> RootDisk:
     """The root disk of a sandbox of `spec`, its /etc/hosts naming `hosts` (name ->
-    address) besides localhost; RootDiskError if it cannot be made."""
+    address) besides localhost; with `copy_of`, over that root's image with a copy of its
+    changes (a fork). RootDiskError if it cannot be made."""
     assert spec.disk_limit is not None
     # gVisor's kernel is its boundary (no user namespace: see run_arguments).
     userns = spec.userns and not is_gvisor(spec.runtime)
+    image = copy_of.source if copy_of is not None else spec.image
     return await root_disks.build(
-        spec.name, spec.image, parse_size(spec.disk_limit), userns, dict(spec.labels), hosts
-    )
+        spec.name, image, parse_size(spec.disk_limit), userns, dict(spec.labels), hosts,
+        copy_of,
+    )  # fmt: skip
 
 
 # Podman's default network, which `--network bridge` sandboxes join (run_arguments).
@@ -449,6 +455,8 @@ class PodmanEngine:
         # Ids of deleted snapshot images that a container still used (only untagged): each
         # removal tries them again.
         self._dangling: set[str] = set()
+        # Passing copies (forks) of sandboxes on root disks: name -> the source's root.
+        self._passing: dict[str, RootDisk] = {}
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.headroom is not None:
@@ -476,7 +484,10 @@ class PodmanEngine:
         root: RootDisk | None = None
         try:
             if self.root_disks is not None and gets_root_disk(spec, self.root_disks):
-                root = await build_root_disk(self.root_disks, spec, await self._hosts(spec))
+                source = self._passing.get(spec.image)
+                root = await build_root_disk(
+                    self.root_disks, spec, await self._hosts(spec), copy_of=source
+                )
             await self.podman.run(*run_arguments(spec, volume, root))
             if root is not None:
                 # Fail closed: no sandbox whose limit is not in force is handed out.
@@ -548,14 +559,16 @@ class PodmanEngine:
     ) -> SnapshotInfo:
         """`podman commit` of the sandbox's writable layer; a sandbox on a root disk of its
         own (which Podman cannot commit: "exploded rootfs") is recorded by a tar of its root
-        into `podman import`, or, for a passing copy, straight into the files that new
-        root disks are built over (no image: several times faster). Neither pauses the
+        into `podman import`; a passing copy of it is no image at all: each sandbox started
+        from it gets a copy of the source's changes only (_start). None pauses the
         sandbox."""
         root = self._roots.get(sandbox.name)
         changes = [f"LABEL {key}={value}" for key, value in labels.items()]
         try:
             if passing and root is not None and self.root_disks is not None:
-                await self.root_disks.copy_root(root, name)
+                # Nothing copied yet: each fork's root disk gets a copy of the source's
+                # changes (its upper layer) over the same image's files (_start).
+                self._passing[name] = root
                 return SnapshotInfo(name, dict(labels), 0, time.time())
             if root is not None and self.root_disks is not None:
                 # `import` makes a bare image: the base image's run configuration goes with it.
@@ -643,6 +656,8 @@ class PodmanEngine:
             raise EngineError(str(exc)) from None
 
     async def remove_snapshot(self, name: str) -> None:
+        if self._passing.pop(name, None) is not None:
+            return
         try:
             done = await self.podman.run(
                 "image", "inspect", "--format", "{{.Id}}", name, check=False
