@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pod_exec_mcp import host_procs
-from pod_exec_mcp.admission import Headroom, check_headroom
+from pod_exec_mcp.admission import Headroom, check_headroom, check_snapshot_headroom
 from pod_exec_mcp.agent_channel import (
     AgentChannel,
     AgentCommandError,
@@ -564,6 +564,8 @@ class PodmanEngine:
         sandbox."""
         root = self._roots.get(sandbox.name)
         changes = [f"LABEL {key}={value}" for key, value in labels.items()]
+        if self.headroom is not None and not (passing and root is not None):
+            check_snapshot_headroom(await self._snapshot_estimate(root), self.headroom)
         try:
             if passing and root is not None and self.root_disks is not None:
                 # Nothing copied yet: each fork's root disk gets a copy of the source's
@@ -608,6 +610,23 @@ class PodmanEngine:
             if isinstance(exc, PodmanError | RootDiskError | OSError):
                 raise EngineError(f"could not snapshot the sandbox: {exc}") from None
             raise
+
+    async def _snapshot_estimate(self, root: RootDisk | None) -> int:
+        """What a snapshot may take, where it can be told cheaply: a root disk's whole
+        root (its image's files and the changes on its disk); else 0 (only the headroom
+        itself is checked)."""
+        if root is None:
+            return 0
+        try:
+            stats = os.statvfs(root.path)
+        except OSError:
+            return 0
+        changed = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+        done = await self.podman.run(
+            "image", "inspect", "--format", "{{.Size}}", root.source, check=False
+        )
+        text = done.stdout.decode().strip()
+        return changed + (int(text) if done.returncode == 0 and text.isdigit() else 0)
 
     async def _id_shift(self, sandbox: Sandbox) -> tuple[int, int] | None:
         """The host uid and gid of the container's root, where it has a user namespace."""
