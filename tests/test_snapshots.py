@@ -213,6 +213,7 @@ async def test_snapshots_survive_a_restart_and_the_size_bound(launch: Any) -> No
 
 async def test_without_a_user_namespace_podman_commits_only_the_changes(launch: Any) -> None:
     server: ServerProcess = launch("--disk-limit", "0", "--userns", "host")
+    assert "snapshots: file-system only" in server.log() and "podman commit" in server.log()
     async with server.client() as client:
         source = await create(client)
         await sh(client, PREPARE, session_id=source)

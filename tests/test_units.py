@@ -224,3 +224,15 @@ def test_image_creation_times_of_both_podman_formats() -> None:
     assert _wall_clock(1796413102) == 1796413102.0
     assert _wall_clock("2026-12-04T19:38:22.752562369Z") == pytest.approx(1796413102.752562)
     assert _wall_clock("soon") == 0.0 and _wall_clock(None) == 0.0
+
+
+def test_start_up_says_what_snapshots_this_host_can_take() -> None:
+    from pod_exec_mcp.cli import snapshot_support
+
+    assert "tar of each root disk" in snapshot_support(Settings(), True)
+    assert "ids shifted back" in snapshot_support(Settings(disk_limit="0"), False)
+    assert "podman commit" in snapshot_support(Settings(userns="host"), False)
+    assert "podman commit" in snapshot_support(Settings(runtime="runsc"), False)
+    assert "file-system only" in snapshot_support(Settings(), True)
+    assert "turned off" in snapshot_support(Settings(max_snapshots_per_principal=0), True)
+    assert snapshot_support(Settings(strict=True), False).startswith("none")
