@@ -16,7 +16,10 @@ mount API, mount_api.py) and live as long as the overlay does, the loop device c
 itself when its file system goes, and the file has no name. So unmounting one directory
 frees everything, and a server killed at any step leaves at most a mount in its own
 directory, which the next start's sweep (or `--cleanup`) unmounts. Podman never sees
-these mounts, so its own bind-mounts of its storage cannot hide them.
+these mounts, so its own bind-mounts of its storage cannot hide them. (The server also
+holds the ext4 mount by descriptor while the sandbox lives, `RootDisk.disk_fd`, so that
+a fork can copy the overlay's upper layer; `release` closes it, and the kernel does when
+the server dies: it is in no mount table.)
 
 The four files Podman would write in its run directory (/etc/hosts, /etc/hostname,
 /etc/resolv.conf, /run/.containerenv), writable by sandbox root, are written into the
