@@ -136,6 +136,19 @@ def check_headroom(spec: SandboxSpec, headroom: Headroom, state: HostState | Non
         )
 
 
+def check_snapshot_headroom(size: int, headroom: Headroom, state: HostState | None = None) -> None:
+    """Refuse (AdmissionRefused) a snapshot that may take `size` bytes unless the disk
+    headroom stays free after it: snapshots count against the same headroom as sandboxes."""
+    state = state or host_state(headroom.storage_path)
+    if state.disk_free is not None and state.disk_free < size + headroom.disk:
+        raise AdmissionRefused(
+            f"this host is short of disk for a snapshot: {_gib(state.disk_free)} free where "
+            f"the sandboxes' files are, but this snapshot may take {_gib(size)} and "
+            f"{_gib(headroom.disk)} must stay free ({env_var('headroom_disk')}). Delete "
+            "snapshots you no longer need, or remove large files first."
+        )
+
+
 def capacity_warnings(settings: Settings, state: HostState) -> list[str]:
     """Where `max_sandboxes` sandboxes, each at its limits, would exceed this host."""
     n = settings.max_sandboxes + settings.warm_pool

@@ -26,7 +26,7 @@ from pod_exec_mcp.admission import (
 from pod_exec_mcp.app import create_app
 from pod_exec_mcp.auth import AuthConfigError, auth_provider, generate_token_file, token_file
 from pod_exec_mcp.config import Settings, SettingsError, cli_flag, env_var, load_settings
-from pod_exec_mcp.engine import sandbox_spec
+from pod_exec_mcp.engine import is_gvisor, sandbox_spec
 from pod_exec_mcp.http import MCP_PATH
 from pod_exec_mcp.http_guard import http_protocol, rate_limit_accept_errors
 from pod_exec_mcp.instances import (
@@ -228,6 +228,25 @@ def _root_disks(settings: Settings, podman: Podman, facts: PodmanFacts) -> RootD
     return RootDisks(disk_dir(settings), podman, IdRange.read())
 
 
+def snapshot_support(settings: Settings, root_disks: bool) -> str:
+    """What snapshot_session and fork_session can do on this host, in one line."""
+    if settings.strict:
+        return "none: strict sandboxes keep /workspace and /tmp in tmpfs"
+    how = (
+        "a tar of each root disk into podman import (whole root); forks copy the changes"
+        if root_disks
+        else "podman export with ids shifted back into podman import (whole root)"
+        if settings.userns == "auto" and not is_gvisor(settings.runtime)
+        else "podman commit (changes only)"
+    )
+    cap = settings.max_snapshots_per_principal
+    kept = f"{cap} per principal, {settings.max_snapshot_bytes} in all" if cap else "turned off"
+    return (
+        f"file-system only, no memory or processes (CRIU is not used); by {how}; "
+        f"kept snapshots: {kept}"
+    )
+
+
 def disk_dir(settings: Settings) -> Path:
     return Path(settings.disk_dir) if settings.disk_dir else default_lock_dir().parent / "disks"
 
@@ -304,6 +323,7 @@ async def serve(settings: Settings, podman: Podman, auth: Any) -> int:
             "disk limit: each sandbox gets a root disk of %s in %s",
             settings.disk_limit, root_disks.directory,
         )  # fmt: skip
+    log.info("snapshots: %s", snapshot_support(settings, root_disks is not None))
     # The disk headroom is checked where sandboxes' disks take their space.
     disk_home = str(root_disks.directory) if root_disks is not None else facts.graph_root
     engine = PodmanEngine(

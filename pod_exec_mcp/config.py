@@ -264,6 +264,18 @@ class Settings(BaseModel):
     cannot take all of max_sandboxes. 0: half of max_sandboxes (at least 1). Without auth
     there is a single principal and only max_sandboxes applies."""
 
+    max_snapshots_per_principal: int = Field(default=10, ge=0)
+    """Most file-system snapshots (snapshot_session) one principal may keep; past it
+    snapshot_session says so until one is deleted (delete_snapshot). Snapshots are images
+    in Podman's storage and survive server restarts. 0 turns snapshots off (forks still
+    work: their passing copy is removed once they started)."""
+
+    max_snapshot_bytes: str = "20g"
+    """Most bytes all snapshots of this server's state dir may take together (each counts
+    what it takes of its own: a whole root file system where sandboxes have root disks,
+    the changed files where Podman commits them). A snapshot that would pass it is refused
+    (and not kept)."""
+
     progress_interval: float = Field(default=5.0, gt=0)
     """Seconds between progress notifications while a command runs."""
 
@@ -359,7 +371,9 @@ class Settings(BaseModel):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("memory", "disk_limit", "headroom_memory", "headroom_disk")
+    @field_validator(
+        "memory", "disk_limit", "headroom_memory", "headroom_disk", "max_snapshot_bytes"
+    )
     @classmethod
     def _size_in_bytes(cls, value: str) -> str:
         parse_size(value)  # admission control computes with these

@@ -1,7 +1,9 @@
 """What the sessions layer needs from a sandbox engine, and nothing more.
 
 An engine starts a sandbox from a `SandboxSpec`, runs a command in it with a kill
-guarantee (`RunRequest` in, `RunResult` out), removes sandboxes and lists ours by label.
+guarantee (`RunRequest` in, `RunResult` out), removes sandboxes and lists ours by label,
+and keeps file-system snapshots of sandboxes (`SnapshotInfo`: images a spec can start
+from).
 Podman (`podman_engine.PodmanEngine`) is the one implementation; the unit tests use an
 in-memory fake; docs/scale-out.md maps the same calls onto Kubernetes.
 
@@ -162,6 +164,19 @@ class SandboxInfo:
         return Sandbox(self.id, self.labels)
 
 
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A file-system snapshot as the engine keeps it: an image carrying our labels, that a
+    `SandboxSpec.image` may name."""
+
+    name: str
+    labels: Mapping[str, str]
+    # Bytes the snapshot takes of its own (not counting an image it shares layers with).
+    size: int
+    # Wall clock.
+    created: float
+
+
 class SandboxEngine(Protocol):
     """The seam between sessions and whatever runs sandboxes."""
 
@@ -191,6 +206,24 @@ class SandboxEngine(Protocol):
 
     async def list_ours(self, *label_filters: str) -> list[SandboxInfo]:
         """Sandboxes (running or not) carrying every `key=value` label given."""
+        ...
+
+    async def snapshot(
+        self, sandbox: Sandbox, name: str, labels: Mapping[str, str], passing: bool = False
+    ) -> SnapshotInfo:
+        """Record the sandbox's file system (not its processes) as image `name` carrying
+        `labels`; the sandbox goes on running. EngineError if it cannot (nothing is left).
+        `passing`: only for sandboxes this engine starts before `remove_snapshot(name)` (a
+        fork's copy): it may be kept outside the image store, and need not be listed."""
+        ...
+
+    async def list_snapshots(self, *label_filters: str) -> list[SnapshotInfo]:
+        """Snapshots carrying every `key=value` label given."""
+        ...
+
+    async def remove_snapshot(self, name: str) -> None:
+        """Remove a snapshot; a missing one is not an error. Sandboxes started from it
+        keep their files."""
         ...
 
     def set_egress(self, sandbox: Sandbox, policy: EgressPolicy) -> None:

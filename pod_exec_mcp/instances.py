@@ -37,6 +37,8 @@ from pod_exec_mcp.podman import (
     LABEL_MANAGED,
     LABEL_OWNER,
     LABEL_SESSION,
+    LABEL_SNAPSHOT,
+    LABEL_SNAPSHOT_KIND,
     Podman,
 )
 
@@ -277,10 +279,37 @@ def format_listing(statuses: list[ContainerStatus], now: float | None = None) ->
 
 
 async def sweep_orphans(podman: Podman, lock_dir: Path | None = None) -> list[ContainerStatus]:
-    """Remove the containers of dead instances of this owner; returns what was removed."""
+    """Remove the containers of dead instances of this owner, then the snapshot images
+    nobody can use any more (sweep_snapshot_images); returns the containers removed."""
     orphans = [c for c in await survey(podman, lock_dir) if c.orphaned]
     await podman.remove(*[c.id for c in orphans])
+    images = await sweep_snapshot_images(podman, lock_dir)
+    if images:
+        log.info("removed %d snapshot image(s) nobody can use any more", len(images))
     return orphans
+
+
+async def sweep_snapshot_images(podman: Podman, lock_dir: Path | None = None) -> list[str]:
+    """Remove this owner's snapshot images that nobody can use any more: a fork's passing
+    copy whose server died before it removed it, and deleted snapshots (untagged) that a
+    container used until it went. Kept snapshots (kind `snapshot`, tagged) survive any
+    server: only delete_snapshot removes them. Returns the image ids removed."""
+    lock_dir = lock_dir or default_lock_dir()
+    mine = owner_key(lock_dir)
+    removed = []
+    for image in await podman.list_images(f"{LABEL_MANAGED}=true", LABEL_SNAPSHOT):
+        labels = image.get("Labels") or {}
+        if labels.get(LABEL_OWNER) != mine or image.get("Containers"):
+            continue
+        passing = labels.get(LABEL_SNAPSHOT_KIND) == "fork" and not instance_alive(
+            lock_dir, labels.get(LABEL_INSTANCE, "")
+        )
+        untagged = not (image.get("RepoTags") or image.get("Names"))
+        if passing or untagged:
+            done = await podman.run("rmi", image["Id"], check=False)
+            if done.returncode == 0:
+                removed.append(str(image["Id"]))
+    return removed
 
 
 async def sweep_forever(

@@ -21,6 +21,14 @@ LABEL_MANAGED = "io.pod_exec_mcp.managed"
 LABEL_INSTANCE = "io.pod_exec_mcp.instance"
 LABEL_OWNER = "io.pod_exec_mcp.owner"
 LABEL_SESSION = "io.pod_exec_mcp.session"
+# Labels of snapshot images (besides managed, owner and instance, as on containers): the
+# snapshot's id, a hash of the principal it belongs to, and its kind: `snapshot` (kept
+# until delete_snapshot) or `fork` (a fork's passing copy, removed once the forks started).
+LABEL_SNAPSHOT = "io.pod_exec_mcp.snapshot"
+LABEL_SNAPSHOT_PRINCIPAL = "io.pod_exec_mcp.snapshot.principal"
+LABEL_SNAPSHOT_KIND = "io.pod_exec_mcp.snapshot.kind"
+# A committed snapshot's base image (its layers are shared, so not the snapshot's size).
+LABEL_SNAPSHOT_BASE = "io.pod_exec_mcp.snapshot.base"
 
 
 class PodmanError(RuntimeError):
@@ -146,6 +154,37 @@ class Podman:
             args += ["--filter", f"label={label}"]
         done = await self.run(*args)
         return json.loads(done.stdout or b"[]") or []
+
+    async def list_images(self, *label_filters: str) -> list[dict[str, Any]]:
+        """Images (tagged or not) that carry every label given: `key=value`, or `key` for
+        any value. Podman 4.3 ORs several label filters of `images`, so only the first
+        goes to Podman and all are checked here."""
+        args = ["images", "--all", "--format", "json"]
+        if label_filters:
+            args += ["--filter", f"label={label_filters[0]}"]
+        done = await self.run(*args)
+        found: list[dict[str, Any]] = json.loads(done.stdout or b"[]") or []
+        return [i for i in found if has_labels(i.get("Labels") or {}, label_filters)]
+
+    async def remove_image(self, image: str) -> bool:
+        """Remove an image; missing is not an error. False if a container still uses it
+        (then only its tag is removed, and it goes once that container has)."""
+        done = await self.run("rmi", image, check=False)
+        if done.returncode == 0 or "image not known" in done.error_text:
+            return True
+        if any(w in done.error_text for w in ("in use", "used by", "dependent children")):
+            await self.run("untag", image, check=False)
+            return False
+        raise PodmanError(f"podman rmi failed: {done.error_text}")
+
+
+def has_labels(labels: dict[str, str], label_filters: tuple[str, ...]) -> bool:
+    """Whether `labels` carry every `key=value` (or `key`, any value) given."""
+    for wanted in label_filters:
+        key, equals, value = wanted.partition("=")
+        if key not in labels or (equals and labels[key] != value):
+            return False
+    return True
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:

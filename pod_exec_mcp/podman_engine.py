@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
+import subprocess
+import tarfile
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pod_exec_mcp import host_procs
-from pod_exec_mcp.admission import Headroom, check_headroom
+from pod_exec_mcp.admission import Headroom, check_headroom, check_snapshot_headroom
 from pod_exec_mcp.agent_channel import (
     AgentChannel,
     AgentCommandError,
@@ -50,13 +54,21 @@ from pod_exec_mcp.engine import (
     SandboxBroken,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
     is_gvisor,
 )
 from pod_exec_mcp.output import BoundedOutput
-from pod_exec_mcp.podman import LABEL_SESSION, Podman, PodmanError
+from pod_exec_mcp.podman import (
+    LABEL_SESSION,
+    LABEL_SNAPSHOT,
+    LABEL_SNAPSHOT_BASE,
+    Podman,
+    PodmanError,
+)
 from pod_exec_mcp.proxy import HEAD_TIMEOUT, ConnectionGate, RefusalLog, serve_connection
 from pod_exec_mcp.root_disk import (
     USERNS_SIZE,
+    ImageConfig,
     RootDisk,
     RootDiskError,
     RootDisks,
@@ -335,16 +347,22 @@ def gets_root_disk(spec: SandboxSpec, root_disks: RootDisks | None) -> bool:
 
 
 async def build_root_disk(
-    root_disks: RootDisks, spec: SandboxSpec, hosts: dict[str, str] | None = None
+    root_disks: RootDisks,
+    spec: SandboxSpec,
+    hosts: dict[str, str] | None = None,
+    copy_of: RootDisk | None = None,
 ) -> RootDisk:
     """The root disk of a sandbox of `spec`, its /etc/hosts naming `hosts` (name ->
-    address) besides localhost; RootDiskError if it cannot be made."""
+    address) besides localhost; with `copy_of`, over that root's image with a copy of its
+    changes (a fork). RootDiskError if it cannot be made."""
     assert spec.disk_limit is not None
     # gVisor's kernel is its boundary (no user namespace: see run_arguments).
     userns = spec.userns and not is_gvisor(spec.runtime)
+    image = copy_of.source if copy_of is not None else spec.image
     return await root_disks.build(
-        spec.name, spec.image, parse_size(spec.disk_limit), userns, dict(spec.labels), hosts
-    )
+        spec.name, image, parse_size(spec.disk_limit), userns, dict(spec.labels), hosts,
+        copy_of,
+    )  # fmt: skip
 
 
 # Podman's default network, which `--network bridge` sandboxes join (run_arguments).
@@ -437,6 +455,11 @@ class PodmanEngine:
         self._gvisor: set[str] = set()
         # Sandboxes whose egress proxy did not start, and why: said in their next result.
         self._proxy_lost: dict[str, str] = {}
+        # Ids of deleted snapshot images that a container still used (only untagged): each
+        # removal tries them again.
+        self._dangling: set[str] = set()
+        # Passing copies (forks) of sandboxes on root disks: name -> the source's root.
+        self._passing: dict[str, RootDisk] = {}
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.headroom is not None:
@@ -464,7 +487,10 @@ class PodmanEngine:
         root: RootDisk | None = None
         try:
             if self.root_disks is not None and gets_root_disk(spec, self.root_disks):
-                root = await build_root_disk(self.root_disks, spec, await self._hosts(spec))
+                source = self._passing.get(spec.image)
+                root = await build_root_disk(
+                    self.root_disks, spec, await self._hosts(spec), copy_of=source
+                )
             await self.podman.run(*run_arguments(spec, volume, root))
             if root is not None:
                 # Fail closed: no sandbox whose limit is not in force is handed out.
@@ -525,6 +551,154 @@ class PodmanEngine:
             self._gvisor.discard(s.name)
             self._attaching.pop(s.name, None)
             self._proxy_lost.pop(s.name, None)
+
+        if self._dangling:
+            await self._remove_dangling()
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    async def snapshot(
+        self, sandbox: Sandbox, name: str, labels: Mapping[str, str], passing: bool = False
+    ) -> SnapshotInfo:
+        """`podman commit` of the sandbox's writable layer; a sandbox on a root disk of its
+        own (which Podman cannot commit: "exploded rootfs") is recorded by a tar of its root
+        into `podman import`; a passing copy of it is no image at all: each sandbox started
+        from it gets a copy of the source's changes only (_start). None pauses the
+        sandbox."""
+        root = self._roots.get(sandbox.name)
+        changes = [f"LABEL {key}={value}" for key, value in labels.items()]
+        if self.headroom is not None and not (passing and root is not None):
+            check_snapshot_headroom(await self._snapshot_estimate(root), self.headroom)
+        try:
+            if passing and root is not None and self.root_disks is not None:
+                # Nothing copied yet: each fork's root disk gets a copy of the source's
+                # changes (its upper layer) over the same image's files (_start).
+                self._passing[name] = root
+                return SnapshotInfo(name, dict(labels), 0, time.time())
+            if root is not None and self.root_disks is not None:
+                # `import` makes a bare image: the base image's run configuration goes with it.
+                await self.root_disks.import_root(
+                    root, name, [*_config_changes(root.image), *changes]
+                )
+            elif (shift := await self._id_shift(sandbox)) is not None:
+                # Podman 4.3 commits a user-namespaced container's files with their host
+                # ids (a new sandbox then sees them owned by nobody): its export instead,
+                # ids shifted back, into `podman import` (the whole tree, not a layer).
+                base = await self.podman.run(
+                    "container", "inspect", "--format", "{{.Image}}", sandbox.name
+                )
+                config = await self.podman.run(
+                    "image", "inspect", "--format", "{{json .Config}}", base.stdout.decode().strip()
+                )
+                image = ImageConfig.of(json.loads(config.stdout or b"null"))
+                await asyncio.to_thread(
+                    _export_shifted, self.podman.path, sandbox.name, shift, name,
+                    [*_config_changes(image), *changes],
+                )  # fmt: skip
+            else:
+                # Its size is the layer's: the image it was committed on is not counted.
+                base = await self.podman.run(
+                    "container", "inspect", "--format", "{{.Image}}", sandbox.name
+                )
+                changes.append(f"LABEL {LABEL_SNAPSHOT_BASE}={base.stdout.decode().strip()}")
+                # Podman's own run files and the agent's volume are not part of the layer.
+                await self.podman.run(
+                    "commit", "--quiet", *[a for c in changes for a in ("--change", c)],
+                    sandbox.name, name,
+                )  # fmt: skip
+            return await self._snapshot_info(name)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.remove_snapshot(name))
+            if isinstance(exc, PodmanError | RootDiskError | OSError):
+                raise EngineError(f"could not snapshot the sandbox: {exc}") from None
+            raise
+
+    async def _snapshot_estimate(self, root: RootDisk | None) -> int:
+        """What a snapshot may take, where it can be told cheaply: a root disk's whole
+        root (its image's files and the changes on its disk); else 0 (only the headroom
+        itself is checked)."""
+        if root is None:
+            return 0
+        try:
+            stats = os.statvfs(root.path)
+        except OSError:
+            return 0
+        changed = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+        done = await self.podman.run(
+            "image", "inspect", "--format", "{{.Size}}", root.source, check=False
+        )
+        text = done.stdout.decode().strip()
+        return changed + (int(text) if done.returncode == 0 and text.isdigit() else 0)
+
+    async def _id_shift(self, sandbox: Sandbox) -> tuple[int, int] | None:
+        """The host uid and gid of the container's root, where it has a user namespace."""
+        done = await self.podman.run(
+            "container", "inspect", "--format", "{{json .HostConfig.IDMappings}}", sandbox.name
+        )
+        mappings = json.loads(done.stdout or b"null") or {}
+        firsts = [(mappings.get(key) or [""])[0].split(":") for key in ("UidMap", "GidMap")]
+        if all(len(f) == 3 and f[0] == "0" and f[1].isdigit() for f in firsts):
+            return int(firsts[0][1]), int(firsts[1][1])
+        return None
+
+    async def _snapshot_info(self, name: str) -> SnapshotInfo:
+        found = await self.podman.run("image", "inspect", "--format", "json", name)
+        image = (json.loads(found.stdout) or [{}])[0]
+        labels = image.get("Labels") or (image.get("Config") or {}).get("Labels") or {}
+        return SnapshotInfo(
+            name=name,
+            labels=labels,
+            size=await self._own_size(int(image.get("Size") or 0), labels),
+            created=_wall_clock(image.get("Created")),
+        )
+
+    async def _own_size(self, size: int, labels: Mapping[str, str]) -> int:
+        base = labels.get(LABEL_SNAPSHOT_BASE)
+        if not base:
+            return size
+        done = await self.podman.run("image", "inspect", "--format", "{{.Size}}", base, check=False)
+        text = done.stdout.decode().strip()
+        return max(0, size - int(text)) if done.returncode == 0 and text.isdigit() else size
+
+    async def list_snapshots(self, *label_filters: str) -> list[SnapshotInfo]:
+        try:
+            found = await self.podman.list_images(LABEL_SNAPSHOT, *label_filters)
+            listed = []
+            for image in found:
+                tags = image.get("RepoTags") or image.get("Names") or []
+                if not tags:
+                    continue  # deleted, but still used by a container (remove_snapshot)
+                labels = image.get("Labels") or {}
+                size = await self._own_size(int(image.get("Size") or 0), labels)
+                created = _wall_clock(image.get("Created"))
+                listed.append(SnapshotInfo(tags[0], labels, size, created))
+            return listed
+        except PodmanError as exc:
+            raise EngineError(str(exc)) from None
+
+    async def remove_snapshot(self, name: str) -> None:
+        if self._passing.pop(name, None) is not None:
+            return
+        try:
+            done = await self.podman.run(
+                "image", "inspect", "--format", "{{.Id}}", name, check=False
+            )
+            if done.returncode != 0:
+                return
+            if not await self.podman.remove_image(name):
+                self._dangling.add(done.stdout.decode().strip())
+        except PodmanError as exc:
+            raise EngineError(str(exc)) from None
+        finally:
+            if self.root_disks is not None:
+                self.root_disks.forget(name)
+
+    async def _remove_dangling(self) -> None:
+        for image_id in list(self._dangling):
+            done = await self.podman.run("rmi", image_id, check=False)
+            if done.returncode == 0 or "image not known" in done.error_text:
+                self._dangling.discard(image_id)
 
     async def is_running(self, sandbox: Sandbox) -> bool:
         # A live agent channel answers its heartbeats from inside the container, so it is
@@ -1056,6 +1230,76 @@ async def _wait(
             # Progress is a courtesy: a client that went away must not break the run.
             with contextlib.suppress(Exception):
                 await on_progress(time.monotonic() - started)
+
+
+def _config_changes(image: ImageConfig) -> list[str]:
+    """`podman import --change` lines that give a bare image `image`'s run configuration."""
+    changes = [f"ENV {variable}" for variable in image.env]
+    changes += [f"WORKDIR {image.workdir}"] if image.workdir else []
+    changes += [f"USER {image.user}"] if image.user else []
+    return changes
+
+
+def _export_shifted(
+    podman: str, container: str, shift: tuple[int, int], image: str, changes: list[str]
+) -> None:
+    """`podman export CONTAINER | podman import - IMAGE`, every owner shifted from the host
+    ids of the container's user namespace back to its own (ids outside it: nobody)."""
+    exporter = subprocess.Popen(
+        [podman, "export", container], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    importer = subprocess.Popen(
+        [podman, "import", "--quiet", *[a for c in changes for a in ("--change", c)], "-", image],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert exporter.stdout is not None and importer.stdin is not None
+
+    def back(value: int, base: int) -> int:
+        return value - base if base <= value < base + USERNS_SIZE else _NOBODY
+
+    try:
+        with (
+            tarfile.open(fileobj=exporter.stdout, mode="r|") as source,
+            tarfile.open(fileobj=importer.stdin, mode="w|", format=tarfile.PAX_FORMAT) as out,
+        ):
+            for member in source:
+                member.uid, member.gid = back(member.uid, shift[0]), back(member.gid, shift[1])
+                member.uname = member.gname = ""
+                # A PAX header would carry the old ids on (they were too large for ustar).
+                member.pax_headers = {
+                    k: v for k, v in member.pax_headers.items() if k not in _OWNER_KEYS
+                }
+                out.addfile(member, source.extractfile(member) if member.isreg() else None)
+    except (tarfile.TarError, OSError) as exc:
+        exporter.kill()
+        importer.kill()
+        raise PodmanError(f"could not copy the container's export: {exc}") from None
+    finally:
+        # (communicate closes the importer's stdin: the end of its input.)
+        _, export_error = exporter.communicate()
+        import_out, import_error = importer.communicate()
+    if exporter.returncode != 0:
+        raise PodmanError(f"podman export failed: {' '.join(export_error.decode().split())}")
+    if importer.returncode != 0:
+        said = " ".join((import_error or import_out).decode(errors="replace").split())
+        raise PodmanError(f"podman import failed: {said}")
+
+
+# The overflow id a user namespace shows for ids it does not map.
+_NOBODY = 65534
+_OWNER_KEYS = frozenset({"uid", "gid", "uname", "gname"})
+
+
+def _wall_clock(created: object) -> float:
+    """An image's creation time from `podman images` (seconds) or `inspect` (RFC 3339)."""
+    if isinstance(created, int | float):
+        return float(created)
+    if isinstance(created, str):
+        with contextlib.suppress(ValueError):
+            # Podman gives nanoseconds; Python's parser takes at most microseconds.
+            text = re.sub(r"(\.\d{6})\d+", r"\1", created.replace("Z", "+00:00"))
+            return datetime.datetime.fromisoformat(text).timestamp()
+    return 0.0
 
 
 def _notice(output: str, message: str) -> str:

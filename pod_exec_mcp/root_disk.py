@@ -16,7 +16,10 @@ mount API, mount_api.py) and live as long as the overlay does, the loop device c
 itself when its file system goes, and the file has no name. So unmounting one directory
 frees everything, and a server killed at any step leaves at most a mount in its own
 directory, which the next start's sweep (or `--cleanup`) unmounts. Podman never sees
-these mounts, so its own bind-mounts of its storage cannot hide them.
+these mounts, so its own bind-mounts of its storage cannot hide them. (The server also
+holds the ext4 mount by descriptor while the sandbox lives, `RootDisk.disk_fd`, so that
+a fork can copy the overlay's upper layer; `release` closes it, and the kernel does when
+the server dies: it is in no mount table.)
 
 The four files Podman would write in its run directory (/etc/hosts, /etc/hostname,
 /etc/resolv.conf, /run/.containerenv), writable by sandbox root, are written into the
@@ -307,9 +310,14 @@ class RootDisk:
     uid_base: int | None
     gid_base: int | None
     image: ImageConfig = field(default_factory=ImageConfig)
+    # The image whose files are its lower layer (RootDisks.image_files).
+    source: str = ""
     # Held while the sandbox lives: the sweep leaves a root whose lock is held alone.
     lock_fd: int = field(repr=False, default=-1)
     slot_fd: int = field(repr=False, default=-1)
+    # The disk's own (detached) mount, held by this server alone: how a fork copies the
+    # sandbox's changes (the overlay's upper layer) without going through its whole root.
+    disk_fd: int = field(repr=False, default=-1)
 
     @property
     def pid_file(self) -> Path:
@@ -446,6 +454,10 @@ class RootDisks:
         self.reservations = run_dir / "userns"
         # Image name -> its exported files, and the shared lock that keeps them.
         self._images: dict[str, tuple[ImageFiles, int]] = {}
+        # Image name -> the roots built over its files now; and the images whose files go
+        # as soon as no root uses them (snapshots deleted: forget).
+        self._users: dict[str, int] = {}
+        self._forgotten: set[str] = set()
         self._exporting = asyncio.Lock()
         # Container names that existed at the last sweep: a reservation naming one of
         # them is not free even if its holder died (the container may still run).
@@ -556,13 +568,18 @@ class RootDisks:
         userns: bool,
         labels: dict[str, str],
         hosts: dict[str, str] | None = None,
+        copy_of: RootDisk | None = None,
     ) -> RootDisk:
         """The root disk of new sandbox `name`: `size` bytes over `image`'s files, with a
         user-namespace range of its own if `userns`, and `hosts` (name -> address) in its
-        /etc/hosts. RootDiskError if it cannot be."""
+        /etc/hosts; with `copy_of` (a live root over the same image), starting with a copy
+        of that root's changes (a fork). RootDiskError if it cannot be."""
         files = await self.image_files(image, labels)
         lower = files.path
-        root = RootDisk(name, self.roots / name, size, hostname_for(name), None, None, files.config)
+        root = RootDisk(
+            name, self.roots / name, size, hostname_for(name), None, None, files.config, image
+        )
+        self._users[image] = self._users.get(image, 0) + 1
         lock = os.open(self.roots / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -574,7 +591,7 @@ class RootDisks:
             root.path.mkdir(mode=0o711, exist_ok=True)
             if userns:
                 root.slot_fd, root.uid_base, root.gid_base = self._reserve_ids(name)
-            await self._mount(root, lower)
+            await self._mount(root, lower, copy_of)
             uid, gid = root.uid_base or 0, root.gid_base or 0
             hosts_file = (
                 f"127.0.0.1\tlocalhost {root.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -590,7 +607,7 @@ class RootDisks:
             raise
         return root
 
-    async def _mount(self, root: RootDisk, lower: Path) -> None:
+    async def _mount(self, root: RootDisk, lower: Path, copy_of: RootDisk | None = None) -> None:
         # The disk: a sparse file with no name (so nothing is left to delete, ever), in
         # our directory, so the host's free space (admission control) counts it.
         backing = os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -610,6 +627,8 @@ class RootDisks:
                 os.mkdir(mount_api.fd_path(disk, sub), 0o755)
             # The root directory's owner is sandbox root.
             os.chown(mount_api.fd_path(disk, "upper"), uid, gid)
+            if copy_of is not None:
+                await _copy_upper(copy_of, disk, root)
             if root.uid_base is not None:
                 assert root.gid_base is not None
                 userns = _new_userns(root.uid_base, root.gid_base)
@@ -632,6 +651,8 @@ class RootDisks:
                 attributes=_NODEV_NOSUID,
             )
             mount_api.attach(overlay, str(root.path))
+            # Kept (release closes it): the overlay holds the disk anyway.
+            root.disk_fd, disk = disk, -1
         finally:
             # The overlay now holds its layers, the file system its device, the device
             # its file.
@@ -672,6 +693,9 @@ class RootDisks:
             root.path.rmdir()
         with contextlib.suppress(OSError):
             root.pid_file.unlink()
+        if root.disk_fd >= 0:
+            os.close(root.disk_fd)
+            root.disk_fd = -1
         if root.slot_fd >= 0:
             with contextlib.suppress(OSError):
                 os.ftruncate(root.slot_fd, 0)
@@ -682,6 +706,47 @@ class RootDisks:
                 (self.roots / f"{root.name}.lock").unlink()
             os.close(root.lock_fd)
             root.lock_fd = -1
+        if root.source:
+            self._users[root.source] = self._users.get(root.source, 1) - 1
+            root.source, source = "", root.source
+            if self._users[source] <= 0:
+                del self._users[source]
+                if source in self._forgotten:
+                    self._drop_image(source)
+
+    def forget(self, image: str) -> None:
+        """`image` is gone (a deleted snapshot): its exported files go as soon as no root
+        built over them is left (sandboxes started from it keep their files till then)."""
+        self._forgotten.add(image)
+        if not self._users.get(image):
+            self._drop_image(image)
+
+    def _drop_image(self, image: str) -> None:
+        self._forgotten.discard(image)
+        known = self._images.pop(image, None)
+        if known is not None:
+            os.close(known[1])
+            self._prune_images(keep={f.path for f, _ in self._images.values()})
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    async def import_root(self, root: RootDisk, image: str, changes: list[str]) -> None:
+        """Record a sandbox's whole root file system as image `image` (`tar` of its root,
+        as the sandbox sees it, into `podman import`, with `changes` such as LABEL and ENV):
+        `podman commit` cannot commit a container on a root of its own. RootDiskError if
+        either side fails (the image may then exist: the caller removes it)."""
+        await self._stream_root(
+            root,
+            [self.podman.path, "import", "--quiet",
+             *[a for c in changes for a in ("--change", c)], "-", image],
+            "podman import",
+        )  # fmt: skip
+
+    async def _stream_root(self, root: RootDisk, consumer: list[str], what: str) -> None:
+        """`tar -c` of a sandbox's root into `consumer`'s stdin. Owners are given as the
+        sandbox sees them (its user namespace's ids shifted back)."""
+        ids = (0, 0) if root.uid_base is not None else None
+        await _stream_tree(str(root.path), root, ids, consumer, what)
 
     def sweep(self, existing: Iterable[str]) -> list[str]:
         """Unmount the roots (and free the reservations) of sandboxes whose server is gone
@@ -734,3 +799,86 @@ def existing_names(containers: Iterable[dict[str, object]]) -> set[str]:
         if isinstance(found, list):
             names.update(str(n) for n in found)
     return names
+
+
+async def _copy_upper(source: RootDisk, disk: int, root: RootDisk) -> None:
+    """Copy the changes of live root `source` (its overlay's upper layer, whiteouts and
+    overlay attributes included) into the upper layer of `disk`, the new `root`'s, with
+    the owners shifted from the one's user-namespace range to the other's."""
+    if source.disk_fd < 0:
+        raise RootDiskError(f"the sandbox {source.name} is gone: nothing to copy")
+    ids = None
+    if root.uid_base is not None and root.gid_base is not None:
+        ids = (root.uid_base, root.gid_base)
+    await _stream_tree(
+        mount_api.fd_path(source.disk_fd, "upper"), source, ids,
+        ["tar", "-x", "--numeric-owner", "--same-permissions", "--xattrs",
+         "--xattrs-include=*", "-C", mount_api.fd_path(disk, "upper")],
+        "tar -x", pass_fds=(source.disk_fd, disk),
+    )  # fmt: skip
+
+
+async def _stream_tree(
+    tree: str,
+    root: RootDisk,
+    ids: tuple[int, int] | None,
+    consumer: list[str],
+    what: str,
+    pass_fds: tuple[int, ...] = (),
+) -> None:
+    """`tar -c` of directory `tree` (of sandbox `root`) into `consumer`'s stdin, every
+    owner in `root`'s user-namespace range moved to the range starting at `ids` (uid,
+    gid). Taken while the sandbox runs: a file written meanwhile may be caught
+    half-written. RootDiskError if either side fails."""
+    maps: list[str] = []
+    # The id maps live in memory files that tar opens by descriptor: nothing on disk
+    # that a killed server could leave behind.
+    map_fds: list[int] = []
+    shifts = []
+    if ids is not None and root.uid_base is not None and root.gid_base is not None:
+        shifts = [("--owner-map", root.uid_base, ids[0]), ("--group-map", root.gid_base, ids[1])]
+    for flag, base, to in shifts:
+        fd = os.memfd_create("pod_exec_mcp-ids", 0)
+        map_fds.append(fd)
+        os.write(fd, "".join(f"+{base + i} +{to + i}\n" for i in range(USERNS_SIZE)).encode())
+        maps.append(f"{flag}=/proc/self/fd/{fd}")
+    reading, writing = os.pipe()
+    processes: list[asyncio.subprocess.Process] = []
+    try:
+        try:
+            tar = await asyncio.create_subprocess_exec(
+                "tar", "-c", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                "--one-file-system", *maps, "-C", tree, ".",
+                stdin=asyncio.subprocess.DEVNULL, stdout=writing,
+                stderr=asyncio.subprocess.PIPE, pass_fds=(*map_fds, *pass_fds),
+            )  # fmt: skip
+            processes.append(tar)
+            taker = await asyncio.create_subprocess_exec(
+                *consumer, stdin=reading, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                pass_fds=pass_fds,
+            )  # fmt: skip
+            processes.append(taker)
+        finally:
+            os.close(reading)
+            os.close(writing)
+        (_, tar_error), (taken, taker_error) = await asyncio.gather(
+            tar.communicate(), taker.communicate()
+        )
+    except BaseException:
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        raise
+    finally:
+        for fd in map_fds:
+            os.close(fd)
+    # tar's 1: a file changed while it was read (the sandbox runs); kept as read.
+    if tar.returncode not in (0, 1):
+        said = " ".join(tar_error.decode(errors="replace").split())[-500:]
+        raise RootDiskError(f"tar of the sandbox's root failed ({tar.returncode}): {said}")
+    if taker.returncode != 0:
+        said = " ".join((taker_error or taken).decode(errors="replace").split())[-500:]
+        raise RootDiskError(f"{what} failed ({taker.returncode}): {said}")

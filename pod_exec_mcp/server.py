@@ -14,6 +14,7 @@ Explicit sessions work in both eras.
 import asyncio
 import base64
 import contextlib
+import datetime
 import functools
 import hashlib
 import logging
@@ -44,6 +45,7 @@ from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import Job, JobRead
 from pod_exec_mcp.plain_text import PlainText
 from pod_exec_mcp.sessions import (
+    MAX_FORKS,
     Session,
     SessionError,
     Sessions,
@@ -93,6 +95,38 @@ class ShellExecResult(BaseModel):
 
 class CreatedSession(BaseModel):
     session_id: str = Field(description="Pass this as session_id to the other tools.")
+
+
+class SnapshotTaken(BaseModel):
+    """A file-system snapshot just taken."""
+
+    snapshot_id: str = Field(
+        description="Pass this to create_session(snapshot_id=...) and delete_snapshot."
+    )
+    size: int = Field(description="Bytes the snapshot takes on the server.")
+    took: float = Field(description="Seconds it took.")
+
+
+class SnapshotEntry(BaseModel):
+    snapshot_id: str
+    size: int = Field(description="Bytes the snapshot takes on the server.")
+    created: str = Field(description="When it was taken (UTC, ISO 8601).")
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotEntry] = Field(description="Your snapshots, oldest first.")
+
+
+class DeletedSnapshot(BaseModel):
+    snapshot_id: str
+    deleted: bool = True
+
+
+class ForkedSessions(BaseModel):
+    session_ids: list[str] = Field(
+        description="The new sessions, each with its own copy of the files; pass one as "
+        "session_id to the other tools."
+    )
 
 
 class EndedSession(BaseModel):
@@ -239,8 +273,9 @@ def _session_of(ctx: Context, session_id: str | None) -> Session:
 def _checked_id(value: str, name: str) -> str:
     if not _ID_PATTERN.match(value):
         raise SessionError(
-            f"{name} {value[:40]!r} is malformed: ids are the strings create_session or "
-            f"start_job returned (letters, digits, '_' and '-'). Pass one of those."
+            f"{name} {value[:40]!r} is malformed: ids are the strings create_session, "
+            f"start_job or snapshot_session returned (letters, digits, '_' and '-'). Pass "
+            "one of those."
         )
     return value
 
@@ -317,6 +352,13 @@ async def shell_exec(
 
 async def create_session(
     ctx: Context,
+    snapshot_id: Annotated[
+        str | None,
+        Field(
+            description="Optional: start the sandbox from this snapshot (from "
+            "snapshot_session) instead of a fresh image: its files as they were."
+        ),
+    ] = None,
     egress_allow: Annotated[
         list[str] | None,
         Field(
@@ -331,14 +373,18 @@ async def create_session(
     ] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> CreatedSession:
+    if snapshot_id is not None:
+        _checked_id(snapshot_id, "snapshot_id")
     principal = current_principal()
 
     async def once() -> CreatedSession:
-        session_id = await _sessions(ctx).create_explicit(principal, egress_allow, egress_deny)
+        session_id = await _sessions(ctx).create_explicit(
+            principal, egress_allow, egress_deny, snapshot_id
+        )
         audit.note(session=session_key(principal, "explicit", session_id))  # ops: audit
         return CreatedSession(session_id=session_id)
 
-    asked = {"egress_allow": egress_allow, "egress_deny": egress_deny}
+    asked = {"egress_allow": egress_allow, "egress_deny": egress_deny, "snapshot_id": snapshot_id}
     return await _sessions(ctx).once.run(
         f"principal\0{principal or ''}", idempotency_key, fingerprint("create_session", asked),
         once,
@@ -354,6 +400,64 @@ async def end_session(
     audit.note(session=session.key)  # ops: audit
     await sessions.end(session, "ended by end_session")
     return EndedSession(session_id=session_id)
+
+
+async def snapshot_session(
+    ctx: Context,
+    session_id: Annotated[
+        str | None,
+        Field(description="Id from create_session. Required on stateless connections."),
+    ] = None,
+    memory: Annotated[
+        bool,
+        Field(
+            description="Also record processes. Not available on this server (file-system "
+            "snapshots only): true is refused with an error."
+        ),
+    ] = False,
+) -> SnapshotTaken:
+    session = _session_of(ctx, session_id)
+    taken = await _sessions(ctx).snapshot(session, current_principal(), memory)
+    return SnapshotTaken(
+        snapshot_id=taken.snapshot_id, size=taken.size, took=round(taken.took or 0.0, 3)
+    )
+
+
+async def list_snapshots(ctx: Context) -> SnapshotList:
+    found = await _sessions(ctx).list_snapshots(current_principal())
+    return SnapshotList(
+        snapshots=[
+            SnapshotEntry(snapshot_id=s.snapshot_id, size=s.size, created=_iso(s.created))
+            for s in found
+        ]
+    )
+
+
+async def delete_snapshot(
+    snapshot_id: Annotated[str, Field(description="Id from snapshot_session.")],
+    ctx: Context,
+) -> DeletedSnapshot:
+    await _sessions(ctx).delete_snapshot(
+        current_principal(), _checked_id(snapshot_id, "snapshot_id")
+    )
+    return DeletedSnapshot(snapshot_id=snapshot_id)
+
+
+async def fork_session(
+    ctx: Context,
+    session_id: Annotated[
+        str | None,
+        Field(description="Id from create_session. Required on stateless connections."),
+    ] = None,
+    count: Annotated[int, Field(description=f"How many copies to make (1 to {MAX_FORKS}).")] = 1,
+) -> ForkedSessions:
+    session = _session_of(ctx, session_id)
+    forks = await _sessions(ctx).fork(session, current_principal(), count)
+    return ForkedSessions(session_ids=forks)
+
+
+def _iso(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat(timespec="seconds")
 
 
 async def start_job(
@@ -795,7 +899,8 @@ def build_server(
             "Start a new private Linux sandbox and return its session_id. Pass that id to "
             "the other tools to use the sandbox, and to end_session when done. Required on "
             "stateless (2026-07-28) connections; optional on legacy ones. Sandboxes unused "
-            f"for {idle} are removed."
+            f"for {idle} are removed. With snapshot_id, the sandbox starts with the files "
+            "of that snapshot (snapshot_session; files only, no processes)."
         ),
         read_only=False,
         destructive=False,
@@ -805,10 +910,67 @@ def build_server(
         mcp,
         end_session,
         "End a sandbox session",
-        "End a session from create_session: its sandbox, jobs and files are removed.",
+        (
+            "End a session from create_session: its sandbox, jobs and files are removed "
+            "(its snapshots are kept until delete_snapshot)."
+        ),
         read_only=False,
         destructive=True,
         idempotent=True,
+    )
+    _add_tool(
+        mcp,
+        snapshot_session,
+        "Snapshot a session's files",
+        (
+            "Record your sandbox's whole file system now (/workspace, /tmp, installed "
+            "packages, every changed file) as a snapshot, and return its snapshot_id; the "
+            "session goes on running. Start new sessions from it with "
+            "create_session(snapshot_id=...), to branch or to roll back. FILE-SYSTEM ONLY: "
+            "processes, background jobs and shell state are not recorded (memory=true is "
+            "refused). Snapshots stay until delete_snapshot (they outlive the session and "
+            f"server restarts); you may keep {settings.max_snapshots_per_principal}. "
+            f"{_SESSION_HINT}"
+        ),
+        read_only=False,
+        destructive=False,
+        idempotent=False,
+    )
+    _add_tool(
+        mcp,
+        list_snapshots,
+        "List your snapshots",
+        "List your snapshots (from snapshot_session): id, size and when each was taken.",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+    )
+    _add_tool(
+        mcp,
+        delete_snapshot,
+        "Delete a snapshot",
+        (
+            "Delete one of your snapshots and free its space; sessions started from it keep "
+            "their files."
+        ),
+        read_only=False,
+        destructive=True,
+        idempotent=False,
+    )
+    _add_tool(
+        mcp,
+        fork_session,
+        "Fork a session",
+        (
+            f"Make `count` (1 to {MAX_FORKS}) new sessions, each with its own copy of your "
+            "sandbox's files as they are now, and return their session_ids; the session "
+            "itself goes on untouched. FILE-SYSTEM ONLY: processes and background jobs are "
+            "not copied (start servers again in each fork). Each fork is a new session and "
+            f"counts against your session limit. {_SESSION_HINT}"
+        ),
+        read_only=False,
+        destructive=False,
+        idempotent=False,
     )
     _add_tool(
         mcp,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pod_exec_mcp import audit  # ops: audit
-from pod_exec_mcp.config import Settings, env_var
+from pod_exec_mcp.config import Settings, env_var, parse_size
 from pod_exec_mcp.egress import EgressPolicy, RuleError
 from pod_exec_mcp.engine import (
     EngineError,
@@ -37,13 +37,23 @@ from pod_exec_mcp.engine import (
     SandboxBroken,
     SandboxEngine,
     SandboxSpec,
+    SnapshotInfo,
     sandbox_spec,
 )
 from pod_exec_mcp.idempotency import Once
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import DroppedJob, Job, JobRead, job_key, new_job_id
 from pod_exec_mcp.output import BoundedOutput
-from pod_exec_mcp.podman import LABEL_INSTANCE, LABEL_SESSION
+from pod_exec_mcp.podman import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_SESSION,
+    LABEL_SNAPSHOT,
+    LABEL_SNAPSHOT_KIND,
+    LABEL_SNAPSHOT_PRINCIPAL,
+    has_labels,
+)
 from pod_exec_mcp.pool import WarmPool
 from pod_exec_mcp.shell_state import (
     CWD_GONE,
@@ -74,6 +84,19 @@ _EXIT_AFTER_OUTPUT = 0.2
 # How many ended session keys we remember, to tell "ended" from "never existed".
 _TOMBSTONES = 10_000
 
+# Where snapshot images are kept (tagged with the snapshot's id), and the most copies one
+# fork_session makes.
+SNAPSHOT_REPOSITORY = "localhost/pod_exec_mcp_snapshot"
+MAX_FORKS = 8
+
+# What snapshot_session and fork_session say when asked for a process (memory) snapshot.
+MEMORY_REFUSED = (
+    "memory snapshots are not available: this server takes file-system snapshots only "
+    "(every file of the sandbox, including /workspace, /tmp and what was installed; no "
+    "processes, background jobs or open connections). Call again without memory, and "
+    "restart the processes you need in the new session."
+)
+
 
 class SessionError(Exception):
     """A session or its command cannot go on; the message says what the agent should do."""
@@ -101,6 +124,21 @@ class Session:
     egress: EgressPolicy | None = None
     # Its background jobs, running and finished, oldest first (keyed as Sessions._jobs).
     jobs: OrderedDict[str, Job] = field(default_factory=OrderedDict)
+    # The snapshot image its first sandbox starts from (create_session(snapshot_id=...),
+    # fork_session); None: the server's image. A replacement sandbox is always fresh.
+    start_image: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One snapshot of a principal's, as the tools report it."""
+
+    snapshot_id: str
+    size: int
+    # Wall clock.
+    created: float
+    # Seconds the snapshot took (when it was just taken).
+    took: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +173,12 @@ class CommandResult:
 def session_key(principal: str | None, kind: SessionKind, session_id: str) -> str:
     """The session's key (and container label): a hash, never the raw id."""
     material = f"{principal or ''}\0{kind}\0{session_id}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+def principal_label(principal: str | None) -> str:
+    """The label that names a snapshot's principal: a hash, never the principal itself."""
+    material = f"snapshot\0{principal or ''}".encode("utf-8", "surrogatepass")
     return hashlib.sha256(material).hexdigest()[:32]
 
 
@@ -174,6 +218,8 @@ class Sessions:
         self._dropped_jobs: OrderedDict[str, DroppedJob] = OrderedDict()
         # Housekeeping commands (pruning kept outputs) that nobody waits for.
         self._background: set[asyncio.Future[None]] = set()
+        # One snapshot at a time, so that the bounds are checked against a settled count.
+        self._snapshotting = asyncio.Lock()
 
     # --- lifecycle of the service -------------------------------------------------------
 
@@ -221,13 +267,19 @@ class Sessions:
         principal: str | None,
         egress_allow: list[str] | None = None,
         egress_deny: list[str] | None = None,
+        snapshot_id: str | None = None,
     ) -> str:
-        """Mint an unguessable session id and start its sandbox now. `egress_allow` and
-        `egress_deny` narrow the operator's egress policy for this session (never widen)."""
+        """Mint an unguessable session id and start its sandbox now (from the principal's
+        snapshot `snapshot_id`, if given). `egress_allow` and `egress_deny` narrow the
+        operator's egress policy for this session (never widen)."""
         egress = self._narrowed_egress(egress_allow, egress_deny)
+        image = None
+        if snapshot_id is not None:
+            image = (await self._snapshot_of(principal, snapshot_id)).name
         session_id = secrets.token_urlsafe(24)
         session = self._add(session_key(principal, "explicit", session_id), "explicit", principal)
         session.egress = egress
+        session.start_image = image
         await self._sandbox_of(session)
         return session_id
 
@@ -737,6 +789,183 @@ class Sessions:
             self._in_background(self._prune_spill_files(session))
         return result
 
+    # --- snapshots and forks (file system only) -----------------------------------------
+
+    def _snapshots_possible(self, memory: bool) -> None:
+        if memory:
+            raise SessionError(MEMORY_REFUSED)
+        if self.settings.strict:
+            raise SessionError(
+                "this server runs strict sandboxes, whose /workspace and /tmp are tmpfs "
+                "mounts in memory that a file-system snapshot cannot record; snapshots and "
+                "forks are not available here."
+            )
+
+    def _snapshot_labels(
+        self, principal: str | None, snapshot_id: str, kind: str
+    ) -> dict[str, str]:
+        return {
+            LABEL_MANAGED: "true",
+            LABEL_OWNER: self.instance.owner,
+            LABEL_INSTANCE: self.instance.id,
+            LABEL_SNAPSHOT: snapshot_id,
+            LABEL_SNAPSHOT_PRINCIPAL: principal_label(principal),
+            LABEL_SNAPSHOT_KIND: kind,
+        }
+
+    async def _kept_snapshots(self, *label_filters: str) -> list[SnapshotInfo]:
+        """The snapshots of this state dir (not forks' passing copies) with the labels."""
+        wanted = (
+            f"{LABEL_OWNER}={self.instance.owner}", f"{LABEL_SNAPSHOT_KIND}=snapshot",
+            *label_filters,
+        )  # fmt: skip
+        try:
+            found = await self.engine.list_snapshots(*wanted)
+        except EngineError as exc:
+            raise SessionError(f"could not list snapshots: podman failed ({exc}).") from None
+        # Checked again here: whose a snapshot is must not depend on an engine's filter.
+        return [s for s in found if has_labels(dict(s.labels), wanted)]
+
+    async def _snapshot_of(self, principal: str | None, snapshot_id: str) -> SnapshotInfo:
+        found = await self._kept_snapshots(
+            f"{LABEL_SNAPSHOT}={snapshot_id}",
+            f"{LABEL_SNAPSHOT_PRINCIPAL}={principal_label(principal)}",
+        )
+        if not found:
+            raise SessionError(
+                f"unknown snapshot_id {snapshot_id!r}: no such snapshot exists for this "
+                "client (deleted, or never taken). list_snapshots shows yours."
+            )
+        return found[0]
+
+    async def snapshot(
+        self, session: Session, principal: str | None, memory: bool = False
+    ) -> SnapshotRecord:
+        """Record the session's file system as a snapshot of `principal`'s; the session
+        goes on running. Bounded per principal and in total size."""
+        self._snapshots_possible(memory)
+        cap = self.settings.max_snapshots_per_principal
+        if cap == 0:
+            raise SessionError(
+                f"snapshots are turned off on this server ({env_var('max_snapshots_per_principal')}"
+                "=0); fork_session still copies a running session."
+            )
+        bound = parse_size(self.settings.max_snapshot_bytes)
+        async with self._snapshotting:
+            kept = await self._kept_snapshots()
+            mine = [
+                s
+                for s in kept
+                if s.labels.get(LABEL_SNAPSHOT_PRINCIPAL) == principal_label(principal)
+            ]
+            if len(mine) >= cap:
+                raise SessionError(
+                    f"this client already keeps its maximum of {cap} snapshots. Delete one "
+                    "you no longer need (list_snapshots, delete_snapshot); the operator sets "
+                    f"the cap with {env_var('max_snapshots_per_principal')}."
+                )
+            total = sum(s.size for s in kept)
+            if total >= bound:
+                raise SessionError(self._space_refusal(total, bound))
+            snapshot_id = f"snap_{secrets.token_urlsafe(18)}"
+            name = f"{SNAPSHOT_REPOSITORY}:{snapshot_id}"
+            info, took = await self._take(
+                session, name, self._snapshot_labels(principal, snapshot_id, "snapshot")
+            )
+            if total + info.size > bound:
+                with contextlib.suppress(EngineError):
+                    await self.engine.remove_snapshot(name)
+                raise SessionError(self._space_refusal(total, bound, info.size))
+        return SnapshotRecord(snapshot_id, info.size, info.created, took)
+
+    def _space_refusal(self, total: int, bound: int, size: int | None = None) -> str:
+        taking = f"; this one took {size} bytes and was not kept" if size is not None else ""
+        return (
+            f"the snapshots of this server already take {total} bytes of the "
+            f"{bound} allowed ({env_var('max_snapshot_bytes')}){taking}. Delete snapshots "
+            "you no longer need (list_snapshots, delete_snapshot), or remove large files "
+            "you do not need before taking one."
+        )
+
+    async def _take(
+        self, session: Session, name: str, labels: dict[str, str], passing: bool = False
+    ) -> tuple[SnapshotInfo, float]:
+        """The engine's snapshot of the session's sandbox (started if need be), and the
+        seconds it took. The session stays usable meanwhile (its lock is not held)."""
+        session.busy += 1
+        try:
+            sandbox = await self._sandbox_of(session)
+            started = time.monotonic()
+            try:
+                info = await self.engine.snapshot(sandbox, name, labels, passing)
+            except EngineError as exc:
+                raise SessionError(
+                    f"could not take the snapshot ({exc}); the session is unchanged."
+                ) from None
+            return info, time.monotonic() - started
+        finally:
+            session.busy -= 1
+            session.last_used = time.monotonic()
+
+    async def list_snapshots(self, principal: str | None) -> list[SnapshotRecord]:
+        """`principal`'s snapshots, oldest first."""
+        found = await self._kept_snapshots(
+            f"{LABEL_SNAPSHOT_PRINCIPAL}={principal_label(principal)}"
+        )
+        records = [SnapshotRecord(s.labels[LABEL_SNAPSHOT], s.size, s.created) for s in found]
+        return sorted(records, key=lambda r: (r.created, r.snapshot_id))
+
+    async def delete_snapshot(self, principal: str | None, snapshot_id: str) -> None:
+        """Remove one of `principal`'s snapshots; sessions started from it keep their files."""
+        info = await self._snapshot_of(principal, snapshot_id)
+        try:
+            await self.engine.remove_snapshot(info.name)
+        except EngineError as exc:
+            raise SessionError(f"could not delete the snapshot: podman failed ({exc}).") from None
+
+    async def fork(self, session: Session, principal: str | None, count: int) -> list[str]:
+        """`count` new sessions of `principal`, each starting from a copy of the session's
+        files as they are now (the session goes on untouched); their ids. Each counts
+        against max_sandboxes and the per-principal cap, like any new session."""
+        self._snapshots_possible(False)
+        if not 1 <= count <= MAX_FORKS:
+            raise SessionError(f"count must be from 1 to {MAX_FORKS} (got {count}).")
+        forks: list[tuple[str, Session]] = []
+        try:
+            # Admitted first: a refused fork costs no copy.
+            for _ in range(count):
+                fork_id = secrets.token_urlsafe(24)
+                added = self._add(
+                    session_key(principal, "explicit", fork_id), "explicit", principal
+                )
+                added.egress = session.egress
+                forks.append((fork_id, added))
+        except SessionError as exc:
+            for _, added in forks:
+                self._forget(added, "its fork was refused")
+            raise SessionError(f"cannot fork {count} session(s): {exc}") from None
+        name = f"{SNAPSHOT_REPOSITORY}:fork_{secrets.token_hex(16)}"
+        try:
+            labels = self._snapshot_labels(principal, name, "fork")
+            await self._take(session, name, labels, passing=True)
+            for _, added in forks:
+                added.start_image = name
+            started = await asyncio.gather(
+                *(self._sandbox_of(added) for _, added in forks), return_exceptions=True
+            )
+        except BaseException:
+            await asyncio.gather(*(self.end(a, "its fork failed") for _, a in forks))
+            raise
+        finally:
+            # The forks run on their own copies now (or failed): the passing copy goes.
+            with contextlib.suppress(EngineError):
+                await asyncio.shield(self.engine.remove_snapshot(name))
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(self.end(a, "its fork failed") for _, a in forks))
+            raise SessionError(f"could not fork the session: {failed[0]}")
+        return [fork_id for fork_id, _ in forks]
+
     # --- sandboxes ----------------------------------------------------------------------
 
     def _spec(self, key: str) -> SandboxSpec:
@@ -754,20 +983,26 @@ class Sessions:
             if session.ended:
                 raise SessionError("this session has ended; call create_session for a new one.")
             if session.sandbox is None:
-                sandbox = await self.pool.take()
+                # A session from a snapshot starts from its image, never from the pool.
+                image, session.start_image = session.start_image, None
+                sandbox = await self.pool.take() if image is None else None
                 if sandbox is not None:
                     # ops: audit
                     audit.sandbox_event("started", session.key, sandbox.name, "from the warm pool")
                 else:
+                    spec = self._spec(session.key)
+                    if image is not None:
+                        spec = replace(spec, image=image)
                     try:
-                        sandbox = await self.engine.start(self._spec(session.key))
+                        sandbox = await self.engine.start(spec)
                     except EngineError as exc:
                         self._forget(session, "its sandbox failed to start")
                         raise SessionError(f"could not start a sandbox: {exc}") from None
                     except BaseException:
                         self._forget(session, "its sandbox failed to start")
                         raise
-                    audit.sandbox_event("started", session.key, sandbox.name, "new")  # ops: audit
+                    how = "new" if image is None else "from a snapshot"
+                    audit.sandbox_event("started", session.key, sandbox.name, how)  # ops: audit
                 self.engine.set_egress(sandbox, session.egress or self.egress)
                 session.sandbox = sandbox
             return session.sandbox

@@ -7,7 +7,8 @@ only lets the tests drive sessions, the pool, limits and recovery in millisecond
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from pod_exec_mcp.engine import (
     SandboxBroken,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
 )
 from pod_exec_mcp.shell_state import COMMAND_ENV
 
@@ -40,10 +42,18 @@ class FakeEngine:
     most_active_runs: int = 0
     # sandbox name -> the egress policy the sessions layer set for it.
     egress: dict[str, EgressPolicy] = field(default_factory=dict)
+    # Snapshots by image name; each one's size; a failure for snapshot() to raise.
+    snapshots: dict[str, SnapshotInfo] = field(default_factory=dict)
+    snapshot_size: int = 1000
+    fail_snapshot: str | None = None
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
         if self.fail_start is not None:
             raise EngineError(self.fail_start)
+        if spec.image.startswith("localhost/pod_exec_mcp_snapshot") and (
+            spec.image not in self.snapshots
+        ):
+            raise EngineError(f"image {spec.image} not known")
         self.running[spec.name] = spec
         self.started.append(spec.name)
         return Sandbox(spec.name, spec.labels)
@@ -89,6 +99,28 @@ class FakeEngine:
             for name, spec in self.running.items()
             if all(spec.labels.get(k) == v for k, v in wanted.items())
         ]
+
+    async def snapshot(
+        self, sandbox: Sandbox, name: str, labels: Mapping[str, str], passing: bool = False
+    ) -> SnapshotInfo:
+        if sandbox.name not in self.running:
+            raise EngineError(f"no such container {sandbox.name}")
+        if self.fail_snapshot is not None:
+            raise EngineError(self.fail_snapshot)
+        info = SnapshotInfo(name, dict(labels), self.snapshot_size, time.time())
+        self.snapshots[name] = info
+        return info
+
+    async def list_snapshots(self, *label_filters: str) -> list[SnapshotInfo]:
+        wanted = dict(f.split("=", 1) for f in label_filters)
+        return [
+            s
+            for s in self.snapshots.values()
+            if all(s.labels.get(k) == v for k, v in wanted.items())
+        ]
+
+    async def remove_snapshot(self, name: str) -> None:
+        self.snapshots.pop(name, None)
 
     def set_egress(self, sandbox: Sandbox, policy: EgressPolicy) -> None:
         self.egress[sandbox.name] = policy

@@ -291,6 +291,19 @@ BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
     ("edit_file", {"path": "f", "old": "a"}, "new"),
     ("edit_file", {"path": "f", "new": "a"}, "old"),
     ("edit_file", {"path": "f", "old": "", "new": "a"}, "old must be"),
+    ("create_session", {"snapshot_id": "snap_nope"}, "unknown snapshot_id"),
+    ("create_session", {"snapshot_id": "../x"}, "malformed"),
+    ("snapshot_session", {"memory": True}, "file-system snapshots only"),
+    ("snapshot_session", {"memory": "lots"}, "memory"),
+    ("snapshot_session", {"session_id": "nope"}, "unknown session_id"),
+    ("list_snapshots", {"bogus": 1}, "bogus"),
+    ("delete_snapshot", {}, "snapshot_id"),
+    ("delete_snapshot", {"snapshot_id": "snap_nope"}, "unknown snapshot_id"),
+    ("delete_snapshot", {"snapshot_id": "a/b"}, "malformed"),
+    ("fork_session", {"count": 0}, "count"),
+    ("fork_session", {"count": 9}, "count"),
+    ("fork_session", {"count": "two"}, "count"),
+    ("fork_session", {"session_id": "nope"}, "unknown session_id"),
 ]
 
 
@@ -325,3 +338,153 @@ async def test_file_tools_round_trip_through_the_app(srv: Running) -> None:
             "read_file", {"path": "f", "encoding": "base64", "limit": 10**9}, raise_on_error=False
         )
         assert "with encoding base64" in error_text(b64)
+
+
+# --- snapshots and forks (file system only) --------------------------------------------
+
+SECOND = "token-inprocess-second-456789abcdef"
+
+
+async def _snapshot(client: Client, sid: str) -> dict[str, Any]:
+    return structured(await client.call_tool("snapshot_session", {"session_id": sid}))
+
+
+async def test_snapshot_list_restore_fork_delete(srv: Running) -> None:
+    async with srv.client() as client:
+        sid = await new_session(client)
+        taken = await _snapshot(client, sid)
+        assert taken["snapshot_id"].startswith("snap_") and len(taken["snapshot_id"]) >= 24
+        assert taken["size"] == srv.engine.snapshot_size and taken["took"] >= 0
+        listed = structured(await client.call_tool("list_snapshots", {}))["snapshots"]
+        assert [s["snapshot_id"] for s in listed] == [taken["snapshot_id"]]
+        assert listed[0]["created"].endswith("+00:00")
+        (kept,) = srv.engine.snapshots
+        restored = structured(
+            await client.call_tool("create_session", {"snapshot_id": taken["snapshot_id"]})
+        )["session_id"]
+        forks = structured(await client.call_tool("fork_session", {"session_id": sid, "count": 2}))[
+            "session_ids"
+        ]
+        assert len(set(forks) | {sid, restored}) == 4
+        images = [spec.image for spec in srv.engine.running.values()]
+        # The source and the forks' passing copy: the forks started from the copy, which
+        # is gone; the restored session started from the kept snapshot.
+        assert images.count(kept) == 1 and images.count(Settings().image) == 1
+        assert list(srv.engine.snapshots) == [kept]
+        for fork in forks:
+            assert (await sh(client, "echo in-fork", session_id=fork))["retval"] == 0
+        deleted = await client.call_tool("delete_snapshot", {"snapshot_id": taken["snapshot_id"]})
+        assert structured(deleted)["deleted"] is True and srv.engine.snapshots == {}
+        assert structured(await client.call_tool("list_snapshots", {}))["snapshots"] == []
+        again = await client.call_tool(
+            "create_session", {"snapshot_id": taken["snapshot_id"]}, raise_on_error=False
+        )
+        assert "unknown snapshot_id" in error_text(again)
+        # The source session was never touched.
+        assert (await sh(client, "echo source", session_id=sid))["retval"] == 0
+
+
+async def test_another_principal_cannot_see_or_use_a_snapshot(instance: Instance) -> None:
+    settings = Settings(auth_token=f"{TOKEN},{SECOND}")
+    async for running in _running(instance, settings, auth_provider(settings)):
+        async with running.client(auth=TOKEN) as mine, running.client(auth=SECOND) as other:
+            sid = await new_session(mine)
+            snapshot_id = (await _snapshot(mine, sid))["snapshot_id"]
+            assert structured(await other.call_tool("list_snapshots", {}))["snapshots"] == []
+            for tool, arguments in (
+                ("create_session", {"snapshot_id": snapshot_id}),
+                ("delete_snapshot", {"snapshot_id": snapshot_id}),
+                ("snapshot_session", {"session_id": sid}),
+                ("fork_session", {"session_id": sid}),
+            ):
+                refused = await other.call_tool(tool, arguments, raise_on_error=False)
+                assert "unknown" in error_text(refused), tool
+            assert len(running.engine.snapshots) == 1 and len(running.engine.running) == 1
+            listed = structured(await mine.call_tool("list_snapshots", {}))["snapshots"]
+            assert [s["snapshot_id"] for s in listed] == [snapshot_id]
+
+
+async def test_snapshot_bounds_give_clear_errors(instance: Instance) -> None:
+    settings = Settings(max_snapshots_per_principal=1, max_snapshot_bytes="1500")
+    async for running in _running(instance, settings):
+        async with running.client() as client:
+            sid = await new_session(client)
+            await _snapshot(client, sid)
+            second = await client.call_tool(
+                "snapshot_session", {"session_id": sid}, raise_on_error=False
+            )
+            assert "maximum of 1 snapshots" in error_text(second)
+            assert "POD_EXEC_MCP_MAX_SNAPSHOTS_PER_PRINCIPAL" in error_text(second)
+            assert len(running.engine.snapshots) == 1
+    async for running in _running(instance, Settings(max_snapshot_bytes="1500")):
+        async with running.client() as client:
+            sid = await new_session(client)
+            await _snapshot(client, sid)
+            # 1000 + 1000 bytes would pass 1500: the second is taken, then not kept.
+            over = await client.call_tool(
+                "snapshot_session", {"session_id": sid}, raise_on_error=False
+            )
+            text = error_text(over)
+            assert "1000 bytes of the 1500 allowed" in text and "not kept" in text
+            assert len(running.engine.snapshots) == 1
+    async for running in _running(instance, Settings(max_snapshots_per_principal=0)):
+        async with running.client() as client:
+            sid = await new_session(client)
+            off = await client.call_tool(
+                "snapshot_session", {"session_id": sid}, raise_on_error=False
+            )
+            assert "turned off" in error_text(off)
+            # Forks still work: their passing copy does not stay.
+            forks = await client.call_tool("fork_session", {"session_id": sid})
+            assert len(structured(forks)["session_ids"]) == 1
+            assert running.engine.snapshots == {}
+
+
+async def test_forks_count_against_the_sandbox_limits(instance: Instance) -> None:
+    async for running in _running(instance, Settings(max_sandboxes=2)):
+        async with running.client() as client:
+            sid = await new_session(client)
+            refused = await client.call_tool(
+                "fork_session", {"session_id": sid, "count": 2}, raise_on_error=False
+            )
+            text = error_text(refused)
+            assert "cannot fork 2 session(s)" in text and "maximum of 2 sandboxes" in text
+            # Refused before any copy was made, and nothing was started.
+            assert running.engine.snapshots == {} and len(running.engine.started) == 1
+            forks = structured(await client.call_tool("fork_session", {"session_id": sid}))
+            assert len(forks["session_ids"]) == 1 and len(running.engine.running) == 2
+
+
+async def test_failed_snapshot_and_strict_servers_say_why(instance: Instance) -> None:
+    async for running in _running(instance, Settings()):
+        running.engine.fail_snapshot = "podman import failed: no space left on device"
+        async with running.client() as client:
+            sid = await new_session(client)
+            failed = await client.call_tool(
+                "snapshot_session", {"session_id": sid}, raise_on_error=False
+            )
+            assert "no space left on device" in error_text(failed)
+            forked = await client.call_tool(
+                "fork_session", {"session_id": sid}, raise_on_error=False
+            )
+            assert "no space left on device" in error_text(forked)
+            # The failed fork's session is gone: only the source runs.
+            assert len(running.engine.running) == 1
+    async for running in _running(instance, Settings(strict=True)):
+        async with running.client() as client:
+            sid = await new_session(client)
+            for tool in ("snapshot_session", "fork_session"):
+                refused = await client.call_tool(tool, {"session_id": sid}, raise_on_error=False)
+                assert "tmpfs" in error_text(refused), tool
+
+
+async def test_memory_snapshots_are_refused_and_described(srv: Running) -> None:
+    async with srv.client() as client:
+        tools = {t.name: t for t in await client.list_tools()}
+        sid = await new_session(client)
+        refused = await client.call_tool(
+            "snapshot_session", {"session_id": sid, "memory": True}, raise_on_error=False
+        )
+    assert "file-system snapshots only" in error_text(refused) and srv.engine.snapshots == {}
+    for name in ("snapshot_session", "fork_session"):
+        assert "FILE-SYSTEM ONLY" in (tools[name].description or "")

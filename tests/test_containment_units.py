@@ -13,6 +13,7 @@ from pod_exec_mcp.admission import (
     HostState,
     capacity_warnings,
     check_headroom,
+    check_snapshot_headroom,
     unenforced_limits_warning,
 )
 from pod_exec_mcp.config import Settings, SettingsError, load_settings, parse_size
@@ -224,3 +225,18 @@ def test_limits_podman_cannot_enforce_are_named() -> None:
     rootful_v1 = ("cpuset", "cpu", "cpuacct", "blkio", "memory", "devices", "freezer", "pids")
     assert unenforced_limits_warning(rootful_v1) is None
     assert unenforced_limits_warning(None) is None  # Podman did not say: no guess
+
+
+def test_a_snapshot_must_leave_the_disk_headroom() -> None:
+    headroom = Headroom.of(Settings(headroom_disk="1g"))
+    check_snapshot_headroom(2 * GiB, headroom, ROOMY)
+    low = HostState(
+        mem_total=24 * GiB, mem_available=20 * GiB, pid_max=32768, tasks=500,
+        file_max=10_000_000, disk_free=2 * GiB,
+    )  # fmt: skip
+    with pytest.raises(AdmissionRefused) as refused:
+        check_snapshot_headroom(int(1.5 * GiB), headroom, low)
+    assert isinstance(refused.value, EngineError)
+    text = str(refused.value)
+    assert "2.0 GiB free" in text and "may take 1.5 GiB" in text
+    assert "POD_EXEC_MCP_HEADROOM_DISK" in text

@@ -199,3 +199,40 @@ async def test_the_listening_socket_turns_nagle_off_for_each_connection() -> Non
         _, writer = await asyncio.open_connection(*listening.getsockname())
         assert await asyncio.wait_for(accepted, 10) != 0
         writer.close()
+
+
+def test_label_filters_are_all_checked() -> None:
+    from pod_exec_mcp.podman import has_labels
+
+    labels = {"a": "1", "b": "2"}
+    assert has_labels(labels, ("a=1", "b=2")) and has_labels(labels, ("a",))
+    # Podman 4.3 ORs several label filters of `images`: every one must hold here.
+    assert not has_labels(labels, ("a=1", "b=3")) and not has_labels(labels, ("c",))
+    assert not has_labels(labels, ("a=",)) and has_labels({"a": ""}, ("a=",))
+
+
+def test_snapshot_principal_label_hides_the_principal() -> None:
+    from pod_exec_mcp.sessions import principal_label
+
+    assert principal_label("token-a") != principal_label("token-b") != principal_label(None)
+    assert "token-a" not in principal_label("token-a") and len(principal_label(None)) == 32
+
+
+def test_image_creation_times_of_both_podman_formats() -> None:
+    from pod_exec_mcp.podman_engine import _wall_clock
+
+    assert _wall_clock(1796413102) == 1796413102.0
+    assert _wall_clock("2026-12-04T19:38:22.752562369Z") == pytest.approx(1796413102.752562)
+    assert _wall_clock("soon") == 0.0 and _wall_clock(None) == 0.0
+
+
+def test_start_up_says_what_snapshots_this_host_can_take() -> None:
+    from pod_exec_mcp.cli import snapshot_support
+
+    assert "tar of each root disk" in snapshot_support(Settings(), True)
+    assert "ids shifted back" in snapshot_support(Settings(disk_limit="0"), False)
+    assert "podman commit" in snapshot_support(Settings(userns="host"), False)
+    assert "podman commit" in snapshot_support(Settings(runtime="runsc"), False)
+    assert "file-system only" in snapshot_support(Settings(), True)
+    assert "turned off" in snapshot_support(Settings(max_snapshots_per_principal=0), True)
+    assert snapshot_support(Settings(strict=True), False).startswith("none")
