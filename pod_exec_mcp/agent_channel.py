@@ -444,8 +444,15 @@ class AgentChannel:
         pending = self._pending.get(rid)
         started = pending.started if pending is not None else None
         patience = grace + (TAKE_OVER_AFTER if take_over is not None else STOP_REPORT_SLACK)
-        with contextlib.suppress(TimeoutError):
+        try:
             return await asyncio.wait_for(asyncio.shield(done), patience)
+        except TimeoutError:
+            pass
+        except AgentError:
+            if take_over is None:
+                raise
+            # The agent died under the stop (killed from inside, say): a supervisor stopped
+            # from inside would never see it go, and its tree would live on.
         if take_over is not None:
             # Not started: the agent never took the RUN (0: the take-over finds it by the
             # command's exec id, if anything of it runs at all).

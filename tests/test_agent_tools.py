@@ -202,7 +202,10 @@ async def test_login_profile_acts_as_debians_without_starting_processes(
             " && echo 'export HIDDEN=yes' > /etc/profile.d/.hidden.sh"
             " && echo 'export OTHER=yes' > /etc/profile.d/other.txt"
             " && sh -lc 'echo \"$PATH $FROM_PROFILE_D ${HIDDEN-no} ${OTHER-no}\"'"
-            " && setpriv --reuid=65534 --regid=65534 --clear-groups sh -lc 'echo \"$PATH\"'"
+            # (HOME as the user's own: bash, our /bin/sh, says so when ~/.profile is not
+            # readable, as root's is not for nobody)
+            " && HOME=/nonexistent setpriv --reuid=65534 --regid=65534 --clear-groups"
+            " sh -lc 'echo \"$PATH\"'"
             # The last field of /proc/loadavg: the last pid made in this pid namespace.
             " && read _ _ _ _ before < /proc/loadavg && sh -lc true"
             " && read _ _ _ _ after < /proc/loadavg && echo $((after - before))",

@@ -196,8 +196,15 @@ async def test_pool_never_hands_out_a_sandbox_past_its_lifetime(launch: Any) -> 
     """Regression: pooled sandboxes were judged by a fixed 600 s age while their init exits
     after sandbox_lifetime, so a session could get a dead one ("The sandbox broke")."""
     server = launch("--warm-pool", "1", "--sandbox-lifetime", "3")
-    assert await asyncio.to_thread(wait_until, lambda: len(server.containers()) >= 1, 30)
-    first = server.containers()[0]["Id"]
+    seen: list[str] = []
+
+    def pooled() -> bool:
+        # Kept from the same listing: with a 3 s lifetime it may be gone by the next one.
+        seen[:] = [c["Id"] for c in server.containers()]
+        return bool(seen)
+
+    assert await asyncio.to_thread(wait_until, pooled, 30)
+    first = seen[0]
 
     def first_ended() -> bool:
         running = {c["Id"] for c in server.containers() if c.get("State") == "running"}

@@ -34,8 +34,9 @@ def test_typescript_sdk_gets_a_private_persistent_shell(
     report = json.loads(done.stdout)
     assert report["protocol"] == "2025-11-25"
     assert report["tools"] == [
-        "create_session", "end_session", "read_file", "read_job", "shell_exec", "start_job",
-        "stop_job", "write_file",
+        "create_session", "delete_snapshot", "edit_file", "end_session", "fork_session",
+        "list_snapshots", "read_file", "read_job", "shell_exec", "snapshot_session",
+        "start_job", "stop_job", "write_file",
     ]  # fmt: skip
     assert report["write"] == {
         "isError": False,
