@@ -730,7 +730,9 @@ class PodmanEngine:
         # The policy in force when the connection is made (a pooled sandbox gets its
         # session's policy when it is handed out).
         policy = self._egress.get(name, DENY_ALL)
-        refusals = self._refusals.setdefault(name, RefusalLog())
+        refusals = self._refusals.get(name)
+        if refusals is None:  # made once per sandbox, not thrown away per connection
+            refusals = self._refusals[name] = RefusalLog()
         gate = self._gates.get(name)
         if gate is None:
             gate = self._gates[name] = ConnectionGate(*self.egress_limits)
