@@ -14,9 +14,9 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pod_exec_mcp.agent_streams import STREAM_FRAMES, StreamHandler, StreamMux
 
@@ -52,8 +52,10 @@ AGENT_DEADLINE_SLACK = 2.0
 STOP_REPORT_SLACK = 20.0
 # A healthy supervisor reports within moments of its grace; one silent this much longer
 # was most likely stopped (SIGSTOP) from inside, as may be the agent: the caller's
-# take-over then kills the tree by a path the sandbox cannot stop.
+# take-over then kills the tree by a path the sandbox cannot stop. Sooner, if the caller
+# sees the supervisor or the agent stopped (checked this often while the stop runs).
 TAKE_OVER_AFTER = 2.0
+STUCK_CHECK_EVERY = 0.5
 STDERR_TAIL = 4096
 
 
@@ -142,9 +144,17 @@ class TakeOver:
     verified: bool  # the whole tree was walked; False: found by its exec id only
 
 
-# Given the command's supervisor pid in the container (0 if the agent never said it), kill
-# its tree without the agent; None if it could not.
-TakeOverFn = Callable[[int], Awaitable[TakeOver | None]]
+class TakeOverHooks(Protocol):
+    """How the caller ends a command whose stop the agent does not report: each is given
+    the command's supervisor pid in the container (0 if the agent never said it)."""
+
+    async def stuck(self, supervisor_pid: int) -> bool:
+        """Whether the supervisor or the agent is stopped now, as seen from outside."""
+        ...
+
+    async def take_over(self, supervisor_pid: int) -> TakeOver | None:
+        """Kill the command's tree without the agent; None if it could not."""
+        ...
 
 
 @dataclass
@@ -345,7 +355,7 @@ class AgentChannel:
         spill_after: int = 0,
         spill_max: int = 0,
         stop: asyncio.Event | None = None,
-        take_over: TakeOverFn | None = None,
+        take_over: TakeOverHooks | None = None,
     ) -> AgentRun:
         """Run `/bin/sh -lc command`; on_output gets its merged output as it arrives.
 
@@ -436,7 +446,7 @@ class AgentChannel:
         rid: int,
         done: asyncio.Future[AgentRun],
         grace: float,
-        take_over: TakeOverFn | None,
+        take_over: TakeOverHooks | None,
     ) -> AgentRun:
         if not done.done():
             with contextlib.suppress(AgentError):
@@ -444,20 +454,31 @@ class AgentChannel:
         pending = self._pending.get(rid)
         started = pending.started if pending is not None else None
         patience = grace + (TAKE_OVER_AFTER if take_over is not None else STOP_REPORT_SLACK)
-        try:
-            return await asyncio.wait_for(asyncio.shield(done), patience)
-        except TimeoutError:
-            pass
-        except AgentError:
-            if take_over is None:
-                raise
-            # The agent died under the stop (killed from inside, say): a supervisor stopped
-            # from inside would never see it go, and its tree would live on.
-        if take_over is not None:
-            # Not started: the agent never took the RUN (0: the take-over finds it by the
-            # command's exec id, if anything of it runs at all).
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + patience
+
+        def supervisor_pid() -> int:
+            # 0: the agent never took the RUN (the take-over then finds the command by its
+            # exec id, if anything of it runs at all).
             ok = started is not None and started.done() and started.exception() is None
-            taken = await take_over(started.result()[0] if ok and started else 0)
+            return started.result()[0] if ok and started is not None else 0
+
+        while (left := give_up - loop.time()) > 0:
+            try:
+                step = min(left, STUCK_CHECK_EVERY) if take_over is not None else left
+                return await asyncio.wait_for(asyncio.shield(done), step)
+            except TimeoutError:
+                pass
+            except AgentError:
+                if take_over is None:
+                    raise
+                # The agent died under the stop (killed from inside, say): a supervisor
+                # stopped from inside would never see it go, and its tree would live on.
+                break
+            if take_over is not None and await take_over.stuck(supervisor_pid()):
+                break  # it will not report: no need to wait out the grace
+        if take_over is not None:
+            taken = await take_over.take_over(supervisor_pid())
             if done.done() and done.exception() is None:
                 return done.result()  # the agent reported after all
             if taken is not None:
@@ -479,7 +500,7 @@ class AgentChannel:
         rid: int,
         done: asyncio.Future[AgentRun],
         grace: float,
-        take_over: TakeOverFn | None,
+        take_over: TakeOverHooks | None,
     ) -> None:
         stop = asyncio.ensure_future(self._stop(rid, done, grace, take_over))
         while not stop.done():

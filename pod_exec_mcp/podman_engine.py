@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import functools
 import json
 import logging
 import math
@@ -913,6 +912,23 @@ class PodmanEngine:
         await self._kill_agent_process(sandbox, channel.agent_pid, only_if_stopped=True)
         return taken
 
+    async def _stuck(self, sandbox: Sandbox, channel: AgentChannel, supervisor_pid: int) -> bool:
+        """Whether the command's supervisor or the agent is stopped (state T), seen in this
+        host's /proc; False where the sandbox's processes are not here (the take-over then
+        waits out its patience)."""
+        if sandbox.name in self._gvisor:
+            return False
+        init_pid = await self.podman.init_pid(sandbox.name)  # once per check: ~0.1 s
+        if init_pid is None:
+            return False
+        for pid, comm in ((supervisor_pid, SUPERVISOR_COMM), (channel.agent_pid, AGENT_COMM)):
+            if not pid:
+                continue
+            found = await asyncio.to_thread(host_procs.find_in_sandbox, init_pid, pid, comm)
+            if found is not None and found.state in "Tt":
+                return True
+        return False
+
     def _keep_running(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -969,7 +985,7 @@ class PodmanEngine:
                 spill_after=request.max_output_bytes if request.spill_path else 0,
                 spill_max=request.max_spill_bytes,
                 stop=stop,
-                take_over=functools.partial(self._take_over, sandbox, channel, exec_id),
+                take_over=_TakeOver(self, sandbox, channel, exec_id),
             )
         )
         try:
@@ -1181,6 +1197,24 @@ async def _progress_until_done(
             # Progress is a courtesy: a client that went away must not break the run.
             with contextlib.suppress(Exception):
                 await on_progress(time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class _TakeOver:
+    """The engine's side of a stop the agent does not report (AgentChannel.run)."""
+
+    engine: PodmanEngine
+    sandbox: Sandbox
+    channel: AgentChannel
+    exec_id: str
+
+    async def stuck(self, supervisor_pid: int) -> bool:
+        return await self.engine._stuck(self.sandbox, self.channel, supervisor_pid)
+
+    async def take_over(self, supervisor_pid: int) -> TakeOver:
+        return await self.engine._take_over(
+            self.sandbox, self.channel, self.exec_id, supervisor_pid
+        )
 
 
 def _taken_over_note(ran: AgentRun) -> str:
