@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def notice(output: str, message: str) -> str:
+    """A marker line of ours, to append after `output`: on a line of its own."""
+    newline = "\n" if output and not output.endswith("\n") else ""
+    return f"{newline}[pod_exec_mcp: {message}]"
+
+
 class BoundedOutput:
     """Collects a byte stream, keeping at most `limit` bytes: the first half and the last half.
 

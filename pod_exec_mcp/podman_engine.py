@@ -56,7 +56,7 @@ from pod_exec_mcp.engine import (
     SnapshotInfo,
     is_gvisor,
 )
-from pod_exec_mcp.output import BoundedOutput
+from pod_exec_mcp.output import BoundedOutput, notice
 from pod_exec_mcp.podman import (
     LABEL_SESSION,
     LABEL_SNAPSHOT,
@@ -853,12 +853,24 @@ class PodmanEngine:
     ) -> host_procs.HostProcess | None:
         """This host's view of process `inner_pid` of the sandbox, named `comm`; None where
         the sandbox's processes are not this host's (gVisor, remote Podman) or it is gone."""
-        if sandbox.name in self._gvisor or not inner_pid:
-            return None
+        (found,) = await self._host_processes(sandbox, (inner_pid, comm))
+        return found
+
+    async def _host_processes(
+        self, sandbox: Sandbox, *wanted: tuple[int, str]
+    ) -> list[host_procs.HostProcess | None]:
+        """_host_process for each (pid, comm), with one podman inspect (~0.1 s) for all."""
+        if sandbox.name in self._gvisor or not any(pid for pid, _ in wanted):
+            return [None] * len(wanted)
         init_pid = await self.podman.init_pid(sandbox.name)
         if init_pid is None:
-            return None
-        return await asyncio.to_thread(host_procs.find_in_sandbox, init_pid, inner_pid, comm)
+            return [None] * len(wanted)
+        return [
+            await asyncio.to_thread(host_procs.find_in_sandbox, init_pid, pid, comm)
+            if pid
+            else None
+            for pid, comm in wanted
+        ]
 
     async def _kill_named_inside(
         self, sandbox: Sandbox, pid: int, comm: str, only_if_stopped: bool
@@ -895,11 +907,7 @@ class PodmanEngine:
         agent, was most likely stopped from inside. From the host's /proc where the
         sandbox's processes are this host's (nothing in the sandbox can stop the server);
         else from inside, by the command's exec id."""
-        supervisor = (
-            await self._host_process(sandbox, supervisor_pid, SUPERVISOR_COMM)
-            if supervisor_pid
-            else None
-        )
+        supervisor = await self._host_process(sandbox, supervisor_pid, SUPERVISOR_COMM)
         if supervisor is not None:
             survivors = await asyncio.to_thread(host_procs.kill_tree, supervisor)
             taken = TakeOver(survivors=survivors, verified=True)
@@ -916,18 +924,10 @@ class PodmanEngine:
         """Whether the command's supervisor or the agent is stopped (state T), seen in this
         host's /proc; False where the sandbox's processes are not here (the take-over then
         waits out its patience)."""
-        if sandbox.name in self._gvisor:
-            return False
-        init_pid = await self.podman.init_pid(sandbox.name)  # once per check: ~0.1 s
-        if init_pid is None:
-            return False
-        for pid, comm in ((supervisor_pid, SUPERVISOR_COMM), (channel.agent_pid, AGENT_COMM)):
-            if not pid:
-                continue
-            found = await asyncio.to_thread(host_procs.find_in_sandbox, init_pid, pid, comm)
-            if found is not None and found.state in "Tt":
-                return True
-        return False
+        found = await self._host_processes(
+            sandbox, (supervisor_pid, SUPERVISOR_COMM), (channel.agent_pid, AGENT_COMM)
+        )
+        return any(p is not None and p.state in "Tt" for p in found)
 
     def _keep_running(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
@@ -1025,7 +1025,7 @@ class PodmanEngine:
             file_keeps=request.max_spill_bytes if ran.spill_cut else None,
         )
         if (lost := self._proxy_lost.pop(sandbox.name, None)) is not None:
-            text += _notice(
+            text += notice(
                 text,
                 f"this sandbox's egress proxy could not start ({lost}), so it has no network "
                 "access",
@@ -1047,7 +1047,7 @@ class PodmanEngine:
                 kill_note = (
                     f"{ran.survivors} process(es) it started could not be killed and may still run"
                 )
-            text += _notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
+            text += notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
         return RunResult(
             output=text,
             retval=retval,
@@ -1124,7 +1124,7 @@ class PodmanEngine:
                 else "the command's process group and every process carrying its exec id "
                 "were killed"
             )
-            text += _notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
+            text += notice(text, f"{_why_stopped(request, stop)}; {kill_note}")
         return RunResult(
             output=text,
             retval=retval,
@@ -1336,12 +1336,6 @@ def _wall_clock(created: object) -> float:
             text = re.sub(r"(\.\d{6})\d+", r"\1", created.replace("Z", "+00:00"))
             return datetime.datetime.fromisoformat(text).timestamp()
     return 0.0
-
-
-def _notice(output: str, message: str) -> str:
-    """A marker line of ours, on a line of its own after `output`."""
-    newline = "\n" if output and not output.endswith("\n") else ""
-    return f"{newline}[pod_exec_mcp: {message}]"
 
 
 class _RunningExec:

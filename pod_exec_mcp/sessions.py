@@ -43,7 +43,7 @@ from pod_exec_mcp.engine import (
 from pod_exec_mcp.idempotency import Once
 from pod_exec_mcp.instances import Instance
 from pod_exec_mcp.jobs import DroppedJob, Job, JobRead, job_key, new_job_id
-from pod_exec_mcp.output import BoundedOutput
+from pod_exec_mcp.output import BoundedOutput, notice
 from pod_exec_mcp.podman import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -413,9 +413,8 @@ class Sessions:
             "the rest of its output and its exit status; retval is -1 until then"
         )
         text = so_far.text()
-        newline = "\n" if text and not text.endswith("\n") else ""
         return CommandResult(
-            output=f"{text}{newline}[pod_exec_mcp: {note}]",
+            output=text + notice(text, note),
             retval=-1,
             truncated=so_far.truncated,
             timed_out=False,
@@ -428,17 +427,19 @@ class Sessions:
         """A failed command whose output speaks of a full disk, on a sandbox whose disk is
         full now: the result says so, and what to do (issue 23: pip's `[Errno 28]` alone
         did not tell the agent why)."""
-        if result.retval == 0 or not any(s in result.output for s in _DISK_FULL_SIGNS):
+        if result.retval == 0:
             return result
-        note = await self._disk_full(session)
+        note = await self._disk_full(session, result.output)
         if note is None:
             return result
-        newline = "\n" if result.output and not result.output.endswith("\n") else ""
-        return replace(result, output=f"{result.output}{newline}[pod_exec_mcp: {note}]")
+        return replace(result, output=result.output + notice(result.output, note))
 
-    async def _disk_full(self, session: Session) -> str | None:
-        """What of the sandbox's / and /tmp is full now (under 16 MiB or 1 % free), said
-        for the agent; None if neither is."""
+    async def _disk_full(self, session: Session, output: str) -> str | None:
+        """For a failure whose `output` speaks of a full disk: what of the sandbox's / and
+        /tmp is full now (under 16 MiB or 1 % free), said for the agent; None if neither
+        is, or the output does not speak of it."""
+        if not any(sign in output for sign in _DISK_FULL_SIGNS):
+            return None
         try:
             probe, _ = await self._execute(session, self._request(_FREE_SPACE, 10))
         except SessionError:
@@ -491,6 +492,13 @@ class Sessions:
                 f"timed out after {timeout:g} s"
             )  # fmt: skip
             note = f"{why}; {result.kill_note}"
+        return self._job_ended(session, job, result, note)
+
+    def _job_ended(
+        self, session: Session, job: Job, result: RunResult, note: str | None
+    ) -> RunResult:
+        """A job's command has ended (a start_job's, or a shell_exec's that moved to the
+        background): its status, its log file, the session's bounds."""
         if result.output_file is not None:
             job.log_file = result.output_file
             if result.output_file_cut:
@@ -657,8 +665,7 @@ class Sessions:
         try:
             _raise_for_file_status(result, path, limit)
         except SessionError as exc:
-            full = any(sign in result.output for sign in _DISK_FULL_SIGNS)
-            if full and (note := await self._disk_full(session)) is not None:
+            if (note := await self._disk_full(session, result.output)) is not None:
                 raise SessionError(f"{exc} {note[0].upper()}{note[1:]}.") from None
             raise
         written = result.output.strip()
@@ -779,15 +786,7 @@ class Sessions:
             self._drop_oldest_finished_jobs(session)
             return None
         note = f"stopped by stop_job; {result.kill_note}" if result.timed_out else None
-        if result.output_file is not None:
-            job.log_file = result.output_file
-            if result.output_file_cut:
-                job.log_keeps = request.max_spill_bytes
-        job.finished(result.retval, note)
-        self._drop_oldest_finished_jobs(session)
-        if result.output_file is not None:
-            self._in_background(self._prune_spill_files(session))
-        return result
+        return self._job_ended(session, job, result, note)
 
     # --- snapshots and forks (file system only) -----------------------------------------
 
