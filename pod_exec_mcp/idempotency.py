@@ -17,7 +17,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -33,12 +33,11 @@ class IdempotencyError(Exception):
 
 @dataclass
 class _Entry:
+    scope: str
     fingerprint: str
     result: asyncio.Future[Any]
     at: float
     size: int = 0
-    scope: str = ""
-    waiters: int = field(default=0)
 
 
 def fingerprint(tool: str, arguments: dict[str, Any]) -> str:
@@ -69,13 +68,19 @@ class Once:
         return len(self._entries)
 
     async def run(
-        self, scope: str, key: str | None, fingerprint: str, work: Callable[[], Awaitable[T]]
+        self,
+        scope: str,
+        key: str | None,
+        asked: Callable[[], str],
+        work: Callable[[], Awaitable[T]],
     ) -> T:
         """`work()`'s result; for a key seen before (same scope), the first call's result,
-        or its error, without running anything."""
+        or its error, without running anything. `asked()` gives the call's fingerprint,
+        made only when there is a key (a write_file's is a hash of its content)."""
         if key is None:
             return await work()
         _check_key(key)
+        fingerprint = asked()
         self._expire()
         entry = self._entries.get((scope, key))
         if entry is not None:
@@ -86,8 +91,9 @@ class Once:
                 )
             result: T = await asyncio.shield(entry.result)
             return result
-        entry = _Entry(fingerprint, asyncio.get_running_loop().create_future(), self._clock())
-        entry.scope = scope
+        entry = _Entry(
+            scope, fingerprint, asyncio.get_running_loop().create_future(), self._clock()
+        )
         self._add((scope, key), entry)
         try:
             result = await work()

@@ -346,7 +346,7 @@ async def shell_exec(
 
     asked = {"command": command, "timeout": limit, "background_after": moves_after}
     return await _sessions(ctx).once.run(
-        session.key, idempotency_key, fingerprint("shell_exec", asked), once
+        session.key, idempotency_key, lambda: fingerprint("shell_exec", asked), once
     )
 
 
@@ -386,8 +386,8 @@ async def create_session(
 
     asked = {"egress_allow": egress_allow, "egress_deny": egress_deny, "snapshot_id": snapshot_id}
     return await _sessions(ctx).once.run(
-        f"principal\0{principal or ''}", idempotency_key, fingerprint("create_session", asked),
-        once,
+        f"principal\0{principal or ''}", idempotency_key,
+        lambda: fingerprint("create_session", asked), once,
     )  # fmt: skip
 
 
@@ -478,7 +478,7 @@ async def start_job(
         )
 
     return await _sessions(ctx).once.run(
-        session.key, idempotency_key, fingerprint("start_job", {"command": command}), once
+        session.key, idempotency_key, lambda: fingerprint("start_job", {"command": command}), once
     )
 
 
@@ -608,10 +608,10 @@ async def write_file(
         where, written = await _sessions(ctx).write_file(session, path, data)
         return FileWritten(path=where, bytes_written=written)
 
-    asked = {"path": path, "sha256": hashlib.sha256(data).hexdigest()}
-    return await _sessions(ctx).once.run(
-        session.key, idempotency_key, fingerprint("write_file", asked), once
-    )
+    def asked() -> str:
+        return fingerprint("write_file", {"path": path, "sha256": hashlib.sha256(data).hexdigest()})
+
+    return await _sessions(ctx).once.run(session.key, idempotency_key, asked, once)
 
 
 def _base64_slice(path: str, data: bytes, offset: int, limit: int) -> FileContent:
